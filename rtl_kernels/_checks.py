@@ -1,0 +1,113 @@
+"""Argument checks shared by every op: clear errors that name the argument and the value.
+
+Static checks (types, shapes, dtypes, devices) run in both the real and the fake kernels, so they also fire
+under ``torch.compile``. Value checks (route ids in range) need the data and run only in the real kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(name: str, value, *, ndim: Optional[int] = None) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+
+
+def check_route_dtype(route: Tensor) -> None:
+    if route.dtype not in _INDEX_DTYPES:
+        raise TypeError(
+            f"route must be an integer tensor (torch.int32 or torch.int64) of ticket ids, got dtype {route.dtype}"
+        )
+
+
+def check_route_values(route: Tensor, num_tickets: int) -> None:
+    """Value check: every route id in [0, num_tickets). Syncs with the device (skipped during graph capture)."""
+    if route.numel() == 0:
+        return
+    if route.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    lo = int(route.min())
+    hi = int(route.max())
+    if lo < 0 or hi >= num_tickets:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"route holds ticket id {bad}, outside [0, {num_tickets}) (num_tickets = masks.shape[0] = {num_tickets})"
+        )
+
+
+def check_same_device(**tensors: Optional[Tensor]) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_grouping(perm: Optional[Tensor], offsets: Optional[Tensor], batch: int, num_tickets: int) -> None:
+    if (perm is None) != (offsets is None):
+        raise ValueError("ticket_perm and ticket_offsets must be given together (from rtl_kernels.group_by_ticket)")
+    if perm is None:
+        return
+    check_tensor("ticket_perm", perm, ndim=1)
+    check_tensor("ticket_offsets", offsets, ndim=1)
+    if perm.dtype != torch.int64 or offsets.dtype != torch.int64:
+        raise TypeError(
+            f"ticket_perm and ticket_offsets must be torch.int64, got {perm.dtype} and {offsets.dtype}"
+        )
+    if perm.shape[0] != batch:
+        raise ValueError(f"ticket_perm must have {batch} entries (the batch size), got {perm.shape[0]}")
+    if offsets.shape[0] != num_tickets + 1:
+        raise ValueError(
+            f"ticket_offsets must have num_tickets + 1 = {num_tickets + 1} entries, got {offsets.shape[0]}"
+        )
+
+
+def check_masks(masks: Tensor, weight_shape: tuple) -> int:
+    """Check masks is bool (T, *weight_shape); return T."""
+    check_tensor("masks", masks)
+    if masks.dtype != torch.bool:
+        raise TypeError(f"masks must be a bool tensor (T, *weight.shape), got dtype {masks.dtype}")
+    if masks.dim() != len(weight_shape) + 1 or tuple(masks.shape[1:]) != tuple(weight_shape):
+        raise ValueError(
+            f"masks must have shape (T, {', '.join(str(s) for s in weight_shape)}) to match weight, "
+            f"got {tuple(masks.shape)}"
+        )
+    if masks.shape[0] < 1:
+        raise ValueError("masks must hold at least one ticket (T >= 1), got T = 0")
+    return masks.shape[0]
+
+
+def check_linear_args(
+    x: Tensor, weight: Tensor, masks: Tensor, route: Tensor, bias: Optional[Tensor]
+) -> int:
+    """Static checks of routed_masked_linear's arguments; return the number of tickets T."""
+    check_tensor("x", x, ndim=2)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("route", route, ndim=1)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    num_tickets = check_masks(masks, tuple(weight.shape))
+    check_route_dtype(route)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"x has {x.shape[1]} features but weight expects in_features = {weight.shape[1]} "
+            f"(x {tuple(x.shape)}, weight {tuple(weight.shape)})"
+        )
+    if route.shape[0] != x.shape[0]:
+        raise ValueError(f"route has {route.shape[0]} entries but x has {x.shape[0]} rows")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+    check_same_device(x=x, weight=weight, masks=masks, route=route, bias=bias)
+    return num_tickets

@@ -1,0 +1,54 @@
+"""The reference backend: pure torch, any device and dtype. Ground truth for tests and the naive baseline (B1).
+
+It loops over the tickets present, selects their rows, runs F.linear with weight * masks[t] and writes the rows
+back. It syncs with the device to read the ticket counts, so it is not capturable in a CUDA graph.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Backend
+
+
+def _present_tickets(perm: Tensor, offsets: Tensor):
+    bounds = offsets.tolist()
+    for t in range(len(bounds) - 1):
+        lo, hi = bounds[t], bounds[t + 1]
+        if hi > lo:
+            yield t, perm[lo:hi]
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def unavailable_reason(self, device, dtype):
+        return None
+
+    def linear_forward(self, x, weight, masks, bias, perm, offsets):
+        y = x.new_empty((x.shape[0], weight.shape[0]))
+        for t, rows in _present_tickets(perm, offsets):
+            masked = torch.where(masks[t], weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+            y[rows] = F.linear(x[rows], masked, bias)
+        return y
+
+    def linear_grad_input(self, grad_y, weight, masks, perm, offsets):
+        dx = grad_y.new_zeros((grad_y.shape[0], weight.shape[1]))
+        for t, rows in _present_tickets(perm, offsets):
+            masked = torch.where(masks[t], weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+            dx[rows] = grad_y[rows] @ masked
+        return dx
+
+    def linear_grad_weight(self, grad_y, x, masks, perm, offsets):
+        dw = grad_y.new_zeros((grad_y.shape[1], x.shape[1]))
+        zero = torch.zeros((), dtype=dw.dtype, device=dw.device)
+        for t, rows in _present_tickets(perm, offsets):
+            # where(), not a multiply: a NaN/inf gradient must still leave exact zeros outside the mask.
+            dw += torch.where(masks[t], grad_y[rows].t() @ x[rows], zero)
+        return dw
+
+
+BACKEND = ReferenceBackend()

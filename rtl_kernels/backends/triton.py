@@ -1,0 +1,129 @@
+"""The Triton backend: block-sparse routed kernels on CUDA (and on CPU under TRITON_INTERPRET=1, for tests).
+
+The masks are compiled once (per mask version, through :mod:`rtl_kernels.layout_cache`) into a
+:class:`~rtl_kernels.formats.block_csr.BlockCSR`; the kernels skip blocks a ticket does not keep and read the bool
+mask inside the blocks it keeps partially, so results are exact for any mask. Every launch grid is computed from
+shapes alone and the per-tile tables with torch ops on the device, so the routed path never synchronises with
+the host and can be captured in a CUDA graph (the layout compile syncs, but happens once, before capture).
+
+Triton is imported only when a kernel runs or availability is asked for: ``import rtl_kernels`` never imports it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..formats.block_csr import BlockCSR, compile_block_csr
+from ..layout_cache import get_layout
+from .base import Backend
+
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# numpy, which runs the interpreter, has no bfloat16.
+_INTERPRETER_DTYPES = (torch.float32, torch.float16)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _layout_blocks(n: int, k: int) -> Tuple[int, int]:
+    """(block_n, block_k) of the layout, which are also the kernels' N and K tiles.
+
+    64 matches the block granularity the pruning layer produces for GPU speed (performance.md: block-sparse
+    kernels beat dense from about 60 % sparsity at block 64, only at 90 % at block 32), and a 64-wide tile keeps
+    the tensor cores busy. Layers narrower than 64 get the next power of two, but at least 16, the smallest
+    tile tl.dot accepts. The blocks depend on (N, K) only, not on the dtype or the batch, so forward and both
+    backward passes, in any precision, share one compiled layout per mask version.
+    """
+    return min(64, max(16, _next_power_of_2(n))), min(64, max(16, _next_power_of_2(k)))
+
+
+def _block_m(num_rows: int, num_tickets: int, dtype: torch.dtype) -> int:
+    """Rows per tile, from the mean rows per ticket (a shape-only figure, so no sync).
+
+    Each ticket's last tile is partly empty, so tiles no taller than the typical ticket waste less; 16 is the
+    smallest tile tl.dot accepts. 16-bit inputs may take 128-row tiles (a 128x64 fp32 accumulator fits in the
+    registers of 4 warps); fp32 runs exact-fp32 dots on FMA units, where 64 rows keep register pressure in check.
+    These caps are the usual Triton matmul starting points, not yet tuned on this project's GPUs.
+    """
+    cap = 64 if dtype == torch.float32 else 128
+    mean_rows = -(-num_rows // num_tickets)
+    return min(cap, max(16, _next_power_of_2(mean_rows)))
+
+
+def _layout(masks: Tensor) -> BlockCSR:
+    block_n, block_k = _layout_blocks(masks.shape[1], masks.shape[2])
+    return get_layout(
+        f"triton_block_csr_{block_n}x{block_k}", masks, lambda m: compile_block_csr(m, block_n, block_k)
+    )
+
+
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class TritonBackend(Backend):
+    """Routed masked ops as Triton block-sparse kernels (fp32, fp16, bf16 on CUDA; fp32, fp16 interpreted on CPU)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._import_error: Optional[str] = None
+        self._import_checked = False
+
+    def _triton_import_error(self) -> Optional[str]:
+        if not self._import_checked:
+            try:
+                import triton  # noqa: F401
+            except Exception as exc:  # a broken install is a reason, not a crash
+                self._import_error = f"triton cannot be imported ({type(exc).__name__}: {exc})"
+            self._import_checked = True
+        return self._import_error
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        reason = self._triton_import_error()
+        if reason is not None:
+            return reason
+        if device.type == "cuda":
+            if dtype not in _CUDA_DTYPES:
+                return f"dtype {dtype} is not supported on CUDA (float32, float16 or bfloat16)"
+            return None
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return (
+                    "Triton runs on CPU only under its interpreter (for tests): set TRITON_INTERPRET=1 "
+                    "before triton is imported"
+                )
+            if dtype not in _INTERPRETER_DTYPES:
+                return f"dtype {dtype} is not supported by the Triton interpreter on CPU (float32 or float16)"
+            return None
+        return f"Triton runs on CUDA devices (or on CPU under TRITON_INTERPRET=1), not on {device.type}"
+
+    def linear_forward(self, x, weight, masks, bias, perm, offsets):
+        from ..triton_kernels.linear_forward import linear_forward
+
+        block_m = _block_m(x.shape[0], masks.shape[0], x.dtype)
+        with _on_device(x.device):
+            return linear_forward(x, weight, masks, bias, perm, offsets, _layout(masks), block_m)
+
+    def linear_grad_input(self, grad_y, weight, masks, perm, offsets):
+        from ..triton_kernels.linear_grad_input import linear_grad_input
+
+        block_m = _block_m(grad_y.shape[0], masks.shape[0], grad_y.dtype)
+        with _on_device(grad_y.device):
+            return linear_grad_input(grad_y, weight, masks, perm, offsets, _layout(masks), block_m)
+
+    def linear_grad_weight(self, grad_y, x, masks, perm, offsets):
+        from ..triton_kernels.linear_grad_weight import linear_grad_weight
+
+        block_m = _block_m(grad_y.shape[0], masks.shape[0], grad_y.dtype)
+        with _on_device(grad_y.device):
+            return linear_grad_weight(grad_y, x, masks, perm, offsets, _layout(masks), block_m)
+
+
+BACKEND = TritonBackend()

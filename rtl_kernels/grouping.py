@@ -1,0 +1,77 @@
+"""Routing primitive: group the rows of a batch by ticket (histogram + exclusive prefix sum + stable permutation).
+
+Every routed op groups its batch this way; a model whose layers share one route can group once with
+:func:`group_by_ticket` and pass the result to every layer.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._checks import check_route_dtype, check_route_values, check_tensor
+
+
+class TicketGrouping(NamedTuple):
+    """Rows of a batch grouped by ticket.
+
+    Attributes:
+        perm (B,) int64: row indices sorted by ticket, stable (rows of one ticket keep their batch order).
+        counts (T,) int64: rows routed to each ticket.
+        offsets (T + 1,) int64: exclusive prefix sum of counts; ticket t owns perm[offsets[t]:offsets[t + 1]].
+    """
+
+    perm: Tensor
+    counts: Tensor
+    offsets: Tensor
+
+
+@torch.library.custom_op("rtl_kernels::group_by_ticket", mutates_args=())
+def _group_by_ticket_op(route: Tensor, num_tickets: int) -> tuple[Tensor, Tensor, Tensor]:
+    _check_static(route, num_tickets)
+    check_route_values(route, num_tickets)
+    route64 = route.to(torch.int64)
+    counts = torch.zeros(num_tickets, dtype=torch.int64, device=route.device)
+    counts.index_add_(0, route64, torch.ones_like(route64))
+    # Stable sort on the ticket id = the stable permutation of a counting sort; deterministic on every device.
+    perm = torch.sort(route64, stable=True).indices
+    offsets = torch.zeros(num_tickets + 1, dtype=torch.int64, device=route.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return perm, counts, offsets
+
+
+@_group_by_ticket_op.register_fake
+def _(route: Tensor, num_tickets: int):
+    _check_static(route, num_tickets)
+    b = route.shape[0]
+    return (
+        route.new_empty((b,), dtype=torch.int64),
+        route.new_empty((num_tickets,), dtype=torch.int64),
+        route.new_empty((num_tickets + 1,), dtype=torch.int64),
+    )
+
+
+def _check_static(route: Tensor, num_tickets: int) -> None:
+    check_tensor("route", route, ndim=1)
+    check_route_dtype(route)
+    if isinstance(num_tickets, bool) or not isinstance(num_tickets, int) or num_tickets < 1:
+        raise ValueError(f"num_tickets must be a positive int, got {num_tickets!r}")
+
+
+def group_by_ticket(route: Tensor, num_tickets: int) -> TicketGrouping:
+    """Group a batch by ticket with a stable counting sort.
+
+    Args:
+        route (B,) int32/int64: ticket id of each row, in [0, num_tickets).
+        num_tickets: T, the number of tickets.
+
+    Returns:
+        TicketGrouping(perm (B,), counts (T,), offsets (T + 1,)), all int64 on route's device.
+
+    Example:
+        >>> g = group_by_ticket(torch.tensor([2, 0, 2, 1]), 3)
+        >>> g.perm.tolist(), g.counts.tolist(), g.offsets.tolist()
+        ([1, 3, 0, 2], [1, 1, 2], [0, 1, 2, 4])
+    """
+    return TicketGrouping(*torch.ops.rtl_kernels.group_by_ticket(route, num_tickets))
