@@ -1,1 +1,211 @@
-// placeholder
+// torch glue of the CUDA kernels: registers the internal ops rtl_kernels::_cuda_* (called by
+// rtl_kernels/backends/cuda.py, which owns the layouts and the public op) and the Python module init (no pybind).
+// Kept thin and stable (a torch translation unit takes minutes to compile): the kernels live in csrc/cuda/, a
+// translation unit without torch headers. Every op checks what the kernels rely on (dtypes, devices, contiguity,
+// layout sizes), runs on the tensors' device and current stream, never syncs, and raises on a launch error.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+
+#include "cuda/routed_linear_kernels.cuh"
+
+extern "C" PyObject* PyInit__C_cuda(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda",
+                               "rtl_kernels CUDA kernels (ops in torch.ops.rtl_kernels)", -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace {
+
+rtl_cuda::DType element_type(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return rtl_cuda::DType::kFloat32;
+    case at::kHalf:
+      return rtl_cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return rtl_cuda::DType::kBFloat16;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, name, " must be float32, float16 or bfloat16 for the cuda backend, got ", t.scalar_type());
+  return rtl_cuda::DType::kFloat32;  // not reached
+}
+
+// t is a contiguous tensor of dtype `dtype` on `device` with the given sizes.
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device,
+           c10::IntArrayRef sizes) {
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, " (where x is), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
+}
+
+// A 1-D contiguous index tensor of that dtype on `device` (length checked by the caller where it is known).
+void check_1d(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D ",
+              dtype, " tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+}
+
+void check_blocks(int64_t block_n, int64_t block_k) {
+  TORCH_CHECK(block_n == rtl_cuda::kBlockN && block_k == rtl_cuda::kBlockK, "the cuda kernels need a layout of ",
+              rtl_cuda::kBlockN, "x", rtl_cuda::kBlockK, " blocks, got ", block_n, "x", block_k);
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// perm (B) and offsets (T + 1) int64 on x's device; masks (T, N, K) bool.
+rtl_cuda::RoutedRows routed_rows(const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& masks,
+                                 int64_t batch, const at::Device& device) {
+  TORCH_CHECK(masks.dim() == 3, "masks must be (T, N, K), got shape ", masks.sizes());
+  const int64_t tickets = masks.size(0);
+  check(perm, "perm", at::kLong, device, {batch});
+  check(offsets, "offsets", at::kLong, device, {tickets + 1});
+  rtl_cuda::RoutedRows rows;
+  rows.batch = batch;
+  rows.num_tickets = tickets;
+  rows.perm = perm.data_ptr<int64_t>();
+  rows.offsets = offsets.data_ptr<int64_t>();
+  return rows;
+}
+
+void raise_on_error(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "rtl_kernels cuda ", what, " failed: ", cudaGetErrorString(err), " (",
+              static_cast<int>(err), ")");
+}
+
+// Grid limits of the kernels (grid.y <= 65535 output blocks), checked here with a clear message.
+void check_grid(int64_t out_blocks, const char* dim_name, int64_t dim) {
+  TORCH_CHECK(out_blocks <= 65535, "the cuda backend supports ", dim_name, " up to 65535 * 64, got ", dim);
+}
+
+void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& masks,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& perm, const at::Tensor& offsets,
+                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& full, int64_t block_n,
+                    int64_t block_k, at::Tensor& out) {
+  check_blocks(block_n, block_k);
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor, got ", x.device(), " ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D, got shape ", weight.sizes());
+  const auto device = x.device();
+  const auto dtype = element_type(x, "x");
+  const int64_t b = x.size(0), n = weight.size(0), k = weight.size(1);
+  check(x, "x", x.scalar_type(), device, {b, k});
+  check(weight, "weight", x.scalar_type(), device, {n, k});
+  check(masks, "masks", at::kBool, device, {masks.dim() == 3 ? masks.size(0) : -1, n, k});
+  check(out, "out", x.scalar_type(), device, {b, n});
+  if (bias.has_value()) check(*bias, "bias", x.scalar_type(), device, {n});
+  const auto rows = routed_rows(perm, offsets, masks, b, device);
+  const int64_t nb = cdiv(n, rtl_cuda::kBlockN);
+  check(row_ptr, "row_ptr", at::kInt, device, {rows.num_tickets * nb + 1});
+  check_1d(col_idx, "col_idx", at::kInt, device);
+  check(full, "full", at::kChar, device, {col_idx.numel()});
+  check_grid(nb, "out_features", n);
+  if (out.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  raise_on_error(rtl_cuda::linear_forward(dtype, rows, n, k, x.data_ptr(), weight.data_ptr(),
+                                          reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
+                                          bias.has_value() ? bias->data_ptr() : nullptr, row_ptr.data_ptr<int32_t>(),
+                                          col_idx.data_ptr<int32_t>(), full.data_ptr<int8_t>(), out.data_ptr(),
+                                          stream),
+                 "linear_forward");
+}
+
+void linear_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& masks,
+                       const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& t_col_ptr,
+                       const at::Tensor& t_row_idx, const at::Tensor& t_full, int64_t block_n, int64_t block_k,
+                       at::Tensor& out) {
+  check_blocks(block_n, block_k);
+  TORCH_CHECK(grad_y.is_cuda() && grad_y.dim() == 2, "grad_y must be a 2-D CUDA tensor, got ", grad_y.device(), " ",
+              grad_y.sizes());
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D, got shape ", weight.sizes());
+  const auto device = grad_y.device();
+  const auto dtype = element_type(grad_y, "grad_y");
+  const int64_t b = grad_y.size(0), n = weight.size(0), k = weight.size(1);
+  check(grad_y, "grad_y", grad_y.scalar_type(), device, {b, n});
+  check(weight, "weight", grad_y.scalar_type(), device, {n, k});
+  check(masks, "masks", at::kBool, device, {masks.dim() == 3 ? masks.size(0) : -1, n, k});
+  check(out, "out", grad_y.scalar_type(), device, {b, k});
+  const auto rows = routed_rows(perm, offsets, masks, b, device);
+  const int64_t kb = cdiv(k, rtl_cuda::kBlockK);
+  check(t_col_ptr, "t_col_ptr", at::kInt, device, {rows.num_tickets * kb + 1});
+  check_1d(t_row_idx, "t_row_idx", at::kInt, device);
+  check(t_full, "t_full", at::kChar, device, {t_row_idx.numel()});
+  check_grid(kb, "in_features", k);
+  if (out.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  raise_on_error(rtl_cuda::linear_grad_input(dtype, rows, n, k, grad_y.data_ptr(), weight.data_ptr(),
+                                             reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
+                                             t_col_ptr.data_ptr<int32_t>(), t_row_idx.data_ptr<int32_t>(),
+                                             t_full.data_ptr<int8_t>(), out.data_ptr(), stream),
+                 "linear_grad_input");
+}
+
+void linear_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& masks,
+                        const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& w_ptr,
+                        const at::Tensor& w_tickets, int64_t block_n, int64_t block_k, at::Tensor& out) {
+  check_blocks(block_n, block_k);
+  TORCH_CHECK(grad_y.is_cuda() && grad_y.dim() == 2, "grad_y must be a 2-D CUDA tensor, got ", grad_y.device(), " ",
+              grad_y.sizes());
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D, got shape ", x.sizes());
+  const auto device = grad_y.device();
+  const auto dtype = element_type(grad_y, "grad_y");
+  const int64_t b = grad_y.size(0), n = grad_y.size(1), k = x.size(1);
+  check(x, "x", grad_y.scalar_type(), device, {b, k});
+  check(masks, "masks", at::kBool, device, {masks.dim() == 3 ? masks.size(0) : -1, n, k});
+  check(out, "out", grad_y.scalar_type(), device, {n, k});
+  const auto rows = routed_rows(perm, offsets, masks, b, device);
+  check(w_ptr, "w_ptr", at::kInt, device, {cdiv(n, rtl_cuda::kBlockN) * cdiv(k, rtl_cuda::kBlockK) + 1});
+  check_1d(w_tickets, "w_tickets", at::kInt, device);
+  if (out.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const int splits = rtl_cuda::grad_weight_splits(b, n, k, device.index());
+  // Per-split fp32 partials of a small W with many rows; from the caching allocator, so graph capture works.
+  at::Tensor workspace;
+  if (splits > 1) workspace = at::empty({splits, n, k}, grad_y.options().dtype(at::kFloat));
+  raise_on_error(rtl_cuda::linear_grad_weight(dtype, rows, n, k, grad_y.data_ptr(), x.data_ptr(),
+                                              reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
+                                              w_ptr.data_ptr<int32_t>(), w_tickets.data_ptr<int32_t>(), splits,
+                                              splits > 1 ? workspace.data_ptr<float>() : nullptr, out.data_ptr(),
+                                              stream),
+                 "linear_grad_weight");
+}
+
+// "" when the kernels can run on that CUDA device, else why not.
+std::string device_problem(int64_t device) {
+  TORCH_CHECK(device >= 0, "device must be a CUDA device index, got ", device);
+  return rtl_cuda::device_problem(static_cast<int>(device));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rtl_kernels, m) {
+  m.def("_cuda_linear_forward(Tensor x, Tensor weight, Tensor masks, Tensor? bias, Tensor perm, Tensor offsets, "
+        "Tensor row_ptr, Tensor col_idx, Tensor full, int block_n, int block_k, Tensor(a!) out) -> ()");
+  m.def("_cuda_linear_grad_input(Tensor grad_y, Tensor weight, Tensor masks, Tensor perm, Tensor offsets, "
+        "Tensor t_col_ptr, Tensor t_row_idx, Tensor t_full, int block_n, int block_k, Tensor(a!) out) -> ()");
+  m.def("_cuda_linear_grad_weight(Tensor grad_y, Tensor x, Tensor masks, Tensor perm, Tensor offsets, "
+        "Tensor w_ptr, Tensor w_tickets, int block_n, int block_k, Tensor(a!) out) -> ()");
+  m.def("_cuda_device_problem(int device) -> str");
+}
+
+TORCH_LIBRARY_IMPL(rtl_kernels, CUDA, m) {
+  m.impl("_cuda_linear_forward", &linear_forward);
+  m.impl("_cuda_linear_grad_input", &linear_grad_input);
+  m.impl("_cuda_linear_grad_weight", &linear_grad_weight);
+}
+
+TORCH_LIBRARY_IMPL(rtl_kernels, CompositeExplicitAutograd, m) { m.impl("_cuda_device_problem", &device_problem); }

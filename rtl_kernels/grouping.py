@@ -55,6 +55,8 @@ def _(route: Tensor, num_tickets: int):
 def _check_static(route: Tensor, num_tickets: int) -> None:
     check_tensor("route", route, ndim=1)
     check_route_dtype(route)
+    if isinstance(num_tickets, torch.SymInt):  # traced with dynamic shapes: masks.shape[0] of a fake tensor
+        return
     if isinstance(num_tickets, bool) or not isinstance(num_tickets, int) or num_tickets < 1:
         raise ValueError(f"num_tickets must be a positive int, got {num_tickets!r}")
 

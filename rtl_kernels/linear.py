@@ -91,7 +91,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, weight, masks, route, perm, offsets = ctx.saved_tensors
-    needs_x, needs_w, _, _, needs_b = ctx.needs_input_grad[:5]
+    # needs_input_grad lists only the inputs the caller passed (bias and the grouping have defaults)
+    needs = tuple(ctx.needs_input_grad)
+    needs_x, needs_w, _, _, needs_b = (needs + (False,) * 5)[:5]
     grad_y = grad_y.contiguous()
     perm, offsets = _grouping(route, masks.shape[0], perm, offsets)
     dx = dw = db = None
@@ -101,7 +103,7 @@ def _backward(ctx, grad_y):
         dw = torch.ops.rtl_kernels.routed_masked_linear_grad_weight(grad_y, x, masks, route, perm, offsets)
     if needs_b and ctx.has_bias:
         db = grad_y.sum(0)
-    return dx, dw, None, None, db, None, None
+    return (dx, dw, None, None, db, None, None)[: len(needs)]
 
 
 _routed_masked_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -134,12 +136,20 @@ def routed_masked_linear(
     Returns:
         y (B, N), x's dtype and device.
 
+    NaN/inf in a row of x reach every output whose kept weights touch them and never another row. Through a
+    weight the row's ticket prunes they may or may not (a dense masked GEMM computes inf * 0 = NaN, a sparse
+    kernel never touches a pruned weight), so do not rely on either.
+
     Example:
         >>> W = torch.randn(5, 3); M = torch.rand(2, 5, 3) > 0.5
         >>> y = routed_masked_linear(torch.randn(4, 3), W, M, torch.tensor([0, 1, 1, 0]))
         >>> y.shape
         torch.Size([4, 5])
     """
+    for name, value in (("x", x), ("weight", weight), ("masks", masks), ("route", route)):
+        _checks.check_tensor(name, value)
+    if bias is not None:
+        _checks.check_tensor("bias", bias)
     perm = offsets = None
     if grouping is not None:
         perm, offsets = grouping.perm, grouping.offsets

@@ -186,7 +186,8 @@ struct MmStage {
 
 // Loads step e: A columns = block ib of the inner dimension; W block (nb, kb) = (ob, ib) forward, (ib, ob) dx.
 template <typename T, bool kGradInput>
-__device__ __forceinline__ void fetch_mm_step(const MmArgs& args, int64_t e, int64_t ob, const T* const (&a_row)[TileCfg<T>::kRowsPerThread],
+__device__ __forceinline__ void fetch_mm_step(const MmArgs& args, int64_t e, int64_t ob,
+                                              const T* const (&a_row)[TileCfg<T>::kRowsPerThread],
                                               const uint8_t* mask_t, int cc, int r_first, MmStage<T>& st) {
   using Cfg = TileCfg<T>;
   using Word = typename Cfg::MaskWord;

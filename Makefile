@@ -1,0 +1,39 @@
+# rtl: set-up and test entry points. `make test` does everything on a fresh machine:
+# creates .venv (Python 3.11), installs torch 2.14.1 + torchvision 0.29.1 and the test tools, builds and
+# installs rtl editable (C++ CPU extension; the CUDA extension too when CUDA_HOME holds nvcc), runs pytest.
+PYTHON ?= python3.11
+VENV := .venv
+VPY := $(VENV)/bin/python
+CUDA_HOME ?= /usr/local/cuda
+export CUDA_HOME
+PYTEST_ARGS ?= -q -ra
+
+.PHONY: test install venv bench info clean
+
+$(VENV)/.deps-installed:
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VPY) -m pip install -q pytest ninja setuptools wheel numpy scikit-learn tqdm
+	touch $@
+
+venv: $(VENV)/.deps-installed
+
+# The extensions are built in place by setup.py (ninja rebuilds only what changed); pip then registers the
+# package as editable without building again.
+install: venv
+	$(VPY) setup.py -q build_ext --inplace
+	RTL_BUILD_CPU=0 RTL_BUILD_CUDA=0 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+
+info: install
+	$(VPY) -m rtl_kernels.info
+
+# pytest exits 5 when it collected no test: that is not a failure of the package.
+test: install
+	$(VPY) -m rtl_kernels.info
+	$(VPY) -m pytest tests $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+bench: install
+	$(VPY) bench/bench_linear.py
+
+clean:
+	rm -rf build rtl_kernels/*.so *.egg-info

@@ -1,0 +1,454 @@
+"""routed_masked_linear on the reference and cpu backends: values, gradients, op registration, bad input.
+
+The oracle is an independent float64 formula (every row with its own masked weight), not the reference backend.
+"""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rtl_kernels as rk
+from rtl_kernels import _extension
+
+HAS_CPU_EXT = _extension.load("_C")[0] is not None
+CPU_BACKENDS = ["reference"] + (["cpu"] if HAS_CPU_EXT else [])
+needs_cpu_ext = pytest.mark.skipif(not HAS_CPU_EXT, reason="rtl_kernels._C was not built")
+
+
+def oracle(x, weight, masks, route, bias):
+    """float64 y (B, N) with y[i] = x[i] @ (W * M[route[i]]).T + b, one masked weight per row."""
+    w = weight.double()[None] * masks[route.long()].double()
+    y = torch.einsum("bk,bnk->bn", x.double(), w)
+    return y + bias.double() if bias is not None else y
+
+
+def oracle_grads(x, weight, masks, route, bias, grad_y):
+    xd, wd, gd = x.double(), weight.double(), grad_y.double()
+    m = masks[route.long()].double()  # (B, N, K)
+    dx = torch.einsum("bn,bnk->bk", gd, wd[None] * m)
+    present = torch.zeros_like(masks[0])
+    for t in route.unique().tolist():
+        present |= masks[t]
+    dw = torch.einsum("bn,bk,bnk->nk", gd, xd, m)
+    db = gd.sum(0) if bias is not None else None
+    return dx, dw, db, present
+
+
+def make_route(kind, batch, tickets, gen):
+    if kind == "random":
+        return torch.randint(0, tickets, (batch,), generator=gen)
+    if kind == "one_ticket":
+        return torch.full((batch,), tickets - 1, dtype=torch.int64)
+    if kind == "skewed":  # most rows on ticket 0, a few elsewhere, some tickets empty
+        r = torch.zeros(batch, dtype=torch.int64)
+        r[::7] = tickets - 1
+        return r
+    if kind == "empty_tickets":  # only even tickets used
+        return (torch.randint(0, (tickets + 1) // 2, (batch,), generator=gen) * 2).clamp(max=tickets - 1)
+    raise ValueError(kind)
+
+
+def make_case(batch, n, k, tickets, density, route_kind, seed=0, bias=True, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, k, generator=gen, dtype=dtype)
+    w = torch.randn(n, k, generator=gen, dtype=dtype)
+    b = torch.randn(n, generator=gen, dtype=dtype) if bias else None
+    if isinstance(density, (list, tuple)):
+        masks = torch.stack([torch.rand(n, k, generator=gen) < d for d in density])
+    else:
+        masks = torch.rand(tickets, n, k, generator=gen) < density
+    route = make_route(route_kind, batch, tickets, gen)
+    return x, w, masks, route, b
+
+
+SHAPES = [  # (B, N, K, T): odd sizes, B = 1, K = 1, T = 1, rows spanning several 64-row tiles
+    (37, 19, 23, 3),
+    (1, 5, 7, 2),
+    (50, 13, 1, 4),
+    (131, 33, 70, 1),
+    (203, 17, 45, 5),
+]
+DENSITIES = [0.0, 0.1, 0.5, 0.9, 1.0]
+
+
+def tol(dtype):
+    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("density", DENSITIES)
+def test_forward_and_grads_match_float64(backend, shape, density):
+    batch, n, k, tickets = shape
+    for route_kind in ("random", "skewed", "empty_tickets", "one_ticket"):
+        x, w, masks, route, b = make_case(batch, n, k, tickets, density, route_kind, seed=hash(shape) % 1000)
+        x.requires_grad_()
+        w.requires_grad_()
+        b.requires_grad_()
+        with rk.set_backend(backend):
+            y = rk.routed_masked_linear(x, w, masks, route, b)
+            grad_y = torch.randn_like(y)
+            dx, dw, db = torch.autograd.grad(y, (x, w, b), grad_y)
+        ref_dx, ref_dw, ref_db, present = oracle_grads(x, w, masks, route, b, grad_y)
+        torch.testing.assert_close(y.double(), oracle(x, w, masks, route, b), **tol(torch.float32))
+        torch.testing.assert_close(dx.double(), ref_dx, **tol(torch.float32))
+        torch.testing.assert_close(dw.double(), ref_dw, **tol(torch.float32))
+        torch.testing.assert_close(db.double(), ref_db, **tol(torch.float32))
+        assert torch.equal(dw[~present], torch.zeros_like(dw[~present])), "dW must be exactly zero outside masks"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mixed_sparse_and_dense_tickets_in_one_batch(backend):
+    x, w, masks, route, b = make_case(300, 40, 57, 4, [0.05, 0.5, 0.95, 1.0], "random", seed=3)
+    x.requires_grad_()
+    w.requires_grad_()
+    with rk.set_backend(backend):
+        y = rk.routed_masked_linear(x, w, masks, route, b)
+        grad_y = torch.randn_like(y)
+        dx, dw = torch.autograd.grad(y, (x, w), grad_y)
+    ref_dx, ref_dw, _, present = oracle_grads(x, w, masks, route, b, grad_y)
+    torch.testing.assert_close(y.double(), oracle(x, w, masks, route, b), **tol(torch.float32))
+    torch.testing.assert_close(dx.double(), ref_dx, **tol(torch.float32))
+    torch.testing.assert_close(dw.double(), ref_dw, **tol(torch.float32))
+    assert torch.equal(dw[~present], torch.zeros_like(dw[~present]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("density", [0.3, 0.9])
+def test_single_ticket_equals_dense_masked_linear(backend, density):
+    x, w, masks, route, b = make_case(45, 21, 33, 1, density, "one_ticket", seed=5)
+    with rk.set_backend(backend):
+        y = rk.routed_masked_linear(x, w, masks, route, b)
+    torch.testing.assert_close(y, F.linear(x, w * masks[0], b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dw_zero_outside_masks_even_for_nonfinite_grad(backend):
+    x, w, masks, route, b = make_case(64, 12, 20, 3, 0.3, "random", seed=7)
+    route[route == 2] = 0  # ticket 2 absent: its private weights must get exact zeros
+    w.requires_grad_()
+    with rk.set_backend(backend):
+        y = rk.routed_masked_linear(x, w, masks, route, b)
+        grad_y = torch.randn_like(y)
+        grad_y[0, 0] = float("inf")
+        grad_y[1, 1] = float("nan")
+        (dw,) = torch.autograd.grad(y, (w,), grad_y)
+    present = masks[0] | masks[1]
+    assert torch.equal(dw[~present], torch.zeros_like(dw[~present]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradients_are_deterministic(backend):
+    x, w, masks, route, b = make_case(300, 30, 50, 5, 0.2, "random", seed=11)
+    w.requires_grad_()
+    x.requires_grad_()
+    outs = []
+    for _ in range(2):
+        with rk.set_backend(backend):
+            y = rk.routed_masked_linear(x, w, masks, route, b)
+            outs.append(torch.autograd.grad(y, (x, w), torch.ones_like(y)))
+    assert all(torch.equal(a, c) for a, c in zip(*outs))
+
+
+def test_gradcheck_float64():
+    x, w, masks, route, b = make_case(9, 5, 6, 3, 0.5, "random", seed=13, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (x, w, b)]
+    with rk.set_backend("reference"):
+        assert torch.autograd.gradcheck(lambda x_, w_, b_: rk.routed_masked_linear(x_, w_, masks, route, b_), args)
+
+
+@needs_cpu_ext
+def test_auto_falls_back_to_reference_with_one_warning():
+    from rtl_kernels import backends
+
+    backends._warned.clear()
+    x, w, masks, route, b = make_case(9, 5, 6, 3, 0.5, "random", seed=13, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = rk.routed_masked_linear(x, w, masks, route, b)
+        rk.routed_masked_linear(x, w, masks, route, b)
+    messages = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
+    assert len(messages) == 1 and "'reference'" in messages[0] and "float32 only" in messages[0]
+    torch.testing.assert_close(y1, oracle(x, w, masks, route, b))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend):
+    x, w, masks, route, b = make_case(20, 7, 9, 3, 0.4, "random", seed=17)
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    g = rk.group_by_ticket(route, 3)
+    with rk.set_backend(backend):
+        torch.library.opcheck(torch.ops.rtl_kernels.routed_masked_linear, (x, w, masks, route, b))
+        torch.library.opcheck(torch.ops.rtl_kernels.routed_masked_linear, (x, w, masks, route, None))
+        torch.library.opcheck(
+            torch.ops.rtl_kernels.routed_masked_linear, (x, w, masks, route, b, g.perm, g.offsets)
+        )
+        gy = torch.randn(20, 7)
+        torch.library.opcheck(
+            torch.ops.rtl_kernels.routed_masked_linear_grad_input, (gy, w.detach(), masks, route, g.perm, g.offsets)
+        )
+        torch.library.opcheck(
+            torch.ops.rtl_kernels.routed_masked_linear_grad_weight, (gy, x.detach(), masks, route, g.perm, g.offsets)
+        )
+    torch.library.opcheck(torch.ops.rtl_kernels.group_by_ticket, (route, 3))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    x, w, masks, route, b = make_case(33, 11, 14, 3, 0.3, "random", seed=19)
+    w.requires_grad_()
+
+    def step(x_, w_, b_):
+        y = rk.routed_masked_linear(torch.relu(x_), w_, masks, route, b_)
+        return (y * y).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if backend == "reference" else "inductor")
+    with rk.set_backend(backend):
+        loss = compiled(x, w, b)
+        (dw,) = torch.autograd.grad(loss, (w,))
+        loss_ref = step(x, w, b)
+        (dw_ref,) = torch.autograd.grad(loss_ref, (w,))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_precomputed_grouping_matches():
+    x, w, masks, route, b = make_case(77, 9, 12, 4, 0.5, "random", seed=23)
+    g = rk.group_by_ticket(route, 4)
+    for backend in CPU_BACKENDS:
+        with rk.set_backend(backend):
+            torch.testing.assert_close(
+                rk.routed_masked_linear(x, w, masks, route, b, grouping=g),
+                rk.routed_masked_linear(x, w, masks, route, b),
+            )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch_and_fully_pruned_ticket(backend):
+    x, w, masks, route, b = make_case(0, 6, 4, 2, 0.5, "random")
+    x.requires_grad_()
+    w.requires_grad_()
+    with rk.set_backend(backend):
+        y = rk.routed_masked_linear(x, w, masks, route, b)
+        assert y.shape == (0, 6)
+        dx, dw = torch.autograd.grad(y.sum(), (x, w))
+        assert dx.shape == (0, 4) and torch.equal(dw, torch.zeros(6, 4))
+        x, w, masks, route, b = make_case(10, 6, 4, 2, 0.5, "random")
+        masks[1] = False
+        y = rk.routed_masked_linear(x, w, masks, route, b)
+        rows = route == 1
+        torch.testing.assert_close(y[rows], b.expand(int(rows.sum()), 6))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_nonfinite_input_propagates_through_kept_weights(backend, density):
+    """NaN/inf reach the outputs whose kept weights touch them, never other rows; no crash. Through a weight
+    the ticket prunes, it depends on the path (a dense masked GEMM makes inf * 0 = NaN; sparse kernels never
+    multiply pruned weights), as documented in routed_masked_linear."""
+    x, w, masks, route, b = make_case(16, 5, 6, 2, density, "random", seed=29)
+    masks[:, 0, 2] = True
+    x[4, 2] = float("nan")
+    x[5, 2] = float("inf")
+    with rk.set_backend(backend):
+        y = rk.routed_masked_linear(x, w, masks, route, b)
+    assert torch.isnan(y[4, 0]) and not torch.isfinite(y[5, 0])
+    others = (torch.arange(16) != 4) & (torch.arange(16) != 5)
+    assert torch.isfinite(y[others]).all()
+
+
+@needs_cpu_ext
+def test_layout_cache_follows_in_place_mask_edits():
+    x, w, masks, route, b = make_case(40, 10, 12, 2, 0.3, "random", seed=31)
+    with rk.set_backend("cpu"):
+        y1 = rk.routed_masked_linear(x, w, masks, route, b)
+        compiles = rk.layout_cache_stats()["compiles"]
+        rk.routed_masked_linear(x, w, masks, route, b)
+        assert rk.layout_cache_stats()["compiles"] == compiles, "an unchanged mask must hit the cache"
+        masks[0, 3, :] = ~masks[0, 3, :]  # in-place edit
+        y2 = rk.routed_masked_linear(x, w, masks, route, b)
+        assert rk.layout_cache_stats()["compiles"] == compiles + 1
+    torch.testing.assert_close(y2.double(), oracle(x, w, masks, route, b), **tol(torch.float32))
+    assert not torch.allclose(y1, y2)
+    # weights are read through the layout, never copied: an in-place weight update is seen at once
+    with torch.no_grad():
+        w.mul_(2)
+    with rk.set_backend("cpu"):
+        y3 = rk.routed_masked_linear(x, w, masks, route, b)
+    torch.testing.assert_close(y3.double(), oracle(x, w, masks, route, b), **tol(torch.float32))
+
+
+@needs_cpu_ext
+def test_cpu_kernels_write_every_routed_row():
+    """Poison the output: every row of a sparse ticket must be overwritten (the op allocates with empty)."""
+    from rtl_kernels.backends.cpu import compile_cpu_layout
+
+    x, w, masks, route, b = make_case(150, 70, 33, 3, 0.3, "random", seed=37)
+    g = rk.group_by_ticket(route, 3)
+    layout = compile_cpu_layout(masks, sparse_max_density=1.1)
+    y = torch.full((150, 70), float("nan"))
+    torch.ops.rtl_kernels._cpu_linear_forward(
+        x, w, b, g.perm, g.offsets, layout.ticket_sparse, layout.csr_ptr, layout.csr_idx, y
+    )
+    torch.testing.assert_close(y.double(), oracle(x, w, masks, route, b), **tol(torch.float32))
+    dx = torch.full((150, 33), float("nan"))
+    gy = torch.randn(150, 70)
+    torch.ops.rtl_kernels._cpu_linear_grad_input(
+        gy, w, g.perm, g.offsets, layout.ticket_sparse, layout.csc_ptr, layout.csc_idx, dx
+    )
+    ref_dx = oracle_grads(x, w, masks, route, b, gy)[0]
+    torch.testing.assert_close(dx.double(), ref_dx, **tol(torch.float32))
+
+
+@needs_cpu_ext
+def test_generic_isa_kernels_match(tmp_path):
+    """The portable (non-AVX2) kernels, forced with RTL_CPU_ISA=generic, give the same results."""
+    script = tmp_path / "generic.py"
+    script.write_text(
+        "import torch, rtl_kernels as rk\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(70, 40, requires_grad=True); w = torch.randn(30, 40, requires_grad=True)\n"
+        "m = torch.rand(3, 30, 40) < 0.3; r = torch.randint(0, 3, (70,))\n"
+        "rk.set_backend('cpu')\n"
+        "y = rk.routed_masked_linear(x, w, m, r); dx, dw = torch.autograd.grad(y.square().sum(), (x, w))\n"
+        "assert torch.ops.rtl_kernels._cpu_kernel_isa() == 'generic'\n"
+        "wm = w.detach().double()[None] * m[r].double()\n"
+        "ref = torch.einsum('bk,bnk->bn', x.detach().double(), wm)\n"
+        "assert torch.allclose(y.double(), ref, atol=1e-4), (y.double() - ref).abs().max()\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, RTL_CPU_ISA="generic")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+# -- bad input -------------------------------------------------------------------------------------------------
+
+def _good():
+    return make_case(6, 4, 5, 3, 0.5, "random", seed=41)
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda a: a.update(route=torch.tensor([0, 1, 2, 3, 0, 1])), ValueError, r"ticket id 3, outside \[0, 3\)"),
+        (lambda a: a.update(route=torch.tensor([0, -1, 2, 1, 0, 1])), ValueError, r"ticket id -1"),
+        (lambda a: a.update(route=torch.zeros(6)), TypeError, r"route must be an integer tensor"),
+        (lambda a: a.update(route=torch.zeros(5, dtype=torch.int64)), ValueError, r"route has 5 entries but x has 6"),
+        (lambda a: a.update(masks=a["masks"].float()), TypeError, r"masks must be a bool tensor"),
+        (lambda a: a.update(masks=a["masks"][:, :3]), ValueError, r"masks must have shape \(T, 4, 5\)"),
+        (lambda a: a.update(masks=a["masks"][0]), ValueError, r"masks must have shape"),
+        (lambda a: a.update(x=torch.randn(6, 7)), ValueError, r"x has 7 features but weight expects in_features = 5"),
+        (lambda a: a.update(x=torch.randn(6, 5, 1)), ValueError, r"x must be 2-D"),
+        (lambda a: a.update(bias=torch.randn(3)), ValueError, r"bias must have shape \(4,\)"),
+        (lambda a: a.update(x=a["x"].double()), TypeError, r"weight dtype torch.float32 differs from x dtype"),
+        (lambda a: a.update(x=a["x"].to(torch.int64)), TypeError, r"x must be a floating-point tensor"),
+        (lambda a: a.update(x=a["x"].to("meta")), ValueError, r"one device"),
+        (lambda a: a.update(x=[[1.0]]), TypeError, r"x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_names_argument_and_value(mutate, error, match):
+    x, w, masks, route, b = _good()
+    args = dict(x=x, weight=w, masks=masks, route=route, bias=b)
+    mutate(args)
+    with pytest.raises(error, match=match):
+        rk.routed_masked_linear(**args)
+
+
+def test_unknown_and_unavailable_backends_raise_clearly():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        rk.set_backend("fast")
+    x, w, masks, route, b = _good()
+    with rk.set_backend("cuda"):
+        with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run.*reference: available"):
+            rk.routed_masked_linear(x, w, masks, route, b)
+    if HAS_CPU_EXT:
+        with rk.set_backend("cpu"):
+            with pytest.raises(RuntimeError, match="float32 only"):
+                rk.routed_masked_linear(x.double(), w.double(), masks, route, b.double())
+
+
+def test_set_backend_is_a_context_manager_and_env_sets_default():
+    before = rk.get_backend()
+    with rk.set_backend("reference"):
+        assert rk.get_backend() == "reference"
+    assert rk.get_backend() == before
+    code = "import rtl_kernels as rk; print(rk.get_backend())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ, RTL_BACKEND="reference"), capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "reference", out.stderr
+    bad = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ, RTL_BACKEND="nope"), capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "unknown backend 'nope'" in bad.stderr
+
+
+def test_available_backends_and_info():
+    names = rk.available_backends("cpu")
+    assert "reference" in names and ("cpu" in names) == HAS_CPU_EXT
+    from rtl_kernels.info import report
+
+    text = report()
+    assert "reference" in text and "torch" in text
+
+
+@pytest.mark.skipif(os.environ.get("RTL_BUILD_CPU") != "1", reason="only where the build promised the extension")
+def test_cpu_extension_was_built():
+    assert HAS_CPU_EXT, _extension.load("_C")[1]
+
+
+# -- grouping --------------------------------------------------------------------------------------------------
+
+def test_group_by_ticket_is_a_stable_counting_sort():
+    route = torch.tensor([2, 0, 2, 1, 0, 2, 4], dtype=torch.int32)
+    g = rk.group_by_ticket(route, 5)
+    assert g.perm.tolist() == [1, 4, 3, 0, 2, 5, 6]
+    assert g.counts.tolist() == [2, 1, 3, 0, 1]
+    assert g.offsets.tolist() == [0, 2, 3, 6, 6, 7]
+    big = torch.randint(0, 7, (5000,))
+    g1, g2 = rk.group_by_ticket(big, 7), rk.group_by_ticket(big, 7)
+    assert torch.equal(g1.perm, g2.perm)
+    assert torch.equal(big[g1.perm], big.sort(stable=True).values)
+    for t in range(7):  # rows of one ticket keep their batch order
+        seg = g1.perm[g1.offsets[t] : g1.offsets[t + 1]]
+        assert torch.all(seg[1:] > seg[:-1])
+    empty = rk.group_by_ticket(torch.zeros(0, dtype=torch.int64), 3)
+    assert empty.perm.numel() == 0 and empty.offsets.tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "route, tickets, error, match",
+    [
+        (torch.tensor([0, 3]), 3, ValueError, r"ticket id 3, outside \[0, 3\)"),
+        (torch.tensor([0.0, 1.0]), 3, TypeError, "integer tensor"),
+        (torch.tensor([[0, 1]]), 3, ValueError, "route must be 1-D"),
+        (torch.tensor([0, 1]), 0, ValueError, "num_tickets must be a positive int"),
+    ],
+)
+def test_group_by_ticket_bad_input(route, tickets, error, match):
+    with pytest.raises(error, match=match):
+        rk.group_by_ticket(route, tickets)
+
+
+def test_import_is_lean():
+    code = (
+        "import sys, rtl_kernels\n"
+        "bad = [m for m in ('triton', 'rtl', 'rtl_kernels._C_cuda') if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_sweep_is_not_vacuous():
+    """The sweeps above cover every density on shapes that are not multiples of 16 (guards edits of the lists)."""
+    assert {0.0, 1.0} <= set(DENSITIES)
+    assert any(b == 1 for b, *_ in SHAPES) and any(t == 1 for *_, t in SHAPES) and any(k == 1 for _, _, k, _ in SHAPES)
+    assert all(n % 16 for _, n, _, _ in SHAPES)
