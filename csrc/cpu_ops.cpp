@@ -44,9 +44,17 @@ void check_index(const at::Tensor& ptr, const at::Tensor& idx, int64_t expect_pt
   TORCH_CHECK(idx.scalar_type() == at::kInt && idx.is_contiguous(), "sparse index must be contiguous int32");
 }
 
+int64_t check_chunks(const at::Tensor& chunk_ptr, int64_t rows) {
+  TORCH_CHECK(chunk_ptr.scalar_type() == at::kLong && chunk_ptr.is_contiguous() && rows > 0 &&
+                  (chunk_ptr.numel() - 1) % rows == 0 && chunk_ptr.numel() > 1,
+              "chunk pointer must be contiguous int64 of rows * n_chunks + 1 entries");
+  return (chunk_ptr.numel() - 1) / rows;
+}
+
 void linear_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                     const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& ticket_sparse,
-                    const at::Tensor& csr_ptr, const at::Tensor& csr_idx, at::Tensor& out) {
+                    const at::Tensor& csr_ptr, const at::Tensor& csr_chunk_ptr, const at::Tensor& csr_idx,
+                    at::Tensor& out) {
   check_f32(x, "x");
   check_f32(weight, "weight");
   check_f32(out, "out");
@@ -58,21 +66,25 @@ void linear_forward(const at::Tensor& x, const at::Tensor& weight, const c10::op
     check_f32(*bias, "bias");
     b = bias->data_ptr<float>();
   }
+  const int64_t n_chunks = check_chunks(csr_chunk_ptr, rows.num_tickets * n);
   rtl_cpu::routed_linear_forward(rows, n, k, x.data_ptr<float>(), weight.data_ptr<float>(), b,
-                                 csr_ptr.data_ptr<int64_t>(), csr_idx.data_ptr<int32_t>(), out.data_ptr<float>());
+                                 csr_ptr.data_ptr<int64_t>(), csr_chunk_ptr.data_ptr<int64_t>(), n_chunks,
+                                 csr_idx.data_ptr<int32_t>(), out.data_ptr<float>());
 }
 
 void linear_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& perm,
                        const at::Tensor& offsets, const at::Tensor& ticket_sparse, const at::Tensor& csc_ptr,
-                       const at::Tensor& csc_idx, at::Tensor& out) {
+                       const at::Tensor& csc_chunk_ptr, const at::Tensor& csc_idx, at::Tensor& out) {
   check_f32(grad_y, "grad_y");
   check_f32(weight, "weight");
   check_f32(out, "out");
   const int64_t n = weight.size(0), k = weight.size(1);
   auto rows = routed_rows(perm, offsets, ticket_sparse);
   check_index(csc_ptr, csc_idx, rows.num_tickets * k + 1);
+  const int64_t n_chunks = check_chunks(csc_chunk_ptr, rows.num_tickets * k);
   rtl_cpu::routed_linear_grad_input(rows, n, k, grad_y.data_ptr<float>(), weight.data_ptr<float>(),
-                                    csc_ptr.data_ptr<int64_t>(), csc_idx.data_ptr<int32_t>(), out.data_ptr<float>());
+                                    csc_ptr.data_ptr<int64_t>(), csc_chunk_ptr.data_ptr<int64_t>(), n_chunks,
+                                    csc_idx.data_ptr<int32_t>(), out.data_ptr<float>());
 }
 
 void linear_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& perm,
@@ -94,9 +106,9 @@ std::string kernel_isa() { return rtl_cpu::kernel_isa(); }
 
 TORCH_LIBRARY_FRAGMENT(rtl_kernels, m) {
   m.def("_cpu_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor perm, Tensor offsets, "
-        "Tensor ticket_sparse, Tensor csr_ptr, Tensor csr_idx, Tensor(a!) out) -> ()");
+        "Tensor ticket_sparse, Tensor csr_ptr, Tensor csr_chunk_ptr, Tensor csr_idx, Tensor(a!) out) -> ()");
   m.def("_cpu_linear_grad_input(Tensor grad_y, Tensor weight, Tensor perm, Tensor offsets, "
-        "Tensor ticket_sparse, Tensor csc_ptr, Tensor csc_idx, Tensor(a!) out) -> ()");
+        "Tensor ticket_sparse, Tensor csc_ptr, Tensor csc_chunk_ptr, Tensor csc_idx, Tensor(a!) out) -> ()");
   m.def("_cpu_linear_grad_weight(Tensor grad_y, Tensor x, Tensor perm, Tensor offsets, "
         "Tensor ticket_sparse, Tensor csr_ptr, Tensor csr_idx, Tensor(a!) out) -> ()");
   m.def("_cpu_kernel_isa() -> str");

@@ -9,6 +9,8 @@
 //   forward / grad_weight: csr_ptr (T * N + 1), csr_idx: kept input indices k of output n of ticket t are
 //                          csr_idx[csr_ptr[t * N + n] .. csr_ptr[t * N + n + 1]).
 //   grad_input:           csc_ptr (T * K + 1), csc_idx: kept outputs n of input k of ticket t.
+//   chunk pointers:       the same entries cut at every kChunk-th index (C = n_chunks chunks per row):
+//                          entries of (ticket t, row n, chunk c) start at chunk_ptr[(t * rows + n) * C + c].
 // Weights are always read from w through these indices, never copied, so training sees every update.
 #pragma once
 #include <cstdint>
@@ -26,11 +28,13 @@ struct RoutedRows {
 
 // y[r, :] = x[r, :] @ (w * mask_t).T + bias, for the rows r of sparse tickets (other rows untouched).
 void routed_linear_forward(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* x, const float* w,
-                           const float* bias, const int64_t* csr_ptr, const int32_t* csr_idx, float* y);
+                           const float* bias, const int64_t* csr_ptr, const int64_t* chunk_ptr, int64_t n_chunks,
+                           const int32_t* csr_idx, float* y);
 
 // dx[r, :] = dy[r, :] @ (w * mask_t), for the rows r of sparse tickets (other rows untouched).
 void routed_linear_grad_input(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* dy,
-                              const float* w, const int64_t* csc_ptr, const int32_t* csc_idx, float* dx);
+                              const float* w, const int64_t* csc_ptr, const int64_t* chunk_ptr, int64_t n_chunks,
+                              const int32_t* csc_idx, float* dx);
 
 // dw[n, k] += sum over sparse tickets t keeping (n, k) of sum_{r in t} dy[r, n] * x[r, k]. Positions kept by no
 // sparse ticket are not written. Deterministic: each dw row is owned by one thread, tickets in order.

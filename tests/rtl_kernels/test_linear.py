@@ -294,13 +294,13 @@ def test_cpu_kernels_write_every_routed_row():
     layout = compile_cpu_layout(masks, sparse_max_density=1.1)
     y = torch.full((150, 70), float("nan"))
     torch.ops.rtl_kernels._cpu_linear_forward(
-        x, w, b, g.perm, g.offsets, layout.ticket_sparse, layout.csr_ptr, layout.csr_idx, y
+        x, w, b, g.perm, g.offsets, torch.ones(3, dtype=torch.uint8), layout.csr_ptr, layout.csr_chunk_ptr, layout.csr_idx, y
     )
     torch.testing.assert_close(y.double(), oracle(x, w, masks, route, b), **tol(torch.float32))
     dx = torch.full((150, 33), float("nan"))
     gy = torch.randn(150, 70)
     torch.ops.rtl_kernels._cpu_linear_grad_input(
-        gy, w, g.perm, g.offsets, layout.ticket_sparse, layout.csc_ptr, layout.csc_idx, dx
+        gy, w, g.perm, g.offsets, torch.ones(3, dtype=torch.uint8), layout.csc_ptr, layout.csc_chunk_ptr, layout.csc_idx, dx
     )
     ref_dx = oracle_grads(x, w, masks, route, b, gy)[0]
     torch.testing.assert_close(dx.double(), ref_dx, **tol(torch.float32))
