@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
+import gc
 import sys
 import uuid
+import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -179,9 +180,8 @@ def select_cases(device_type: str, names: Optional[str], quick: bool) -> List[Ca
         known = {c.name for c in cases} | {c.base for c in cases}
         unknown = [n for n in wanted if n not in known]
         if unknown:
-            raise SystemExit(
-                f"unknown case(s) {', '.join(unknown)} for {device_type}; choose from {', '.join(c.name for c in cases)}"
-            )
+            choices = ", ".join(c.name for c in cases)
+            raise SystemExit(f"unknown case(s) {', '.join(unknown)} for {device_type}; choose from {choices}")
         cases = [c for c in cases if c.name in wanted or c.base in wanted]
     return [quick_case(c) for c in cases] if quick else cases
 
@@ -324,9 +324,11 @@ def make_providers(inp: Inputs, device: torch.device, dtype: torch.dtype) -> Lis
     csr: Dict[int, torch.Tensor] = {}
     csr_error = None
     try:
-        for t in range(T):
-            if bounds[t + 1] > bounds[t]:
-                csr[t] = (inp.weight * masks[t]).to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            for t in range(T):
+                if bounds[t + 1] > bounds[t]:
+                    csr[t] = (inp.weight * masks[t]).to_sparse_csr()
     except Exception as exc:
         csr_error = "building the CSR weights failed: " + common.error_text(exc, 200)
 
@@ -370,6 +372,7 @@ def measure_case(
         f"{case.structure} {case.sparsity:.0%}, {str(case.dtype).replace('torch.', '')}",
         flush=True,
     )
+    gc.collect()  # once per case: the previous case's tensors and graphs go before anything is timed
     inp = make_inputs(case, device)
     refs = float64_references(inp)
     providers = make_providers(inp, device, case.dtype)
@@ -407,7 +410,8 @@ def measure_case(
             print(
                 f"  {provider.name:<12} {mode:<8} {common.format_ms(row['median_ms']):>8} ms "
                 f"(p10 {common.format_ms(row['p10_ms'])}, p90 {common.format_ms(row['p90_ms'])}, "
-                f"n={row['repeats']})  err {_fmt_err(row.get('max_abs_err'))}",
+                f"n={row['repeats']})"
+                + (f"  err {_fmt_err(row['max_abs_err'])}" if row.get("max_abs_err") is not None else ""),
                 flush=True,
             )
         else:
@@ -580,7 +584,7 @@ def run_markdown(env: Dict[str, str], argv: Sequence[str], all_rows: List[Dict[s
         "route_prep row. max abs err: forward vs a float64 computation of the function the provider computes.",
     ]  # fmt: skip
     if quick:
-        lines.append("- **quick run: tiny smoke shapes, the times say nothing about the real cases; targets not judged.**")
+        lines.append("- **quick run: tiny smoke shapes; times say nothing about the real cases, targets not judged.**")
     for case in dict.fromkeys(r["case"] for r in all_rows):
         lines += ["", case_markdown([r for r in all_rows if r["case"] == case])]
     return "\n".join(lines) + "\n"
@@ -592,16 +596,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke run of seconds")
     ap.add_argument("--cases", default=None, help="comma-separated case names (GPU: with or without _bf16/_fp32)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per row (default: per case)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per row (default: per case; --max-seconds still caps them)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 CPU, 3 GPU, 1 quick)")
     ap.add_argument(
         "--max-seconds", type=float, default=None,
         help="stop a row's timed calls (after 3) once they add up to this; 0 for no cap (default 5, quick 1)",
     )  # fmt: skip
+    ap.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: all cores as performance.md asks; --quick: 1, because a smoke run must\n"
+        "not take cores from someone timing, and oversubscribed threads make tiny ops wait on each other)",
+    )  # fmt: skip
     ap.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     args = ap.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")
     return args
 
 
@@ -611,6 +622,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None:
+        torch.set_num_threads(threads)  # before environment(), which records the count in force
     cases = select_cases(device.type, args.cases, args.quick)
 
     results_dir = args.results_dir.resolve()

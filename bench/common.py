@@ -20,7 +20,6 @@ import datetime as _dt
 import gc
 import importlib.metadata
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -74,7 +73,8 @@ def time_fn(
     Warm-up absorbs one-time costs (layout compilation and caching, allocator growth, Triton JIT, MKL thread
     start-up) that a training loop pays once, not per step. Each call is timed on its own so the spread can be
     reported. Python's garbage collector is paused while timing so a collection pause is not charged to whichever
-    provider happens to trigger it.
+    provider happens to trigger it (callers may ``gc.collect()`` beforehand; it is not done here because with torch
+    loaded one collection takes a good fraction of a second, too much to pay per row).
 
     Args:
         fn: the work to time; its result is dropped.
@@ -93,7 +93,6 @@ def time_fn(
     for _ in range(max(0, warmup)):
         fn()
     synchronize(device)
-    gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
     samples: List[float] = []
@@ -369,7 +368,7 @@ def format_ms(ms: Optional[float]) -> str:
         return f"{ms:.1f}"
     if ms >= 1:
         return f"{ms:.2f}"
-    return f"{ms:.3g}"
+    return f"{ms:#.3g}"  # keep trailing zeros: 0.300, not 0.3
 
 
 def format_ratio(ratio: Optional[float]) -> str:
@@ -384,7 +383,3 @@ def error_text(exc: BaseException, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\r", " ").replace("\n", " ").strip()
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
-
-def env_flag(name: str) -> bool:
-    """True when an environment variable is set to something other than '', '0', 'false' or 'no'."""
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")

@@ -30,7 +30,8 @@ from .base import Backend
 BLOCK_N = 64  # rows of W per layout block (= the kernels' output tile of the forward)
 BLOCK_K = 64  # columns of W per layout block (= the kernels' output tile of grad_input)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_LAYOUT_KIND = f"cuda:linear:{BLOCK_N}x{BLOCK_K}"
+# Same key as the triton backend uses for 64x64 blocks: both backends share one compiled layout per mask version.
+_LAYOUT_KIND = f"block_csr:{BLOCK_N}x{BLOCK_K}"
 
 
 def _compile(masks: Tensor):

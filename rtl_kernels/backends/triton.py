@@ -58,7 +58,7 @@ def _block_m(num_rows: int, num_tickets: int, dtype: torch.dtype) -> int:
 def _layout(masks: Tensor) -> BlockCSR:
     block_n, block_k = _layout_blocks(masks.shape[1], masks.shape[2])
     return get_layout(
-        f"triton_block_csr_{block_n}x{block_k}", masks, lambda m: compile_block_csr(m, block_n, block_k)
+        f"block_csr:{block_n}x{block_k}", masks, lambda m: compile_block_csr(m, block_n, block_k)
     )
 
 
