@@ -65,6 +65,7 @@ namespace avx2 {
 struct Isa {
   void (*spmm_tile)(const SpmmTile&);
   void (*sddmm_row)(const SddmmRow&);
+  void (*transpose_rows8)(const float* const*, int64_t, float*, int);
   const char* name;
 };
 
@@ -75,8 +76,8 @@ const Isa& isa() {
     const char* forced = std::getenv("RTL_CPU_ISA");
     const bool want_generic = forced != nullptr && std::strcmp(forced, "generic") == 0;
     if (!want_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return Isa{avx2::spmm_tile, avx2::sddmm_row, "avx2"};
-    return Isa{generic::spmm_tile, generic::sddmm_row, "generic"};
+      return Isa{avx2::spmm_tile, avx2::sddmm_row, avx2::transpose_rows8, "avx2"};
+    return Isa{generic::spmm_tile, generic::sddmm_row, generic::transpose_rows8, "generic"};
   }();
   return chosen;
 }
@@ -134,6 +135,7 @@ std::vector<int64_t> tile_offsets(const std::vector<Tile>& tiles, int64_t inner)
 void gather_transposed(const RoutedRows& r, const std::vector<Tile>& tiles, const std::vector<int64_t>& off,
                        const float* src, int64_t inner, float* buf) {
   const int64_t n_items = static_cast<int64_t>(tiles.size());
+  const Isa& kernels = isa();
 #pragma omp parallel for num_threads(r.num_threads) schedule(dynamic, 1)
   for (int64_t b = 0; b < n_items; ++b) {
     const Tile& tile = tiles[b];
@@ -143,10 +145,7 @@ void gather_transposed(const RoutedRows& r, const std::vector<Tile>& tiles, cons
       const int live = std::min(8, tile.nrows - j0);
       for (int j = 0; j < 8; ++j) rows[j] = j < live ? src + r.perm[tile.first + j0 + j] * inner : nullptr;
       if (live == 8) {
-        for (int64_t i = 0; i < inner; ++i) {
-          float* d = dst + i * tile.width + j0;
-          for (int j = 0; j < 8; ++j) d[j] = rows[j][i];
-        }
+        kernels.transpose_rows8(rows, inner, dst + j0, tile.width);
       } else {
         for (int64_t i = 0; i < inner; ++i) {
           float* d = dst + i * tile.width + j0;
