@@ -61,7 +61,11 @@ def _extensions():
         exts.append(
             cpp_extension.CUDAExtension(
                 "rtl_kernels._C_cuda",
-                sources=["csrc/cuda_ops.cpp", "csrc/cuda/routed_linear_kernels.cu"],
+                sources=[
+                    "csrc/cuda_ops.cpp",
+                    "csrc/cuda/routed_linear_kernels.cu",
+                    "csrc/cuda/routed_conv2d_kernels.cu",
+                ],
                 extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
             )
         )

@@ -14,6 +14,7 @@
 #include <optional>
 #include <string>
 
+#include "cuda/routed_conv2d_kernels.cuh"
 #include "cuda/routed_linear_kernels.cuh"
 
 extern "C" PyObject* PyInit__C_cuda(void) {
@@ -184,6 +185,142 @@ void linear_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at:
                  "linear_grad_weight");
 }
 
+// ---- routed masked conv2d -----------------------------------------------------------------------------------------
+
+// The conv geometry of input (B, C, H, W) and weight (O, C / groups, kh, kw) with T tickets, checked; out_h/out_w
+// as F.conv2d computes them (must be positive).
+rtl_cuda::Conv2dShape conv2d_shape(c10::IntArrayRef input, c10::IntArrayRef weight, int64_t tickets,
+                                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                   int64_t groups) {
+  TORCH_CHECK(input.size() == 4, "the conv input must be (B, C, H, W), got shape ", input);
+  TORCH_CHECK(weight.size() == 4, "weight must be (O, C / groups, kh, kw), got shape ", weight);
+  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, "stride must be two ints >= 1, got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "padding must be two ints >= 0, got ",
+              padding);
+  TORCH_CHECK(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1, "dilation must be two ints >= 1, got ",
+              dilation);
+  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
+  TORCH_CHECK(tickets >= 1, "masks must hold at least one ticket, got ", tickets);
+  rtl_cuda::Conv2dShape s{};
+  s.batch = input[0];
+  s.channels = input[1];
+  s.height = input[2];
+  s.width = input[3];
+  s.out_channels = weight[0];
+  s.kernel_h = weight[2];
+  s.kernel_w = weight[3];
+  TORCH_CHECK(s.channels % groups == 0 && s.out_channels % groups == 0, "groups = ", groups,
+              " must divide the input channels (", s.channels, ") and the output channels (", s.out_channels, ")");
+  TORCH_CHECK(weight[1] == s.channels / groups, "weight must be (O, C / groups, kh, kw) = (", s.out_channels, ", ",
+              s.channels / groups, ", kh, kw), got shape ", weight);
+  s.stride_h = stride[0];
+  s.stride_w = stride[1];
+  s.pad_h = padding[0];
+  s.pad_w = padding[1];
+  s.dil_h = dilation[0];
+  s.dil_w = dilation[1];
+  s.groups = groups;
+  s.num_tickets = tickets;
+  TORCH_CHECK(s.kernel_h >= 1 && s.kernel_w >= 1, "the kernel must be at least 1 x 1, got weight shape ", weight);
+  // Floor division as F.conv2d (a negative span means no output position, not C++'s truncation towards zero).
+  const int64_t span_h = s.height + 2 * s.pad_h - s.dil_h * (s.kernel_h - 1) - 1;
+  const int64_t span_w = s.width + 2 * s.pad_w - s.dil_w * (s.kernel_w - 1) - 1;
+  s.out_h = span_h < 0 ? 0 : span_h / s.stride_h + 1;
+  s.out_w = span_w < 0 ? 0 : span_w / s.stride_w + 1;
+  TORCH_CHECK(s.out_h > 0 && s.out_w > 0, "the conv output would be empty (", s.out_h, " x ", s.out_w,
+              ") for input ", input, ", kernel ", s.kernel_h, " x ", s.kernel_w, ", padding ", padding,
+              ", dilation ", dilation, ", stride ", stride);
+  const std::string problem = rtl_cuda::conv2d_grid_problem(s);
+  TORCH_CHECK(problem.empty(), "the cuda backend cannot run this conv2d: ", problem);
+  return s;
+}
+
+// masks (T, O, C / groups, kh, kw) bool, perm (B) and offsets (T + 1) int64, all on `device`.
+void check_conv_routing(const at::Tensor& masks, const at::Tensor& perm, const at::Tensor& offsets,
+                        const rtl_cuda::Conv2dShape& s, const at::Device& device) {
+  check(masks, "masks", at::kBool, device,
+        {s.num_tickets, s.out_channels, s.channels / s.groups, s.kernel_h, s.kernel_w});
+  check(perm, "perm", at::kLong, device, {s.batch});
+  check(offsets, "offsets", at::kLong, device, {s.num_tickets + 1});
+}
+
+int64_t mask_tickets(const at::Tensor& masks) {
+  TORCH_CHECK(masks.dim() == 5, "masks must be (T, O, C / groups, kh, kw), got shape ", masks.sizes());
+  return masks.size(0);
+}
+
+void conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& masks,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& perm, const at::Tensor& offsets,
+                    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                    at::Tensor& out) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 4, "x must be a 4-D CUDA tensor, got ", x.device(), " ", x.sizes());
+  const auto device = x.device();
+  const auto dtype = element_type(x, "x");
+  const auto s = conv2d_shape(x.sizes(), weight.sizes(), mask_tickets(masks), stride, padding, dilation, groups);
+  check(x, "x", x.scalar_type(), device, x.sizes());
+  check(weight, "weight", x.scalar_type(), device, weight.sizes());
+  check_conv_routing(masks, perm, offsets, s, device);
+  if (bias.has_value()) check(*bias, "bias", x.scalar_type(), device, {s.out_channels});
+  check(out, "out", x.scalar_type(), device, {s.batch, s.out_channels, s.out_h, s.out_w});
+  if (out.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  raise_on_error(rtl_cuda::conv2d_forward(dtype, s, perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                                          x.data_ptr(), weight.data_ptr(),
+                                          reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
+                                          bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(), stream),
+                 "conv2d_forward");
+}
+
+// out = dx (B, C, H, W): its shape gives the input geometry (several H give the same Ho when stride > 1).
+void conv2d_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& masks,
+                       const at::Tensor& perm, const at::Tensor& offsets, c10::IntArrayRef stride,
+                       c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, at::Tensor& out) {
+  TORCH_CHECK(grad_y.is_cuda() && grad_y.dim() == 4, "grad_y must be a 4-D CUDA tensor, got ", grad_y.device(),
+              " ", grad_y.sizes());
+  const auto device = grad_y.device();
+  const auto dtype = element_type(grad_y, "grad_y");
+  const auto s = conv2d_shape(out.sizes(), weight.sizes(), mask_tickets(masks), stride, padding, dilation, groups);
+  check(grad_y, "grad_y", grad_y.scalar_type(), device, {s.batch, s.out_channels, s.out_h, s.out_w});
+  check(weight, "weight", grad_y.scalar_type(), device, weight.sizes());
+  check_conv_routing(masks, perm, offsets, s, device);
+  check(out, "out", grad_y.scalar_type(), device, out.sizes());
+  if (out.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  raise_on_error(rtl_cuda::conv2d_grad_input(dtype, s, perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                                             grad_y.data_ptr(), weight.data_ptr(),
+                                             reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
+                                             out.data_ptr(), stream),
+                 "conv2d_grad_input");
+}
+
+// out = dW (O, C / groups, kh, kw): its shape gives the weight geometry.
+void conv2d_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& masks,
+                        const at::Tensor& perm, const at::Tensor& offsets, c10::IntArrayRef stride,
+                        c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, at::Tensor& out) {
+  TORCH_CHECK(grad_y.is_cuda() && grad_y.dim() == 4, "grad_y must be a 4-D CUDA tensor, got ", grad_y.device(),
+              " ", grad_y.sizes());
+  const auto device = grad_y.device();
+  const auto dtype = element_type(grad_y, "grad_y");
+  const auto s = conv2d_shape(x.sizes(), out.sizes(), mask_tickets(masks), stride, padding, dilation, groups);
+  check(x, "x", grad_y.scalar_type(), device, x.sizes());
+  check(grad_y, "grad_y", grad_y.scalar_type(), device, {s.batch, s.out_channels, s.out_h, s.out_w});
+  check_conv_routing(masks, perm, offsets, s, device);
+  check(out, "out", grad_y.scalar_type(), device, out.sizes());
+  if (out.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  raise_on_error(rtl_cuda::conv2d_grad_weight(dtype, s, perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                                              grad_y.data_ptr(), x.data_ptr(),
+                                              reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
+                                              out.data_ptr(), stream),
+                 "conv2d_grad_weight");
+}
+
 // "" when the kernels can run on that CUDA device, else why not.
 std::string device_problem(int64_t device) {
   TORCH_CHECK(device >= 0, "device must be a CUDA device index, got ", device);
@@ -199,6 +336,12 @@ TORCH_LIBRARY_FRAGMENT(rtl_kernels, m) {
         "Tensor t_col_ptr, Tensor t_row_idx, Tensor t_full, int block_n, int block_k, Tensor(a!) out) -> ()");
   m.def("_cuda_linear_grad_weight(Tensor grad_y, Tensor x, Tensor masks, Tensor perm, Tensor offsets, "
         "Tensor w_ptr, Tensor w_tickets, int block_n, int block_k, Tensor(a!) out) -> ()");
+  m.def("_cuda_conv2d_forward(Tensor x, Tensor weight, Tensor masks, Tensor? bias, Tensor perm, Tensor offsets, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor(a!) out) -> ()");
+  m.def("_cuda_conv2d_grad_input(Tensor grad_y, Tensor weight, Tensor masks, Tensor perm, Tensor offsets, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor(a!) out) -> ()");
+  m.def("_cuda_conv2d_grad_weight(Tensor grad_y, Tensor x, Tensor masks, Tensor perm, Tensor offsets, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor(a!) out) -> ()");
   m.def("_cuda_device_problem(int device) -> str");
 }
 
@@ -206,6 +349,9 @@ TORCH_LIBRARY_IMPL(rtl_kernels, CUDA, m) {
   m.impl("_cuda_linear_forward", &linear_forward);
   m.impl("_cuda_linear_grad_input", &linear_grad_input);
   m.impl("_cuda_linear_grad_weight", &linear_grad_weight);
+  m.impl("_cuda_conv2d_forward", &conv2d_forward);
+  m.impl("_cuda_conv2d_grad_input", &conv2d_grad_input);
+  m.impl("_cuda_conv2d_grad_weight", &conv2d_grad_weight);
 }
 
 TORCH_LIBRARY_IMPL(rtl_kernels, CompositeExplicitAutograd, m) { m.impl("_cuda_device_problem", &device_problem); }

@@ -6,6 +6,7 @@ compiled extension (backends load lazily, see :mod:`rtl_kernels.backends`).
 from .backends import available_backends, get_backend, set_backend, unavailable_reasons
 from .grouping import TicketGrouping, group_by_ticket
 from .layout_cache import clear_layout_cache, layout_cache_stats
+from .conv import routed_masked_conv2d, routed_masked_conv_transpose2d
 from .linear import routed_masked_linear
 
 __version__ = "0.1.0"
@@ -17,6 +18,8 @@ __all__ = [
     "get_backend",
     "group_by_ticket",
     "layout_cache_stats",
+    "routed_masked_conv2d",
+    "routed_masked_conv_transpose2d",
     "routed_masked_linear",
     "set_backend",
     "unavailable_reasons",

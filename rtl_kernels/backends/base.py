@@ -36,3 +36,29 @@ class Backend:
         """dW (N, K) = sum_t masks[t] * (grad_y[rows of t].T @ x[rows of t]); exactly zero outside the masks
         of the tickets present in the batch."""
         raise NotImplementedError
+
+    # -- routed masked conv2d --------------------------------------------------------------------------------
+    # Shapes: x (B, C, H, W), weight (O, C // groups, kh, kw), masks bool (T, O, C // groups, kh, kw), one route
+    # per image; stride, padding, dilation are (int, int) with symmetric padding (the op resolves 'same'/'valid'
+    # and asymmetric padding before calling). The transposed conv is composed from these three by the op.
+    def conv2d_forward(
+        self, x: Tensor, weight: Tensor, masks: Tensor, bias: Optional[Tensor], perm: Tensor, offsets: Tensor,
+        stride: tuple, padding: tuple, dilation: tuple, groups: int,
+    ) -> Tensor:
+        """y (B, O, Ho, Wo) with y[i] = conv2d(x[i], weight * masks[route[i]], bias, ...)."""
+        raise NotImplementedError
+
+    def conv2d_grad_input(
+        self, grad_y: Tensor, weight: Tensor, masks: Tensor, perm: Tensor, offsets: Tensor, input_shape: tuple,
+        stride: tuple, padding: tuple, dilation: tuple, groups: int,
+    ) -> Tensor:
+        """dx (B, C, H, W) = conv2d's input gradient through weight * masks[route[i]] per image."""
+        raise NotImplementedError
+
+    def conv2d_grad_weight(
+        self, grad_y: Tensor, x: Tensor, masks: Tensor, perm: Tensor, offsets: Tensor,
+        stride: tuple, padding: tuple, dilation: tuple, groups: int,
+    ) -> Tensor:
+        """dW (O, C // groups, kh, kw) = sum_t masks[t] * conv2d weight gradient over the images of t; exactly zero
+        outside the union of the masks of the tickets present."""
+        raise NotImplementedError

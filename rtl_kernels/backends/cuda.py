@@ -56,8 +56,21 @@ def _ops():
     return torch.ops.rtl_kernels
 
 
+def _conv_out_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation):
+    """(Ho, Wo) of a conv2d as F.conv2d computes them; ValueError when the output would be empty."""
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError(
+            f"conv2d output would be empty ({ho} x {wo}) for input {h} x {w}, kernel {kh} x {kw}, stride {stride}, "
+            f"padding {padding}, dilation {dilation}"
+        )
+    return ho, wo
+
+
 class CudaBackend(Backend):
-    """Routed masked linear on CUDA tensors (float32 exact SIMT, float16/bfloat16 on tensor cores)."""
+    """Routed masked linear and conv2d on CUDA tensors (linear: float32 exact SIMT, float16/bfloat16 on tensor
+    cores; conv2d: fp32-accumulating SIMT implicit GEMM for all three dtypes)."""
 
     name = "cuda"
 
@@ -117,6 +130,44 @@ class CudaBackend(Backend):
         layout = _layout(masks)
         _ops()._cuda_linear_grad_weight(
             grad_y, x, masks, perm, offsets, layout.w_ptr, layout.w_tickets, BLOCK_N, BLOCK_K, dw,
+        )
+        return dw
+
+    # -- routed masked conv2d (implicit GEMM, csrc/cuda/routed_conv2d_kernels.cu; masks read directly, no layout) --
+    def conv2d_forward(self, x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
+        b, _, h, w = x.shape
+        o, _, kh, kw = weight.shape
+        ho, wo = _conv_out_hw(h, w, kh, kw, stride, padding, dilation)
+        y = torch.empty((b, o, ho, wo), dtype=x.dtype, device=x.device)  # every element written by the kernel
+        if y.numel() == 0:
+            return y
+        _ops()._cuda_conv2d_forward(
+            x.contiguous(), weight.contiguous(), masks.contiguous(), None if bias is None else bias.contiguous(),
+            perm, offsets, list(stride), list(padding), list(dilation), int(groups), y,
+        )
+        return y
+
+    def conv2d_grad_input(self, grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups):
+        dx = torch.empty(tuple(input_shape), dtype=grad_y.dtype, device=grad_y.device)
+        if dx.numel() == 0:
+            return dx
+        if grad_y.numel() == 0:  # no output channels (or pixels): nothing flows back
+            return dx.zero_()
+        _ops()._cuda_conv2d_grad_input(
+            grad_y.contiguous(), weight.contiguous(), masks.contiguous(), perm, offsets,
+            list(stride), list(padding), list(dilation), int(groups), dx,
+        )
+        return dx
+
+    def conv2d_grad_weight(self, grad_y, x, masks, perm, offsets, stride, padding, dilation, groups):
+        dw = torch.empty(tuple(masks.shape[1:]), dtype=grad_y.dtype, device=grad_y.device)
+        if dw.numel() == 0:
+            return dw
+        if grad_y.numel() == 0 or x.numel() == 0:  # no images (or pixels): the gradient is zero
+            return dw.zero_()
+        _ops()._cuda_conv2d_grad_weight(
+            grad_y.contiguous(), x.contiguous(), masks.contiguous(), perm, offsets,
+            list(stride), list(padding), list(dilation), int(groups), dw,
         )
         return dw
 

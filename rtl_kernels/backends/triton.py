@@ -67,6 +67,14 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _pair(v) -> Tuple[int, int]:
+    """(int, int) from an int or a pair (the conv kernels take each spatial axis apart)."""
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
 class TritonBackend(Backend):
     """Routed masked ops as Triton block-sparse kernels (fp32, fp16, bf16 on CUDA; fp32, fp16 interpreted on CPU)."""
 
@@ -124,6 +132,59 @@ class TritonBackend(Backend):
         block_m = _block_m(grad_y.shape[0], masks.shape[0], grad_y.dtype)
         with _on_device(grad_y.device):
             return linear_grad_weight(grad_y, x, masks, perm, offsets, _layout(masks), block_m)
+
+    # -- routed masked conv2d ----------------------------------------------------------------------------------
+    # Implicit GEMMs over the ticket-sorted pixel rows, one kernel per pass (rtl_kernels/triton_kernels/conv2d_*).
+    # First version: a dense loop over the (output channel, K) tiles of the (O, C/g*kh*kw) view with the bool mask
+    # applied per tile through tl.where; a tile the ticket prunes entirely is skipped after its mask load (no
+    # gather, no dot). No BlockCSR layout is compiled for conv yet, so nothing is cached per mask version.
+
+    def conv2d_forward(self, x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
+        """y (B, O, Ho, Wo) = routed masked conv2d; dense tile loop over W's (O, K) view, pruned tiles skipped."""
+        from ..triton_kernels.conv2d_forward import conv2d_forward, conv_output_size
+
+        stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+        B = x.shape[0]
+        O, Cg, kh, kw = weight.shape
+        pixels = conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0]) * conv_output_size(
+            x.shape[3], kw, stride[1], padding[1], dilation[1]
+        )
+        block_n, block_k = _layout_blocks(O // groups, Cg * kh * kw)
+        block_m = _block_m(B * max(1, pixels), masks.shape[0], x.dtype)
+        with _on_device(x.device):
+            return conv2d_forward(
+                x.contiguous(), weight.contiguous(), masks.contiguous(), bias, perm, offsets,
+                stride, padding, dilation, groups, block_m, block_n, block_k,
+            )
+
+    def conv2d_grad_input(self, grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation,
+                          groups):
+        """dx (B, C, H, W), scatter-free (each input pixel gathers the taps that read it); dense tile loop."""
+        from ..triton_kernels.conv2d_grad_input import conv2d_grad_input
+
+        B, C, H, W = (int(d) for d in input_shape)
+        O, Cg, kh, kw = weight.shape
+        block_c, block_j = _layout_blocks(Cg, (O // groups) * kh * kw)
+        block_m = _block_m(B * max(1, H * W), masks.shape[0], grad_y.dtype)
+        with _on_device(grad_y.device):
+            return conv2d_grad_input(
+                grad_y.contiguous(), weight.contiguous(), masks.contiguous(), perm, offsets, (B, C, H, W),
+                _pair(stride), _pair(padding), _pair(dilation), groups, block_m, block_c, block_j,
+            )
+
+    def conv2d_grad_weight(self, grad_y, x, masks, perm, offsets, stride, padding, dilation, groups):
+        """dW (O, C // groups, kh, kw), mask applied per ticket tile, written once; deterministic, no atomics."""
+        from ..triton_kernels.conv2d_grad_weight import conv2d_grad_weight
+
+        B, O, Ho, Wo = grad_y.shape
+        _, _, Cg, kh, kw = masks.shape
+        block_n, block_k = _layout_blocks(O // groups, Cg * kh * kw)
+        block_m = _block_m(B * max(1, Ho * Wo), masks.shape[0], grad_y.dtype)
+        with _on_device(grad_y.device):
+            return conv2d_grad_weight(
+                grad_y.contiguous(), x.contiguous(), masks.contiguous(), perm, offsets,
+                _pair(stride), _pair(padding), _pair(dilation), groups, block_m, block_n, block_k,
+            )
 
 
 BACKEND = TritonBackend()
