@@ -12,7 +12,9 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <utility>
 
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "rtl_kernels CPU kernels (ops in torch.ops.rtl_kernels)",
@@ -118,6 +120,80 @@ void linear_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at:
                                      csr_ptr.data_ptr<int64_t>(), csr_idx.data_ptr<int32_t>(), out.data_ptr<float>());
 }
 
+rtl_cpu::ConvChunk conv_chunk(const at::Tensor& img_offsets, const at::Tensor& ticket_sparse, int64_t pixels) {
+  TORCH_CHECK(img_offsets.scalar_type() == at::kLong && img_offsets.is_contiguous(), "img_offsets must be int64");
+  TORCH_CHECK(ticket_sparse.scalar_type() == at::kByte && ticket_sparse.numel() + 1 == img_offsets.numel(),
+              "ticket_sparse must be uint8 (T)");
+  rtl_cpu::ConvChunk c;
+  c.num_tickets = ticket_sparse.numel();
+  c.img_offsets = img_offsets.data_ptr<int64_t>();
+  c.ticket_sparse = ticket_sparse.data_ptr<uint8_t>();
+  c.pixels = pixels;
+  c.num_threads = at::get_num_threads();
+  return c;
+}
+
+// (images, channels, pixels...) float32 tensor: channels and pixels per image.
+std::pair<int64_t, int64_t> planes(const at::Tensor& t, const char* name) {
+  check_f32(t, name);
+  TORCH_CHECK(t.dim() >= 3, name, " must be (images, channels, pixels...)");
+  const int64_t ch = t.size(1);
+  return {ch, t.numel() / std::max<int64_t>(1, t.size(0) * ch)};
+}
+
+void check_image_index(const at::Tensor& index, const at::Tensor& images, int64_t count, const char* name) {
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == count, name,
+              " must be contiguous int64 of ", count, " entries");
+  const int64_t* p = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < images.size(0), name, " holds image ", p[i], " outside [0, ", images.size(0), ")");
+}
+
+void conv_spmm(const at::Tensor& weight, int64_t w_out_stride, int64_t w_in_stride, const at::Tensor& ptr,
+               const at::Tensor& chunk_ptr, const at::Tensor& idx, const at::Tensor& src, const at::Tensor& src_index,
+               const c10::optional<at::Tensor>& bias, const at::Tensor& img_offsets, const at::Tensor& ticket_sparse,
+               at::Tensor& out, const at::Tensor& out_index) {
+  check_f32(weight, "weight");
+  const auto [n_in, pixels] = planes(src, "src");
+  const auto [n_out, out_pixels] = planes(out, "out");
+  TORCH_CHECK(pixels == out_pixels, "src and out must have the same pixels per image");
+  auto c = conv_chunk(img_offsets, ticket_sparse, pixels);
+  const int64_t count = img_offsets.data_ptr<int64_t>()[c.num_tickets];
+  check_image_index(src_index, src, count, "src_index");
+  check_image_index(out_index, out, count, "out_index");
+  check_index(ptr, idx, c.num_tickets * n_out + 1);
+  const int64_t n_chunks = check_chunks(chunk_ptr, c.num_tickets * n_out);
+  TORCH_CHECK(weight.numel() == n_out * n_in, "weight must hold n_out * n_in values");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    check_f32(*bias, "bias");
+    TORCH_CHECK(bias->numel() == n_out, "bias must have n_out entries");
+    b = bias->data_ptr<float>();
+  }
+  rtl_cpu::routed_conv_spmm(c, n_out, n_in, weight.data_ptr<float>(), w_out_stride, w_in_stride,
+                            ptr.data_ptr<int64_t>(), chunk_ptr.data_ptr<int64_t>(), n_chunks, idx.data_ptr<int32_t>(),
+                            src.data_ptr<float>(), src_index.data_ptr<int64_t>(), b, out.data_ptr<float>(),
+                            out_index.data_ptr<int64_t>());
+}
+
+void conv_grad_weight(const at::Tensor& dy, const at::Tensor& dy_index, const at::Tensor& cols,
+                      const at::Tensor& img_offsets, const at::Tensor& ticket_sparse, const at::Tensor& csr_ptr,
+                      const at::Tensor& csr_idx, at::Tensor& dw) {
+  const auto [n_out, pixels] = planes(dy, "dy");
+  const auto [k_in, col_pixels] = planes(cols, "cols");
+  TORCH_CHECK(pixels == col_pixels, "dy and cols must have the same pixels per image");
+  check_f32(dw, "dw");
+  TORCH_CHECK(dw.numel() == n_out * k_in, "dw must hold n_out * k_in values");
+  auto c = conv_chunk(img_offsets, ticket_sparse, pixels);
+  const int64_t count = img_offsets.data_ptr<int64_t>()[c.num_tickets];
+  TORCH_CHECK(cols.size(0) >= count, "cols must hold every image of the chunk");
+  check_image_index(dy_index, dy, count, "dy_index");
+  check_index(csr_ptr, csr_idx, c.num_tickets * n_out + 1);
+  rtl_cpu::routed_conv_grad_weight(c, n_out, k_in, dy.data_ptr<float>(), dy_index.data_ptr<int64_t>(),
+                                   cols.data_ptr<float>(), csr_ptr.data_ptr<int64_t>(), csr_idx.data_ptr<int32_t>(),
+                                   dw.data_ptr<float>());
+}
+
 std::string kernel_isa() { return rtl_cpu::kernel_isa(); }
 
 }  // namespace
@@ -129,6 +205,11 @@ TORCH_LIBRARY_FRAGMENT(rtl_kernels, m) {
         "Tensor ticket_sparse, Tensor csc_ptr, Tensor csc_chunk_ptr, Tensor csc_idx, Tensor(a!) out) -> ()");
   m.def("_cpu_linear_grad_weight(Tensor grad_y, Tensor x, Tensor perm, Tensor offsets, "
         "Tensor ticket_sparse, Tensor csr_ptr, Tensor csr_idx, Tensor(a!) out) -> ()");
+  m.def("_cpu_conv_spmm(Tensor weight, int w_out_stride, int w_in_stride, Tensor ptr, Tensor chunk_ptr, "
+        "Tensor idx, Tensor src, Tensor src_index, Tensor? bias, Tensor img_offsets, Tensor ticket_sparse, "
+        "Tensor(a!) out, Tensor out_index) -> ()");
+  m.def("_cpu_conv_grad_weight(Tensor dy, Tensor dy_index, Tensor cols, Tensor img_offsets, "
+        "Tensor ticket_sparse, Tensor csr_ptr, Tensor csr_idx, Tensor(a!) dw) -> ()");
   m.def("_cpu_kernel_isa() -> str");
 }
 
@@ -136,6 +217,8 @@ TORCH_LIBRARY_IMPL(rtl_kernels, CPU, m) {
   m.impl("_cpu_linear_forward", &linear_forward);
   m.impl("_cpu_linear_grad_input", &linear_grad_input);
   m.impl("_cpu_linear_grad_weight", &linear_grad_weight);
+  m.impl("_cpu_conv_spmm", &conv_spmm);
+  m.impl("_cpu_conv_grad_weight", &conv_grad_weight);
 }
 
 TORCH_LIBRARY_IMPL(rtl_kernels, CompositeExplicitAutograd, m) { m.impl("_cpu_kernel_isa", &kernel_isa); }

@@ -33,19 +33,23 @@ struct SpmmTile {
   const int64_t* chunk_ptr;  // the same entries split by input chunk: (o, c) at chunk_ptr[o * n_chunks + c]
   int64_t n_chunks;      // 1: walk whole rows (ptr) instead
   const int32_t* idx;
-  const float* xt;       // transposed tile, (inputs, width)
+  const float* xt;       // transposed tile: input i of tile row j at xt[i * xt_stride + j]
+  int64_t xt_stride;
   int width;
   int nrows;
-  const int64_t* out_rows;  // (nrows) element offset of each tile row in out
+  const int64_t* out_rows;  // row-major output: (nrows) element offset of each tile row in out
   float* out;
+  int64_t out_ch_stride; // 0: row-major output through out_rows; else output o of row j at out[o * stride + j]
   const float* bias;     // (outputs) or nullptr
   int64_t o_begin, o_end;
 };
 
 struct SddmmRow {
   const float* dyt_row;  // (width) dy of one output over the tile's rows
-  const float* xt;       // (inputs, width)
+  const float* xt;       // input i of tile row j at xt[i * xt_stride + j]
+  int64_t xt_stride;
   int width;
+  int nrows;             // lanes at or past nrows are ignored
   const int32_t* idx;
   int64_t e_begin, e_end;
   float* acc;            // per-entry accumulators, indexed like idx
@@ -201,10 +205,12 @@ void spmm_all(const RoutedRows& r, int64_t n_out, const float* w, int64_t w_out_
       a.n_chunks = ticket_nnz >= kMinChunkEntries * n_out * n_chunks ? n_chunks : 1;
       a.idx = idx;
       a.xt = buf + off[b];
+      a.xt_stride = tile.width;
       a.width = tile.width;
       a.nrows = tile.nrows;
       a.out_rows = out_rows;
       a.out = out;
+      a.out_ch_stride = 0;
       a.bias = bias;
       a.o_begin = blk * kOutBlock;
       a.o_end = std::min(n_out, a.o_begin + kOutBlock);
@@ -266,7 +272,9 @@ void routed_linear_grad_weight(const RoutedRows& rows, int64_t n_out, int64_t k_
         SddmmRow a;
         a.dyt_row = dyt + dy_off[b] + o * tile.width;
         a.xt = xt + x_off[b];
+        a.xt_stride = tile.width;
         a.width = tile.width;
+        a.nrows = tile.nrows;
         a.idx = csr_idx;
         a.e_begin = ptr[o];
         a.e_end = ptr[o + 1];
@@ -280,6 +288,132 @@ void routed_linear_grad_weight(const RoutedRows& rows, int64_t n_out, int64_t k_
   for (int64_t o = 0; o < n_out; ++o) {
     float* dw_o = dw + o * k_in;
     for (int64_t t = 0; t < rows.num_tickets; ++t) {
+      if (tile_begin[t] == tile_begin[t + 1]) continue;
+      const int64_t row = t * n_out + o;
+      for (int64_t e = csr_ptr[row]; e < csr_ptr[row + 1]; ++e) dw_o[csr_idx[e]] += acc[e];
+    }
+  }
+}
+
+// ---- convolutions over unfolded columns -------------------------------------------------------------------
+// The unfolded columns of an image, (C * kh * kw, pixels), are already the transposed tile layout the kernels
+// read (input i of pixel j at i * pixels + j), and NCHW outputs take the kernels' (outputs, rows) block as it
+// stands: no gather or transpose pass at all, tiles are stretches of up to 64 pixels of one image.
+namespace {
+
+struct ConvTile {
+  int64_t ticket;
+  int64_t image;   // position in the chunk
+  int64_t first;   // first pixel
+  int nrows;
+  int width;
+};
+
+std::vector<ConvTile> conv_tiles(const ConvChunk& c) {
+  std::vector<ConvTile> tiles;
+  for (int64_t t = 0; t < c.num_tickets; ++t) {
+    if (!c.ticket_sparse[t]) continue;
+    for (int64_t i = c.img_offsets[t]; i < c.img_offsets[t + 1]; ++i)
+      for (int64_t p = 0; p < c.pixels; p += kTileRows) {
+        const int n = static_cast<int>(std::min<int64_t>(kTileRows, c.pixels - p));
+        tiles.push_back(ConvTile{t, i, p, n, (n + 7) / 8 * 8});
+      }
+  }
+  return tiles;
+}
+
+RoutedRows rows_view(const ConvChunk& c) {
+  RoutedRows r;
+  r.batch = 0;
+  r.num_tickets = c.num_tickets;
+  r.perm = nullptr;
+  r.offsets = nullptr;
+  r.ticket_sparse = c.ticket_sparse;
+  r.num_threads = c.num_threads;
+  return r;
+}
+
+}  // namespace
+
+void routed_conv_spmm(const ConvChunk& c, int64_t n_out, int64_t n_in, const float* w, int64_t w_out_stride,
+                      int64_t w_in_stride, const int64_t* ptr, const int64_t* chunk_ptr, int64_t n_chunks,
+                      const int32_t* idx, const float* src, const int64_t* src_index, const float* bias,
+                      float* out, const int64_t* out_index) {
+  std::vector<ConvTile> tiles = conv_tiles(c);
+  if (tiles.empty()) return;
+  const RoutedRows r = rows_view(c);
+  float* vals = workspace().get(1, static_cast<size_t>(ptr[c.num_tickets * n_out]) + 1);
+  gather_values(r, n_out, w, w_out_stride, w_in_stride, ptr, idx, vals);
+  const int64_t n_blocks = (n_out + kOutBlock - 1) / kOutBlock;
+  const int64_t n_items = static_cast<int64_t>(tiles.size()) * n_blocks;
+  const Isa& kernels = isa();
+#pragma omp parallel for num_threads(c.num_threads) schedule(dynamic, 1)
+  for (int64_t item = 0; item < n_items; ++item) {
+    const ConvTile& tile = tiles[item / n_blocks];
+    const int64_t blk = item % n_blocks;
+    SpmmTile a;
+    a.vals = vals;
+    a.ptr = ptr + tile.ticket * n_out;
+    a.chunk_ptr = chunk_ptr + tile.ticket * n_out * n_chunks;
+    const int64_t ticket_nnz = ptr[(tile.ticket + 1) * n_out] - ptr[tile.ticket * n_out];
+    a.n_chunks = ticket_nnz >= kMinChunkEntries * n_out * n_chunks ? n_chunks : 1;
+    a.idx = idx;
+    a.xt = src + src_index[tile.image] * n_in * c.pixels + tile.first;
+    a.xt_stride = c.pixels;
+    a.width = tile.width;
+    a.nrows = tile.nrows;
+    a.out_rows = nullptr;
+    a.out = out + out_index[tile.image] * n_out * c.pixels + tile.first;
+    a.out_ch_stride = c.pixels;
+    a.bias = bias;
+    a.o_begin = blk * kOutBlock;
+    a.o_end = std::min(n_out, a.o_begin + kOutBlock);
+    kernels.spmm_tile(a);
+  }
+}
+
+void routed_conv_grad_weight(const ConvChunk& c, int64_t n_out, int64_t k_in, const float* dy,
+                             const int64_t* dy_index, const float* cols, const int64_t* csr_ptr,
+                             const int32_t* csr_idx, float* dw) {
+  std::vector<ConvTile> tiles = conv_tiles(c);
+  if (tiles.empty()) return;
+  const int64_t nnz = csr_ptr[c.num_tickets * n_out];
+  float* acc = workspace().get(2, static_cast<size_t>(nnz) + 1);
+  std::vector<int64_t> tile_begin(c.num_tickets + 1, 0);
+  for (const ConvTile& tile : tiles) tile_begin[tile.ticket + 1]++;
+  for (int64_t t = 0; t < c.num_tickets; ++t) tile_begin[t + 1] += tile_begin[t];
+  const Isa& kernels = isa();
+  const int64_t n_blocks = (n_out + kOutBlock - 1) / kOutBlock;
+  const int64_t n_items = c.num_tickets * n_blocks;
+#pragma omp parallel for num_threads(c.num_threads) schedule(dynamic, 1)
+  for (int64_t item = 0; item < n_items; ++item) {
+    const int64_t t = item / n_blocks, blk = item % n_blocks;
+    if (tile_begin[t] == tile_begin[t + 1]) continue;
+    const int64_t o_begin = blk * kOutBlock, o_end = std::min(n_out, o_begin + kOutBlock);
+    const int64_t* ptr = csr_ptr + t * n_out;
+    std::fill(acc + ptr[o_begin], acc + ptr[o_end], 0.f);
+    for (int64_t b = tile_begin[t]; b < tile_begin[t + 1]; ++b) {
+      const ConvTile& tile = tiles[b];
+      const float* dy_img = dy + dy_index[tile.image] * n_out * c.pixels + tile.first;
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        SddmmRow a;
+        a.dyt_row = dy_img + o * c.pixels;
+        a.xt = cols + tile.image * k_in * c.pixels + tile.first;
+        a.xt_stride = c.pixels;
+        a.width = tile.width;
+        a.nrows = tile.nrows;
+        a.idx = csr_idx;
+        a.e_begin = ptr[o];
+        a.e_end = ptr[o + 1];
+        a.acc = acc;
+        kernels.sddmm_row(a);
+      }
+    }
+  }
+#pragma omp parallel for num_threads(c.num_threads) schedule(static)
+  for (int64_t o = 0; o < n_out; ++o) {
+    float* dw_o = dw + o * k_in;
+    for (int64_t t = 0; t < c.num_tickets; ++t) {
       if (tile_begin[t] == tile_begin[t + 1]) continue;
       const int64_t row = t * n_out + o;
       for (int64_t e = csr_ptr[row]; e < csr_ptr[row + 1]; ++e) dw_o[csr_idx[e]] += acc[e];

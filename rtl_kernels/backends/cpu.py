@@ -235,10 +235,6 @@ def _linear_grad_weight(grad_y, x, masks, layout, perm, offsets):
 IM2COL_CHUNK_BYTES = 32 << 20
 
 
-def _cols_per_pixel(weight: Tensor) -> int:
-    return weight[0].numel()
-
-
 def _out_size(size, kernel, stride, padding, dilation):
     return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in zip(size, kernel, stride, padding, dilation))
 
@@ -251,29 +247,59 @@ def _conv_as_linear(weight: Optional[Tensor], masks: Tensor):
     return (None if weight is None else weight.reshape(o, -1)), m2d, layout
 
 
-def _unfold_rows(images: Tensor, weight_like: Tensor, stride, padding, dilation) -> Tensor:
-    """(b * Ho * Wo, C * kh * kw) rows of unfolded patches, pixel-major within each image."""
-    cols = F.unfold(images, tuple(weight_like.shape[-2:]), dilation=dilation, padding=padding, stride=stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).contiguous()
+class _Chunk:
+    """A run of the ticket-sorted images: images (b,) their batch indices, local (b,) = arange, img_offsets (T + 1,)
+    the run's images of each ticket (positions within the run)."""
 
+    def __init__(self, images: Tensor, img_offsets: list):
+        self.images = images
+        self.count = images.shape[0]
+        self.local = torch.arange(self.count, dtype=torch.int64)
+        self.bounds = img_offsets
+        self.img_offsets = torch.tensor(img_offsets, dtype=torch.int64)
 
-def _pixel_rows(grad_y: Tensor, images: Tensor) -> Tensor:
-    """(b * Ho * Wo, O) rows of the output gradient of the chunk's images, pixel-major like _unfold_rows."""
-    dy = grad_y.index_select(0, images)
-    return dy.flatten(2).transpose(1, 2).reshape(-1, grad_y.shape[1]).contiguous()
+    def span(self, t: int):
+        return self.bounds[t], self.bounds[t + 1]
 
 
 def _image_chunks(perm: Tensor, offsets: Tensor, pixels: int, cols: int):
-    """Chunks of the ticket-sorted images: (image ids, row perm, row offsets) with the rows (pixels) of each chunk
-    already in ticket order, so their grouping is the identity permutation and per-ticket counts x pixels."""
+    """Runs of the ticket-sorted images whose unfolded columns fit IM2COL_CHUNK_BYTES."""
     per_chunk = max(1, IM2COL_CHUNK_BYTES // max(1, pixels * cols * 4))
     batch = perm.shape[0]
     bounds = offsets.tolist()
     for lo in range(0, batch, per_chunk):
         hi = min(batch, lo + per_chunk)
-        counts = [max(0, min(hi, bounds[t + 1]) - max(lo, bounds[t])) * pixels for t in range(len(bounds) - 1)]
-        row_offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
-        yield perm[lo:hi], torch.arange((hi - lo) * pixels, dtype=torch.int64), row_offsets
+        yield _Chunk(perm[lo:hi], [min(max(b, lo), hi) - lo for b in bounds])
+
+
+def _conv_paths(layout: CpuLinearLayout, offsets: Tensor, pixels: int):
+    """(ticket_sparse (T,) uint8, dense ticket ids) for a conv whose tickets hold count x pixels GEMM rows."""
+    counts = ((offsets[1:] - offsets[:-1]) * pixels).tolist()
+    density, indexed = layout.density.tolist(), layout.indexed.tolist()
+    sparse, dense = [], []
+    for t, rows in enumerate(counts):
+        limit = SPARSE_MAX_DENSITY if rows >= SMALL_GROUP_ROWS else SMALL_GROUP_MAX_DENSITY
+        take_sparse = indexed[t] and density[t] < limit
+        sparse.append(take_sparse)
+        if rows and not take_sparse:
+            dense.append(t)
+    return torch.tensor(sparse, dtype=torch.uint8), dense
+
+
+def _scratch_columns(name: str, images: int, channels: int, pixels: int, dtype) -> Tensor:
+    """(images, channels, pixels) in a reused buffer with one spare vector at the end: the kernels read whole
+    8-float vectors, past the last pixel of the last channel."""
+    flat = _scratch.get(name, (images * channels * pixels + 8,), dtype)
+    return flat[: images * channels * pixels].view(images, channels, pixels)
+
+
+def _columns(x: Tensor, images: Tensor, kernel, stride, padding, dilation, pixels: int) -> Tensor:
+    """Unfolded columns (b, C * kh * kw, Ho * Wo) of the chunk's images, in reused buffers."""
+    batch = _scratch.get("conv_images", (images.shape[0],) + tuple(x.shape[1:]), x.dtype)
+    torch.index_select(x, 0, images, out=batch)
+    cols = _scratch_columns("cols", images.shape[0], x.shape[1] * kernel[0] * kernel[1], pixels, x.dtype)
+    torch._C._nn.im2col(batch, tuple(kernel), tuple(dilation), tuple(padding), tuple(stride), out=cols)
+    return cols
 
 
 def _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
@@ -344,19 +370,29 @@ class CpuBackend(Backend):
     def linear_grad_weight(self, grad_y, x, masks, perm, offsets):
         return _linear_grad_weight(grad_y, x, masks, _layout(masks), perm, offsets)
 
-    # -- conv2d: standard convs as GEMMs over unfolded chunks of the routed images; grouped and depthwise convs
-    # as torch's direct convolution per ticket (their weights are tiny: nothing for sparsity to skip).
+    # -- conv2d: standard convs through the sparse kernels on unfolded columns of chunks of the routed images;
+    # grouped and depthwise convs as torch's direct convolution per ticket (their weights are tiny: nothing for
+    # sparsity to skip).
     def conv2d_forward(self, x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
         if groups != 1:
             return _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups)
         w2d, m2d, layout = _conv_as_linear(weight, masks)
         ho, wo = _out_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
         y = x.new_empty((x.shape[0], weight.shape[0], ho, wo))
-        for images, rows_perm, rows_offsets in _image_chunks(perm, offsets, ho * wo, _cols_per_pixel(weight)):
-            cols = _unfold_rows(x.index_select(0, images), weight, stride, padding, dilation)
-            y_rows = _linear_forward(cols, w2d, m2d, layout, bias, rows_perm, rows_offsets)
-            y.index_copy_(0, images, y_rows.view(images.shape[0], ho * wo, -1).transpose(1, 2).reshape(
-                images.shape[0], -1, ho, wo))
+        ticket_sparse, dense = _conv_paths(layout, offsets, ho * wo)
+        for chunk in _image_chunks(perm, offsets, ho * wo, w2d.shape[1]):
+            cols = _columns(x, chunk.images, weight.shape[2:], stride, padding, dilation, ho * wo)
+            torch.ops.rtl_kernels._cpu_conv_spmm(
+                w2d, w2d.shape[1], 1, layout.csr_ptr, layout.csr_chunk_ptr, layout.csr_idx, cols, chunk.local,
+                bias, chunk.img_offsets, ticket_sparse, y, chunk.images,
+            )
+            for t in dense:
+                lo, hi = chunk.span(t)
+                if hi > lo:
+                    y_t = torch.matmul(_masked(w2d, layout, m2d, t), cols[lo:hi])
+                    if bias is not None:
+                        y_t += bias.view(1, -1, 1)
+                    y.index_copy_(0, chunk.images[lo:hi], y_t.view(hi - lo, -1, ho, wo))
         return y
 
     def conv2d_grad_input(self, grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups):
@@ -364,28 +400,45 @@ class CpuBackend(Backend):
             return _direct_conv_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding,
                                            dilation, groups)
         w2d, m2d, layout = _conv_as_linear(weight, masks)
-        ho, wo = grad_y.shape[2:]
+        pixels = grad_y.shape[2] * grad_y.shape[3]
         dx = grad_y.new_empty(input_shape)
-        for images, rows_perm, rows_offsets in _image_chunks(perm, offsets, ho * wo, _cols_per_pixel(weight)):
-            dy_rows = _pixel_rows(grad_y, images)
-            dcols = _linear_grad_input(dy_rows, w2d, m2d, layout, rows_perm, rows_offsets)
-            dcols = dcols.view(images.shape[0], ho * wo, -1).transpose(1, 2)
-            dx.index_copy_(0, images, F.fold(dcols, tuple(input_shape[2:]), tuple(weight.shape[2:]),
-                                             dilation=dilation, padding=padding, stride=stride))
+        ticket_sparse, dense = _conv_paths(layout, offsets, pixels)
+        dy = grad_y.view(grad_y.shape[0], grad_y.shape[1], pixels)
+        for chunk in _image_chunks(perm, offsets, pixels, w2d.shape[1]):
+            dcols = _scratch_columns("dcols", chunk.count, w2d.shape[1], pixels, grad_y.dtype)
+            # roles swap: the outputs are the K columns, reached through the transposed (CSC) index
+            torch.ops.rtl_kernels._cpu_conv_spmm(
+                w2d, 1, w2d.shape[1], layout.csc_ptr, layout.csc_chunk_ptr, layout.csc_idx, dy, chunk.images,
+                None, chunk.img_offsets, ticket_sparse, dcols, chunk.local,
+            )
+            for t in dense:
+                lo, hi = chunk.span(t)
+                if hi > lo:
+                    torch.matmul(_masked(w2d, layout, m2d, t).t(), dy.index_select(0, chunk.images[lo:hi]),
+                                 out=dcols[lo:hi])
+            dx.index_copy_(0, chunk.images, F.fold(dcols, tuple(input_shape[2:]), tuple(weight.shape[2:]),
+                                                   dilation=dilation, padding=padding, stride=stride))
         return dx
 
     def conv2d_grad_weight(self, grad_y, x, masks, perm, offsets, stride, padding, dilation, groups):
         if groups != 1:
             return _direct_conv_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups)
-        w2d_shape = (masks.shape[1], masks[0, 0].numel())
         _, m2d, layout = _conv_as_linear(None, masks)
-        ho, wo = grad_y.shape[2:]
-        dw = grad_y.new_zeros(w2d_shape)
-        for images, rows_perm, rows_offsets in _image_chunks(perm, offsets, ho * wo, w2d_shape[1]):
-            cols = _unfold_rows(x.index_select(0, images), masks[0], stride, padding, dilation)
-            dy_rows = _pixel_rows(grad_y, images)
-            # chunks are summed in a fixed order: deterministic, and zero outside the masks stays zero
-            dw += _linear_grad_weight(dy_rows, cols, m2d, layout, rows_perm, rows_offsets)
+        pixels = grad_y.shape[2] * grad_y.shape[3]
+        dw = grad_y.new_zeros(m2d.shape[1:])
+        ticket_sparse, dense = _conv_paths(layout, offsets, pixels)
+        dy = grad_y.view(grad_y.shape[0], grad_y.shape[1], pixels)
+        for chunk in _image_chunks(perm, offsets, pixels, dw.shape[1]):
+            cols = _columns(x, chunk.images, masks.shape[-2:], stride, padding, dilation, pixels)
+            # chunks and tickets are summed in a fixed order: deterministic; zero outside the masks stays zero
+            torch.ops.rtl_kernels._cpu_conv_grad_weight(
+                dy, chunk.images, cols, chunk.img_offsets, ticket_sparse, layout.csr_ptr, layout.csr_idx, dw
+            )
+            for t in dense:
+                lo, hi = chunk.span(t)
+                if hi > lo:
+                    product = torch.einsum("bol,bkl->ok", dy.index_select(0, chunk.images[lo:hi]), cols[lo:hi])
+                    dw += _apply_mask(product, layout.float_masks, m2d, t, out=product)
         return dw.view(masks.shape[1:])
 
 

@@ -1,0 +1,764 @@
+"""Side-by-side speed of ``rtl_kernels.routed_masked_conv2d`` / ``routed_masked_conv_transpose2d`` against baselines.
+
+Usage::
+
+    python bench/bench_conv2d.py [--device cpu|cuda] [--quick] [--cases NAME,...] [--repeats N]
+                                 [--results-dir bench/results]
+
+The conv counterpart of bench_linear.py (same providers where they apply, same CSV style, same tables). Every
+provider of a case runs in this one process on the very same tensors (x, W, masks, route, bias and the backward's
+grad):
+
+- B0  ``F.conv2d`` / ``F.conv_transpose2d`` with the unmasked W: dense, the speed-of-light reference (it computes
+  the wrong function);
+- B0m the same with ``W * M_0``: one mask multiplied in, what single-mask pruning tools (and the paper) pay;
+- B1  the ``reference`` backend: per present ticket, select its images, conv with ``W * M_t``, write back;
+- ours: every rtl backend meant for the device (``cpu`` on CPU; ``triton`` and ``cuda`` on GPU), recorded as
+  unavailable when it cannot run here rather than silently left out.
+
+There is no grouped-GEMM (B3) or CSR (B5) baseline for convolutions: torch has neither for conv.
+
+Routing prep is timed apart (provider ``route_prep``: ``group_by_ticket``); the routed providers (B1, ours) are handed
+the same precomputed grouping, as a model whose layers share one route is.
+
+Modes: ``fwd`` and ``fwd+bwd`` (gradients of x, W and, where the layer has one, the bias, for one fixed random
+grad_y, via ``torch.autograd.grad``). The error column is the forward's max |difference| from a float64 computation
+done image by image (grouped by the image's own route entry, not by the grouping handed to the providers), once per
+case: the routed function for routed providers, the dense one for B0, the one-mask one for B0m. For the large cases
+the float64 check covers a subset of the images (at least one per ticket present; the row's ``err_images`` column and
+the table say how many).
+
+The cases are the layers of the paper's models at its batch sizes and ticket counts (docs/paper.md 1.5 and 3.1):
+GhostNet on 32x32 CIFAR at batch 320, T = 10; the speech U-Net at T = 3 (batch 4, the 626-frame input cut to 64
+frequency bins after the first conv so a run stays short); ResNet-style 3x3 convs at batch 32, T = 8. All masks are
+unstructured; the paper-scale cases at 50 % (regime A), the ResNet ones at 50 % and 90 % (regime B).
+
+Results are appended to ``<results-dir>/conv2d_<cpu|cuda>.csv`` and the run's tables are written to
+``<results-dir>/conv2d_<cpu|cuda>_<git rev>.md`` and printed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import sys
+import uuid
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Run as a script (python bench/bench_conv2d.py), so the sibling modules are found through the script's folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# The target model, the "ours" list per device and the ratio/verdict and cell formatting are bench_linear's, reused
+# so both benchmarks judge and print the same way.
+import bench_linear as lin  # noqa: E402
+from bench_linear import MODES, OURS_BY_DEVICE, Target, at_most, faster  # noqa: E402
+
+import rtl_kernels as rk  # noqa: E402
+from rtl_kernels.formats.block_csr import compile_block_csr  # noqa: E402
+
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Budget of the float64 error check per case, in dense forward GFLOP (it runs three functions on the chosen images).
+REFERENCE_GFLOP_BUDGET = 4.0
+
+FIELDS = [
+    "run_id", "timestamp", "device_kind", "device", "torch", "triton", "python", "cuda", "fp32_matmul_precision",
+    "threads", "git_rev", "quick", "case", "layer", "op", "dtype", "B", "C_in", "C_out", "H", "W", "Ho", "Wo",
+    "kernel", "stride", "padding", "output_padding", "groups", "bias", "gflop_fwd", "T", "sparsity",
+    "sparsity_measured", "mask_structure", "block_occupancy_64", "provider", "mode", "status", "median_ms", "p10_ms",
+    "p90_ms", "repeats", "ratio_vs_B0", "ratio_vs_B1", "max_abs_err", "err_reference", "err_images", "target",
+    "target_met", "error",
+]  # fmt: skip
+
+Pair = Tuple[int, int]
+
+
+# --------------------------------------------------------------------------------------------------------- the cases
+@dataclass(frozen=True)
+class Case:
+    """One conv layer at one batch, T and sparsity. ``base`` names it without its dtype (--cases accepts either).
+
+    For ``conv_transpose2d`` the weight is (C_in, C_out / groups, kh, kw), as F.conv_transpose2d wants; otherwise
+    (C_out, C_in / groups, kh, kw). H x W is the input's size.
+    """
+
+    name: str
+    base: str
+    family: str  # ghostnet, unet or resnet: --cases accepts it to select the family
+    layer: str  # what the layer is in its model, for the tables
+    op: str  # 'conv2d' or 'conv_transpose2d'
+    batch: int
+    c_in: int
+    c_out: int
+    h: int
+    w: int
+    kernel: Pair
+    stride: Pair
+    padding: Pair
+    groups: int
+    bias: bool
+    tickets: int
+    sparsity: float
+    dtype: torch.dtype
+    repeats: int
+    output_padding: Pair = (0, 0)
+    warmup: Optional[int] = None  # None: the run's default
+    targets: Tuple[Target, ...] = field(default=())
+
+    @property
+    def structure(self) -> str:
+        return "unstructured"
+
+    @property
+    def weight_shape(self) -> Tuple[int, int, int, int]:
+        if self.op == "conv_transpose2d":
+            return (self.c_in, self.c_out // self.groups, *self.kernel)
+        return (self.c_out, self.c_in // self.groups, *self.kernel)
+
+    @property
+    def out_size(self) -> Pair:
+        kh, kw = self.kernel
+        if self.op == "conv_transpose2d":
+            return (
+                (self.h - 1) * self.stride[0] - 2 * self.padding[0] + kh + self.output_padding[0],
+                (self.w - 1) * self.stride[1] - 2 * self.padding[1] + kw + self.output_padding[1],
+            )
+        return (
+            (self.h + 2 * self.padding[0] - kh) // self.stride[0] + 1,
+            (self.w + 2 * self.padding[1] - kw) // self.stride[1] + 1,
+        )
+
+    def gflop_per_image(self) -> float:
+        """Dense forward multiply-adds x 2 for one image (for a transposed conv: per input pixel, not output)."""
+        weights = 1
+        for d in self.weight_shape:
+            weights *= d
+        pixels = self.h * self.w if self.op == "conv_transpose2d" else self.out_size[0] * self.out_size[1]
+        return 2.0 * weights * pixels / 1e9
+
+    @property
+    def gflop(self) -> float:
+        return self.gflop_per_image() * self.batch
+
+
+def _geometry_text(case: Case) -> str:
+    def pair(p: Pair) -> str:
+        return str(p[0]) if p[0] == p[1] else f"({p[0]},{p[1]})"
+
+    text = f"{case.kernel[0]}x{case.kernel[1]}, stride {pair(case.stride)}, pad {pair(case.padding)}"
+    if case.output_padding != (0, 0):
+        text += f", output_padding {pair(case.output_padding)}"
+    if case.groups > 1:
+        text += f", groups {case.groups}"
+    return text
+
+
+def _layers(dtype: torch.dtype) -> List[Tuple[str, dict]]:
+    """The layer shapes (name without sparsity, keyword arguments of Case without name/base/sparsity/targets).
+
+    GhostNet on CIFAR (paper Table 4; ratio-2 ghost modules, cheap dw 3x3): 32x32 input, the stem halves it to 16x16,
+    bottleneck 2 to 8x8, bottleneck 4 (5x5 dw stride 2) to 4x4, bottleneck 6 to 2x2. Chosen: the stem; B1's
+    primary 1x1; B3's primary 1x1 and its cheap depthwise 3x3; B4's 5x5 stride-2 depthwise; the 1x1 80->184 after
+    the last stage. Batch 320, T = 10 (one ticket per CIFAR-10 class), no bias (BN follows).
+
+    U-Net (App. D.2): [B, 2, 626, 513] STFT input, encoder channels 12, 12, 12, 24, 48 with stride (1, 2), decoder
+    48->12 among its transposed convs. Scaled down: batch 4, 128 frequency bins into the first conv (64 after it),
+    all 626 frames kept. Chosen: the first 3x5 conv 2->12, a 3x3 encoder conv 12->24, the decoder's transposed 3x3
+    48->12, which doubles the frequency axis back (output_padding (0, 1)). With bias. T = 3 (acoustic scenes).
+
+    ResNet 3x3 (stride 1, pad 1, no bias) at batch 32, T = 8: C = 64 at 56x56 and C = 256 at 14x14 (7.4 dense
+    GFLOP each), C = 256 at 56x56 (118 GFLOP; see cpu_cases for which of its cases the default CPU run keeps).
+    """
+    ghost = dict(family="ghostnet", op="conv2d", batch=320, tickets=10, bias=False, dtype=dtype, groups=1)
+    unet = dict(family="unet", batch=4, tickets=3, bias=True, dtype=dtype, groups=1)
+    resnet = dict(family="resnet", op="conv2d", batch=32, tickets=8, bias=False, dtype=dtype, groups=1,
+                  kernel=(3, 3), stride=(1, 1), padding=(1, 1))  # fmt: skip
+    return [
+        ("ghost_stem", dict(ghost, layer="GhostNet stem conv 3->16", c_in=3, c_out=16, h=32, w=32,
+                            kernel=(3, 3), stride=(2, 2), padding=(1, 1), repeats=30)),
+        ("ghost_b1_primary", dict(ghost, layer="GhostNet B1 ghost primary 1x1 16->8", c_in=16, c_out=8, h=16,
+                                  w=16, kernel=(1, 1), stride=(1, 1), padding=(0, 0), repeats=30)),
+        ("ghost_b3_primary", dict(ghost, layer="GhostNet B3 ghost primary 1x1 24->36", c_in=24, c_out=36, h=8,
+                                  w=8, kernel=(1, 1), stride=(1, 1), padding=(0, 0), repeats=30)),
+        ("ghost_b3_cheap_dw3", dict(ghost, layer="GhostNet B3 ghost cheap depthwise 3x3, 36 channels", c_in=36,
+                                    c_out=36, h=8, w=8, kernel=(3, 3), stride=(1, 1), padding=(1, 1), groups=36,
+                                    repeats=30)),
+        ("ghost_b4_dw5_s2", dict(ghost, layer="GhostNet B4 depthwise 5x5 stride 2, 72 channels", c_in=72, c_out=72,
+                                 h=8, w=8, kernel=(5, 5), stride=(2, 2), padding=(2, 2), groups=72, repeats=30)),
+        ("ghost_conv_80_184", dict(ghost, layer="GhostNet 1x1 80->184 after the last stage", c_in=80, c_out=184,
+                                   h=2, w=2, kernel=(1, 1), stride=(1, 1), padding=(0, 0), repeats=30)),
+        ("unet_enc1_3x5", dict(unet, layer="U-Net first encoder conv 3x5 2->12", op="conv2d", c_in=2, c_out=12,
+                               h=626, w=128, kernel=(3, 5), stride=(1, 2), padding=(1, 2), repeats=20)),
+        ("unet_enc_12_24", dict(unet, layer="U-Net encoder conv 3x3 12->24", op="conv2d", c_in=12, c_out=24,
+                                h=626, w=64, kernel=(3, 3), stride=(1, 2), padding=(1, 1), repeats=15)),
+        ("unet_dec_48_12", dict(unet, layer="U-Net decoder transposed conv 3x3 48->12", op="conv_transpose2d",
+                                c_in=48, c_out=12, h=626, w=32, kernel=(3, 3), stride=(1, 2), padding=(1, 1),
+                                output_padding=(0, 1), repeats=15)),
+        ("resnet_c64_56", dict(resnet, layer="ResNet 3x3 conv, C=64 at 56x56", c_in=64, c_out=64, h=56, w=56,
+                               repeats=5)),
+        ("resnet_c256_14", dict(resnet, layer="ResNet 3x3 conv, C=256 at 14x14", c_in=256, c_out=256, h=14, w=14,
+                                repeats=5)),
+        ("resnet_c256_56", dict(resnet, layer="ResNet 3x3 conv, C=256 at 56x56", c_in=256, c_out=256, h=56, w=56,
+                                repeats=3, warmup=1)),
+    ]  # fmt: skip
+
+
+def _all_cases(dtype: torch.dtype, tag: str, targets: Callable[[str, float], Tuple[Target, ...]]) -> List[Case]:
+    cases = []
+    for base_layer, kw in _layers(dtype):
+        sparsities = (0.5, 0.9) if kw["family"] == "resnet" else (0.5,)
+        for sp in sparsities:
+            base = f"{base_layer}_u{round(sp * 100)}"
+            name = f"{base}_{tag}" if tag else base
+            cases.append(Case(name=name, base=base, sparsity=sp, targets=targets(base, sp), **kw))
+    return cases
+
+
+# The default CPU run leaves these out: one fwd+bwd call of the C = 256, 56x56 layer costs seconds per provider on
+# 2 cores, and only its 90 % case carries a target. Run them with --cases.
+CPU_OPT_IN = ("resnet_c256_56_u50",)
+
+
+def _cpu_targets(base: str, sparsity: float) -> Tuple[Target, ...]:
+    """The issue's CPU targets: regime A (GhostNet, U-Net) at 50 %: fwd+bwd >= 1.5x faster than B1 and fwd within
+    1.3x of B0; regime B (ResNet 3x3, C = 256) at 90 %: fwd >= 2x faster than B0. Other cases are reported only."""
+    if base.startswith(("ghost_", "unet_")) and sparsity == 0.5:
+        return (at_most("fwd", "B0", 1.3), faster("fwd+bwd", "B1", 1.5))
+    if base.startswith("resnet_c256_") and sparsity == 0.9:
+        return (faster("fwd", "B0", 2),)
+    return ()
+
+
+def _gpu_targets(base: str, sparsity: float) -> Tuple[Target, ...]:
+    """performance.md's GPU lines carried over to convs: the regime A shapes (GhostNet, U-Net) <= 1.2x B0 time and
+    >= 3x faster than B1 in both modes; unstructured 90 % (ResNet C = 256) no slower than B0."""
+    if base.startswith(("ghost_", "unet_")):
+        return tuple(t for m in MODES for t in (at_most(m, "B0", 1.2), faster(m, "B1", 3)))
+    if base.startswith("resnet_c256_") and sparsity == 0.9:
+        return tuple(Target(m, "B0", 1.0, f"{m} no slower than B0") for m in MODES)
+    return ()
+
+
+def cpu_cases(include_opt_in: bool = False) -> List[Case]:
+    cases = _all_cases(torch.float32, "", _cpu_targets)
+    return cases if include_opt_in else [c for c in cases if c.name not in CPU_OPT_IN]
+
+
+def gpu_cases() -> List[Case]:
+    """Every case in bf16 and fp32 (the GPU has time for the big ResNet layer at both sparsities)."""
+    cases = []
+    for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        cases += [replace(c, repeats=max(c.repeats, 20), warmup=None)
+                  for c in _all_cases(dtype, tag, _gpu_targets)]  # fmt: skip
+    return cases
+
+
+def quick_case(case: Case) -> Case:
+    """The same layer kind (op, kernel, stride, padding, output padding, depthwise or not, bias, T, sparsity) on
+    tiny sizes: at most 16 input / 8 output channels, 12x12 input, 2 images a ticket."""
+    c_in = min(case.c_in, 16)
+    c_out = min(case.c_out, 8)
+    groups = case.groups
+    if groups > 1:  # depthwise stays depthwise
+        c_in = c_out = groups = min(case.c_in, 8)
+    return replace(
+        case, batch=2 * case.tickets, c_in=c_in, c_out=c_out, groups=groups, h=min(case.h, 12), w=min(case.w, 12),
+        repeats=3, warmup=None,
+    )  # fmt: skip
+
+
+def select_cases(device_type: str, names: Optional[str], quick: bool) -> List[Case]:
+    if device_type == "cpu":
+        cases = cpu_cases(include_opt_in=bool(names))
+    else:
+        cases = gpu_cases()
+    if names:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        known = {c.name for c in cases} | {c.base for c in cases} | {c.family for c in cases}
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            choices = ", ".join(dict.fromkeys([c.family for c in cases] + [c.name for c in cases]))
+            raise SystemExit(f"unknown case(s) {', '.join(unknown)} for {device_type}; choose from {choices}")
+        cases = [c for c in cases if c.name in wanted or c.base in wanted or c.family in wanted]
+    return [quick_case(c) for c in cases] if quick else cases
+
+
+# ------------------------------------------------------------------------------------------------------- the inputs
+@dataclass
+class Inputs:
+    """One case's tensors; every provider reads these same objects."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    masks: torch.Tensor
+    route: torch.Tensor
+    grad_y: torch.Tensor
+    grouping: rk.TicketGrouping
+    sparsity_measured: float
+    block_occupancy: Optional[float]
+
+
+def make_inputs(case: Case, device: torch.device) -> Inputs:
+    """Seeded from the case's base name: the bf16 and fp32 variants (and CPU/GPU runs) share their data."""
+    seed = zlib.crc32(case.base.encode())
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    B, T = case.batch, case.tickets
+    wshape = case.weight_shape
+    fan_in = wshape[1] * wshape[2] * wshape[3]
+    if case.op == "conv_transpose2d":  # each output pixel sums over C_in x (taps hitting it), about C_in * kh*kw/s
+        fan_in = wshape[0] * wshape[2] * wshape[3]
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=case.dtype)
+
+    x = rand(B, case.c_in, case.h, case.w)
+    weight = rand(*wshape, scale=fan_in**-0.5)  # keeps outputs O(1), so absolute errors compare across cases
+    bias = rand(case.c_out, scale=0.1) if case.bias else None
+    grad_y = rand(B, case.c_out, *case.out_size)
+    # Balanced route (B/T images a ticket), images shuffled.
+    route = (torch.arange(B) % T)[torch.randperm(B, generator=g)].to(device)
+    # One mask row per weight row (the first dim of W), the rest flattened: exact kept count per ticket.
+    rows, cols = wshape[0], wshape[1] * wshape[2] * wshape[3]
+    masks2d = common.unstructured_masks(T, rows, cols, case.sparsity, seed=seed + 1, device=device)
+    masks = masks2d.view(T, *wshape)
+    try:
+        occupancy = float(compile_block_csr(masks2d, 64, 64).occupancy)
+    except Exception as exc:  # a reporting column must not stop the benchmark
+        print(f"  block occupancy unavailable: {common.error_text(exc)}", flush=True)
+        occupancy = None
+    return Inputs(
+        x=x,
+        weight=weight,
+        bias=bias,
+        masks=masks,
+        route=route,
+        grad_y=grad_y,
+        grouping=rk.group_by_ticket(route, T),
+        sparsity_measured=common.mask_sparsity(masks),
+        block_occupancy=occupancy,
+    )
+
+
+def conv_fn(case: Case) -> Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
+    """The case's plain torch conv, ``f(x, W, b)``, for the dense baselines and the float64 reference."""
+    if case.op == "conv_transpose2d":
+        return lambda x, w, b: F.conv_transpose2d(
+            x, w, b, stride=case.stride, padding=case.padding, output_padding=case.output_padding, groups=case.groups
+        )
+    return lambda x, w, b: F.conv2d(x, w, b, stride=case.stride, padding=case.padding, groups=case.groups)
+
+
+def reference_images(case: Case, route: torch.Tensor) -> torch.Tensor:
+    """Indices of the images the float64 check covers: all if they fit REFERENCE_GFLOP_BUDGET, else as many as fit
+    taken round-robin over the tickets (first image of each ticket, then the second, ...), at least one a ticket."""
+    per_ticket = [(route == t).nonzero().flatten().tolist() for t in range(case.tickets)]
+    order = [imgs[i] for i in range(max(map(len, per_ticket))) for imgs in per_ticket if i < len(imgs)]
+    present = sum(1 for imgs in per_ticket if imgs)
+    fit = int(REFERENCE_GFLOP_BUDGET // max(3 * case.gflop_per_image(), 1e-12))
+    count = min(len(order), max(present, fit))
+    return torch.tensor(sorted(order[:count]), dtype=torch.long, device=route.device)
+
+
+def float64_references(case: Case, inp: Inputs, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The forward of each function the providers compute, on ``images`` only, in float64 from the same values.
+
+    The routed one reads each image's ticket from route itself (the images of one ticket are convolved together,
+    which is the same per-image computation), so a wrong group_by_ticket would show.
+    """
+    f = conv_fn(case)
+    x = inp.x.index_select(0, images).double()
+    w = inp.weight.double()
+    b = None if inp.bias is None else inp.bias.double()
+    route = inp.route.index_select(0, images)
+    routed = None
+    for t in range(case.tickets):
+        sel = (route == t).nonzero().flatten()
+        if sel.numel():
+            y = f(x.index_select(0, sel), w * inp.masks[t], b)
+            if routed is None:
+                routed = y.new_empty((x.shape[0], *y.shape[1:]))
+            routed[sel] = y
+    return {"routed": routed, "dense": f(x, w, b), "mask0": f(x, w * inp.masks[0], b)}
+
+
+# ---------------------------------------------------------------------------------------------------- the providers
+@dataclass
+class Provider:
+    """A way to compute the layer. ``forward(x, W, b)`` closes over the masks, route, grouping and geometry."""
+
+    name: str
+    kind: str  # 'baseline', 'ours' or 'prep'
+    forward: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]]
+    err_reference: Optional[str]  # key of float64_references, None when there is no output to check
+    backward: bool = True
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    unavailable: Optional[str] = None
+
+
+def make_providers(case: Case, inp: Inputs, device: torch.device) -> List[Provider]:
+    masks, route, grp = inp.masks, inp.route, inp.grouping
+    m0 = masks[0]
+    dense = conv_fn(case)
+
+    def b0(x, w, b):
+        return dense(x, w, b)
+
+    def b0m(x, w, b):
+        return dense(x, w * m0, b)
+
+    if case.op == "conv_transpose2d":
+
+        def routed(x, w, b):
+            return rk.routed_masked_conv_transpose2d(
+                x, w, masks, route, b, stride=case.stride, padding=case.padding,
+                output_padding=case.output_padding, groups=case.groups, grouping=grp,
+            )  # fmt: skip
+
+    else:
+
+        def routed(x, w, b):
+            return rk.routed_masked_conv2d(
+                x, w, masks, route, b, stride=case.stride, padding=case.padding, groups=case.groups, grouping=grp
+            )
+
+    providers = [
+        Provider("B0", "baseline", b0, "dense"),
+        Provider("B0m", "baseline", b0m, "mask0"),
+        Provider("B1", "baseline", routed, "routed", context=lambda: rk.set_backend("reference")),
+    ]
+    reasons = rk.unavailable_reasons(device, case.dtype)
+    for name in OURS_BY_DEVICE[device.type]:
+        providers.append(
+            Provider(
+                f"ours:{name}",
+                "ours",
+                routed,
+                "routed",
+                context=(lambda n=name: rk.set_backend(n)),
+                unavailable=reasons.get(name, f"no backend named {name!r}"),
+            )
+        )
+    providers.append(Provider("route_prep", "prep", None, None, backward=False))
+    return providers
+
+
+# ------------------------------------------------------------------------------------------------------- measuring
+def _pair_text(p: Pair) -> str:
+    return f"{p[0]}x{p[1]}"
+
+
+def measure_case(
+    case: Case,
+    device: torch.device,
+    env: Dict[str, str],
+    run_id: str,
+    args: argparse.Namespace,
+    label: str,
+) -> List[Dict[str, object]]:
+    """All rows of one case: every provider in every mode it supports, plus route_prep."""
+    ho, wo = case.out_size
+    print(
+        f"{label} {case.name}: {case.layer}; x ({case.batch}, {case.c_in}, {case.h}, {case.w}) -> "
+        f"({case.batch}, {case.c_out}, {ho}, {wo}), {_geometry_text(case)}, T={case.tickets}, "
+        f"{case.structure} {case.sparsity:.0%}, {str(case.dtype).replace('torch.', '')}, "
+        f"{case.gflop:.3g} dense GFLOP",
+        flush=True,
+    )
+    gc.collect()  # once per case: the previous case's tensors and graphs go before anything is timed
+    inp = make_inputs(case, device)
+    images = reference_images(case, inp.route)
+    refs = float64_references(case, inp, images)
+    err_images = f"{images.numel()}/{case.batch}"
+    providers = make_providers(case, inp, device)
+    repeats = args.repeats if args.repeats else case.repeats
+    if args.warmup is not None:
+        warmup = args.warmup
+    elif args.quick:
+        warmup = 1
+    elif case.warmup is not None:
+        warmup = case.warmup
+    else:
+        warmup = 3 if device.type == "cuda" else 2
+    max_seconds = args.max_seconds if args.max_seconds is not None else (1.0 if args.quick else 5.0)
+
+    xg = inp.x.detach().requires_grad_(True)
+    wg = inp.weight.detach().requires_grad_(True)
+    bg = None if inp.bias is None else inp.bias.detach().requires_grad_(True)
+    grad_inputs = (xg, wg) if bg is None else (xg, wg, bg)
+
+    base = {
+        **{k: env.get(k, "") for k in FIELDS if k in env},
+        "run_id": run_id,
+        "quick": int(bool(args.quick)),
+        "case": case.name,
+        "layer": case.layer,
+        "op": case.op,
+        "dtype": str(case.dtype).replace("torch.", ""),
+        "B": case.batch,
+        "C_in": case.c_in,
+        "C_out": case.c_out,
+        "H": case.h,
+        "W": case.w,
+        "Ho": ho,
+        "Wo": wo,
+        "kernel": _pair_text(case.kernel),
+        "stride": _pair_text(case.stride),
+        "padding": _pair_text(case.padding),
+        "output_padding": _pair_text(case.output_padding),
+        "groups": case.groups,
+        "bias": int(case.bias),
+        "gflop_fwd": case.gflop,
+        "T": case.tickets,
+        "sparsity": case.sparsity,
+        "sparsity_measured": inp.sparsity_measured,
+        "mask_structure": case.structure,
+        "block_occupancy_64": inp.block_occupancy,
+    }
+    rows: List[Dict[str, object]] = []
+
+    def record(provider: Provider, mode: str, **values) -> None:
+        row = dict(base, provider=provider.name, mode=mode, **values)
+        rows.append(row)
+        if row.get("status") == "ok":
+            print(
+                f"  {provider.name:<12} {mode:<8} {common.format_ms(row['median_ms']):>8} ms "
+                f"(p10 {common.format_ms(row['p10_ms'])}, p90 {common.format_ms(row['p90_ms'])}, "
+                f"n={row['repeats']})"
+                + (f"  err {lin._fmt_err(row['max_abs_err'])}" if row.get("max_abs_err") is not None else ""),
+                flush=True,
+            )
+        else:
+            print(f"  {provider.name:<12} {mode:<8} {row['status']}: {row.get('error', '')}", flush=True)
+
+    def timed(fn) -> Dict[str, object]:
+        t = common.time_fn(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
+        return dict(status="ok", median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, repeats=t.repeats)
+
+    for p in providers:
+        modes = MODES if p.backward else ("fwd",)
+        if p.kind == "prep":
+            try:
+                record(p, "fwd", **timed(lambda: rk.group_by_ticket(route=inp.route, num_tickets=case.tickets)))
+            except Exception as exc:
+                record(p, "fwd", status="error", error=common.error_text(exc))
+            continue
+        if p.unavailable is not None:
+            for mode in modes:
+                record(p, mode, status="unavailable", error=p.unavailable, err_reference=p.err_reference)
+            continue
+
+        # Correctness first, once, outside the timed region: a fast wrong answer must be visible in the same row.
+        try:
+            with p.context():
+                y = p.forward(inp.x, inp.weight, inp.bias)
+            err = (y.index_select(0, images).double() - refs[p.err_reference]).abs().max().item()
+            del y
+        except Exception as exc:
+            for mode in modes:
+                record(p, mode, status="error", error="forward: " + common.error_text(exc),
+                       err_reference=p.err_reference)  # fmt: skip
+            continue
+
+        for mode in modes:
+            if mode == "fwd":
+
+                def step(p=p):
+                    with p.context():
+                        p.forward(inp.x, inp.weight, inp.bias)
+
+            else:
+
+                def step(p=p):
+                    with p.context():
+                        y = p.forward(xg, wg, bg)
+                        torch.autograd.grad(y, grad_inputs, inp.grad_y)
+
+            try:
+                values = timed(step)
+            except Exception as exc:
+                values = dict(status="error", error=common.error_text(exc))
+            record(p, mode, max_abs_err=err, err_reference=p.err_reference, err_images=err_images, **values)
+
+    lin._add_ratios_and_targets(rows, case, quick=args.quick)
+    del inp, refs, providers, xg, wg, bg, grad_inputs
+    rk.clear_layout_cache()  # the next case's masks are new tensors; drop this case's compiled layouts now
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ reporting
+def case_markdown(case_rows: List[Dict[str, object]]) -> str:
+    """One table for one case: providers as rows, fwd and fwd+bwd columns with ms and ratios."""
+    first = case_rows[0]
+    occ = first.get("block_occupancy_64")
+    err_images = next((r.get("err_images") for r in case_rows if r.get("err_images")), None)
+    checked = ""
+    if err_images:
+        done, total = str(err_images).split("/")
+        checked = (
+            f"; max abs err on all {total} images" if done == total else f"; max abs err on {done} of {total} images"
+        )
+    geometry = f"{first['kernel']} kernel, stride {first['stride']}, pad {first['padding']}"
+    if first.get("output_padding") not in (None, "", "0x0"):
+        geometry += f", output_padding {first['output_padding']}"
+    if int(first.get("groups") or 1) > 1:
+        geometry += f", groups {first['groups']}"
+    title = (
+        f"### {first['case']}: {first['layer']} ({first['op']}); x ({first['B']}, {first['C_in']}, {first['H']}, "
+        f"{first['W']}) -> ({first['B']}, {first['C_out']}, {first['Ho']}, {first['Wo']}), {geometry}, "
+        f"{'bias' if int(first.get('bias') or 0) else 'no bias'}, {float(first['gflop_fwd']):.3g} dense GFLOP; "
+        f"T={first['T']}, {first['mask_structure']} {float(first['sparsity']):.0%} "
+        f"(measured {float(first['sparsity_measured']):.1%}), "
+        f"64x64 block occupancy {'n/a' if occ is None else f'{float(occ):.1%}'}, {first['dtype']}{checked}"
+    )
+    by = {(r["provider"], r["mode"]): r for r in case_rows}
+    providers = list(dict.fromkeys(r["provider"] for r in case_rows))
+    table, notes = [], []
+    for name in providers:
+        f, fb = by.get((name, "fwd")), by.get((name, "fwd+bwd"))
+        any_row = f or fb
+        target = "; ".join(
+            f"{r['target']} → {r.get('target_met', '')}" for r in (f, fb) if r is not None and r.get("target")
+        )
+        err = lin._fmt_err(any_row.get("max_abs_err"))
+        if err and any_row.get("err_reference"):
+            err += f" vs {any_row['err_reference']}"
+        table.append(
+            [
+                name,
+                lin._ms_cell(f),
+                common.format_ratio(f.get("ratio_vs_B0")) if f else "",
+                common.format_ratio(f.get("ratio_vs_B1")) if f else "",
+                lin._ms_cell(fb),
+                common.format_ratio(fb.get("ratio_vs_B0")) if fb else "",
+                common.format_ratio(fb.get("ratio_vs_B1")) if fb else "",
+                err,
+                target,
+            ]
+        )
+        for r in (f, fb):
+            if r is not None and r.get("error"):
+                notes.append(f"- {name} {r['mode']}: {r['status']}: {r['error']}")
+    headers = ["provider", "fwd ms (p10–p90)", "fwd vs B0", "fwd vs B1", "fwd+bwd ms (p10–p90)",
+               "fwd+bwd vs B0", "fwd+bwd vs B1", "max abs err", "target"]  # fmt: skip
+    text = title + "\n\n" + common.markdown_table(headers, table, align="lrrrrrrrl")
+    if notes:
+        text += "\n\n" + "\n".join(dict.fromkeys(notes))
+    return text
+
+
+def run_markdown(
+    env: Dict[str, str],
+    argv: Sequence[str],
+    all_rows: List[Dict[str, object]],
+    quick: bool,
+    skipped: Sequence[str] = (),
+) -> str:
+    lines = [
+        f"# routed_masked_conv2d / routed_masked_conv_transpose2d benchmark, {env['device_kind']}",
+        "",
+        f"- device: {env['device']}; threads: {env['threads']}",
+        f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}"
+        + (f", CUDA {env['cuda']}, fp32 matmul precision {env['fp32_matmul_precision']}"
+           if env["device_kind"] == "cuda" else ""),
+        f"- git {env['git_rev']}, {env['timestamp']}",
+        f"- command: `python bench/bench_conv2d.py {' '.join(argv)}`".rstrip(),
+        "- ms: median (p10–p90) of repeated calls after warm-up. \"vs B0\" / \"vs B1\": that baseline's median over "
+        "this one, same mode (> 1: faster than it). B0: F.conv2d / F.conv_transpose2d with the unmasked W; B0m: with "
+        "W * M_0; B1: the reference backend (per-ticket loop). Routed providers get a precomputed grouping; its cost "
+        "is the route_prep row. max abs err: forward vs a float64 per-image computation of the function the provider "
+        "computes (on a subset of the images where the case heading says so).",
+    ]  # fmt: skip
+    if quick:
+        lines.append("- **quick run: tiny smoke shapes; times say nothing about the real cases, targets not judged.**")
+    if skipped:
+        lines.append(
+            f"- skipped in this default run (one fwd+bwd call of C = 256 at 56x56 costs seconds per provider on "
+            f"this machine): {', '.join(skipped)}; run them with `--cases {','.join(skipped)}`."
+        )
+    for case in dict.fromkeys(r["case"] for r in all_rows):
+        lines += ["", case_markdown([r for r in all_rows if r["case"] == case])]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke run of seconds")
+    ap.add_argument(
+        "--cases", default=None,
+        help="comma-separated case names (GPU: with or without _bf16/_fp32) or families (ghostnet, unet, resnet);\n"
+        f"on CPU this also reaches the cases the default run leaves out ({', '.join(CPU_OPT_IN)})",
+    )  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per row (default: per case; --max-seconds still caps them)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 CPU (1 for the biggest layer), 3 GPU, 1 quick)")
+    ap.add_argument(
+        "--max-seconds", type=float, default=None,
+        help="stop a row's timed calls (after 3) once they add up to this; 0 for no cap (default 5, quick 1)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: all cores as performance.md asks; --quick: 1, so a smoke run does not\n"
+        "take cores from someone timing)",
+    )  # fmt: skip
+    ap.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    args = ap.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None:
+        torch.set_num_threads(threads)  # before environment(), which records the count in force
+    cases = select_cases(device.type, args.cases, args.quick)
+    skipped = list(CPU_OPT_IN) if device.type == "cpu" and not args.cases else []
+
+    results_dir = args.results_dir.resolve()
+    csv_path = results_dir / f"conv2d_{device.type}.csv"
+    common.check_csv_header(csv_path, FIELDS)  # fail now, not after the run
+    env = common.environment(device, results_dir)
+    run_id = uuid.uuid4().hex[:10]
+    md_path = results_dir / f"conv2d_{device.type}_{env['git_rev']}.md"
+    print(
+        f"bench_conv2d: {env['device']} ({env['threads']} threads), torch {env['torch']}, triton {env['triton']}, "
+        f"git {env['git_rev']}, {len(cases)} case(s){' [quick]' if args.quick else ''}"
+        + (f"; not in this run: {', '.join(skipped)}" if skipped else ""),
+        flush=True,
+    )
+
+    all_rows: List[Dict[str, object]] = []
+    for i, case in enumerate(cases, 1):
+        rows = measure_case(case, device, env, run_id, args, label=f"[{i}/{len(cases)}]")
+        # Written case by case, so an interrupted run keeps what it measured.
+        common.append_csv(csv_path, rows, FIELDS)
+        all_rows += rows
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(run_markdown(env, argv, all_rows, args.quick, skipped), encoding="utf-8")
+
+    print()
+    print(run_markdown(env, argv, all_rows, args.quick, skipped))
+    print(f"appended {len(all_rows)} rows to {csv_path}\nwrote {md_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
