@@ -700,8 +700,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="comma-separated case names (GPU: with or without _bf16/_fp32) or families (ghostnet, unet, resnet);\n"
         f"on CPU this also reaches the cases the default run leaves out ({', '.join(CPU_OPT_IN)})",
     )  # fmt: skip
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per row (default: per case; --max-seconds still caps them)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 CPU (1 for the biggest layer), 3 GPU, 1 quick)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per row (default: per case; --max-seconds caps them)"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=None,
+        help="untimed calls first (default 2 CPU (1 for the C = 256, 56x56 layer), 3 GPU, 1 quick)",
+    )  # fmt: skip
     ap.add_argument(
         "--max-seconds", type=float, default=None,
         help="stop a row's timed calls (after 3) once they add up to this; 0 for no cap (default 5, quick 1)",
