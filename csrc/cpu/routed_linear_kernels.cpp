@@ -219,6 +219,31 @@ void spmm_all(const RoutedRows& r, int64_t n_out, const float* w, int64_t w_out_
   }
 }
 
+// Tiles of one ticket are consecutive: ticket t owns tiles [result[t], result[t + 1]).
+template <typename TileT>
+std::vector<int64_t> tiles_by_ticket(const std::vector<TileT>& tiles, int64_t num_tickets) {
+  std::vector<int64_t> begin(num_tickets + 1, 0);
+  for (const TileT& tile : tiles) begin[tile.ticket + 1]++;
+  for (int64_t t = 0; t < num_tickets; ++t) begin[t + 1] += begin[t];
+  return begin;
+}
+
+// Last phase of the weight gradients: each dw row is owned by one thread and adds its tickets' per-entry
+// accumulators in ticket order: deterministic, no atomics, nothing written outside the kept entries.
+void add_accumulators(const std::vector<int64_t>& tile_begin, int64_t n_out, int64_t k_in, const int64_t* csr_ptr,
+                      const int32_t* csr_idx, const float* acc, float* dw, int num_threads) {
+  const int64_t num_tickets = static_cast<int64_t>(tile_begin.size()) - 1;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t o = 0; o < n_out; ++o) {
+    float* dw_o = dw + o * k_in;
+    for (int64_t t = 0; t < num_tickets; ++t) {
+      if (tile_begin[t] == tile_begin[t + 1]) continue;
+      const int64_t row = t * n_out + o;
+      for (int64_t e = csr_ptr[row]; e < csr_ptr[row + 1]; ++e) dw_o[csr_idx[e]] += acc[e];
+    }
+  }
+}
+
 }  // namespace
 
 void routed_linear_forward(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* x, const float* w,
@@ -249,10 +274,7 @@ void routed_linear_grad_weight(const RoutedRows& rows, int64_t n_out, int64_t k_
   gather_transposed(rows, tiles, x_off, x, k_in, xt);
   gather_transposed(rows, tiles, dy_off, dy, n_out, dyt);
 
-  // Tiles of one ticket are consecutive: [tile_begin[t], tile_begin[t + 1]).
-  std::vector<int64_t> tile_begin(rows.num_tickets + 1, 0);
-  for (const Tile& tile : tiles) tile_begin[tile.ticket + 1]++;
-  for (int64_t t = 0; t < rows.num_tickets; ++t) tile_begin[t + 1] += tile_begin[t];
+  const std::vector<int64_t> tile_begin = tiles_by_ticket(tiles, rows.num_tickets);
 
   // Phase 1: per (ticket, output block), sum over the ticket's tiles into one accumulator per kept entry
   // (contiguous, in index order; scattered writes into dw per tile were cache-miss bound).
@@ -283,16 +305,7 @@ void routed_linear_grad_weight(const RoutedRows& rows, int64_t n_out, int64_t k_
       }
     }
   }
-  // Phase 2: each dw row is owned by one thread and sums the tickets in order: deterministic, no atomics.
-#pragma omp parallel for num_threads(rows.num_threads) schedule(static)
-  for (int64_t o = 0; o < n_out; ++o) {
-    float* dw_o = dw + o * k_in;
-    for (int64_t t = 0; t < rows.num_tickets; ++t) {
-      if (tile_begin[t] == tile_begin[t + 1]) continue;
-      const int64_t row = t * n_out + o;
-      for (int64_t e = csr_ptr[row]; e < csr_ptr[row + 1]; ++e) dw_o[csr_idx[e]] += acc[e];
-    }
-  }
+  add_accumulators(tile_begin, n_out, k_in, csr_ptr, csr_idx, acc, dw, rows.num_threads);
 }
 
 // ---- convolutions over unfolded columns -------------------------------------------------------------------
@@ -379,9 +392,7 @@ void routed_conv_grad_weight(const ConvChunk& c, int64_t n_out, int64_t k_in, co
   if (tiles.empty()) return;
   const int64_t nnz = csr_ptr[c.num_tickets * n_out];
   float* acc = workspace().get(2, static_cast<size_t>(nnz) + 1);
-  std::vector<int64_t> tile_begin(c.num_tickets + 1, 0);
-  for (const ConvTile& tile : tiles) tile_begin[tile.ticket + 1]++;
-  for (int64_t t = 0; t < c.num_tickets; ++t) tile_begin[t + 1] += tile_begin[t];
+  const std::vector<int64_t> tile_begin = tiles_by_ticket(tiles, c.num_tickets);
   const Isa& kernels = isa();
   const int64_t n_blocks = (n_out + kOutBlock - 1) / kOutBlock;
   const int64_t n_items = c.num_tickets * n_blocks;
@@ -410,15 +421,7 @@ void routed_conv_grad_weight(const ConvChunk& c, int64_t n_out, int64_t k_in, co
       }
     }
   }
-#pragma omp parallel for num_threads(c.num_threads) schedule(static)
-  for (int64_t o = 0; o < n_out; ++o) {
-    float* dw_o = dw + o * k_in;
-    for (int64_t t = 0; t < c.num_tickets; ++t) {
-      if (tile_begin[t] == tile_begin[t + 1]) continue;
-      const int64_t row = t * n_out + o;
-      for (int64_t e = csr_ptr[row]; e < csr_ptr[row + 1]; ++e) dw_o[csr_idx[e]] += acc[e];
-    }
-  }
+  add_accumulators(tile_begin, n_out, k_in, csr_ptr, csr_idx, acc, dw, c.num_threads);
 }
 
 const char* kernel_isa() { return isa().name; }
