@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _checks
 from .backends import select_backend
+from .conv_geometry import conv_output_size, transposed_output_size
 from .grouping import TicketGrouping
 
 IntPair = Union[int, Sequence[int]]
@@ -32,14 +33,6 @@ def _pair(name: str, value: IntPair, minimum: int) -> List[int]:
     if min(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
     return value
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def transposed_output_size(size, kernel, stride, padding, dilation, output_padding) -> int:
-    return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
 
 
 def _check_conv_args(x, weight, masks, route, bias, groups, *, transposed: bool) -> int:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _extension
+from ..conv_geometry import conv_output_size
 from ..layout_cache import get_layout
 from .base import Backend
 
@@ -106,23 +107,26 @@ def _layout(masks: Tensor) -> CpuLinearLayout:
     return get_layout("cpu:linear", masks, compile_cpu_layout)
 
 
-def _choose_paths(layout: CpuLinearLayout, perm: Tensor, offsets: Tensor, forced_sparse: bool = False):
+def _sparse_tickets(layout: CpuLinearLayout, rows_per_ticket) -> list:
+    """Which tickets take the sparse kernel, given each ticket's GEMM rows in this call."""
+    density, indexed = layout.density.tolist(), layout.indexed.tolist()
+    return [
+        indexed[t] and density[t] < (SPARSE_MAX_DENSITY if rows >= SMALL_GROUP_ROWS else SMALL_GROUP_MAX_DENSITY)
+        for t, rows in enumerate(rows_per_ticket)
+    ]
+
+
+def _choose_paths(layout: CpuLinearLayout, perm: Tensor, offsets: Tensor):
     """Per call: (ticket_sparse (T,) uint8 for the kernels, [(ticket, rows or None)] for the dense path).
 
-    A ticket takes the sparse kernel when its density is under the threshold for its row count in this batch;
     rows is None when a dense ticket holds the whole batch (no gather: T = 1 costs one dense masked GEMM).
     """
     counts = (offsets[1:] - offsets[:-1]).tolist()
     batch = int(offsets[-1])
-    density = layout.density.tolist()
-    indexed = layout.indexed.tolist()
-    sparse = []
+    sparse = _sparse_tickets(layout, counts)
     dense = []
     for t, rows in enumerate(counts):
-        limit = SPARSE_MAX_DENSITY if rows >= SMALL_GROUP_ROWS else SMALL_GROUP_MAX_DENSITY
-        take_sparse = indexed[t] and (forced_sparse or density[t] < limit)
-        sparse.append(take_sparse)
-        if rows and not take_sparse:
+        if rows and not sparse[t]:
             lo = int(offsets[t])
             dense.append((t, None if rows == batch else perm[lo : lo + rows]))
     return torch.tensor(sparse, dtype=torch.uint8), dense
@@ -235,10 +239,6 @@ def _linear_grad_weight(grad_y, x, masks, layout, perm, offsets):
 IM2COL_CHUNK_BYTES = 32 << 20
 
 
-def _out_size(size, kernel, stride, padding, dilation):
-    return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in zip(size, kernel, stride, padding, dilation))
-
-
 def _conv_as_linear(weight: Optional[Tensor], masks: Tensor):
     """The conv's (O, C*kh*kw) weight and (T, O, C*kh*kw) masks views, and the layout cached on the masks."""
     t, o = masks.shape[:2]
@@ -273,16 +273,10 @@ def _image_chunks(perm: Tensor, offsets: Tensor, pixels: int, cols: int):
 
 
 def _conv_paths(layout: CpuLinearLayout, offsets: Tensor, pixels: int):
-    """(ticket_sparse (T,) uint8, dense ticket ids) for a conv whose tickets hold count x pixels GEMM rows."""
+    """(ticket_sparse (T,) uint8, dense ticket ids) for a conv whose tickets hold images x pixels GEMM rows."""
     counts = ((offsets[1:] - offsets[:-1]) * pixels).tolist()
-    density, indexed = layout.density.tolist(), layout.indexed.tolist()
-    sparse, dense = [], []
-    for t, rows in enumerate(counts):
-        limit = SPARSE_MAX_DENSITY if rows >= SMALL_GROUP_ROWS else SMALL_GROUP_MAX_DENSITY
-        take_sparse = indexed[t] and density[t] < limit
-        sparse.append(take_sparse)
-        if rows and not take_sparse:
-            dense.append(t)
+    sparse = _sparse_tickets(layout, counts)
+    dense = [t for t, rows in enumerate(counts) if rows and not sparse[t]]
     return torch.tensor(sparse, dtype=torch.uint8), dense
 
 
@@ -377,7 +371,7 @@ class CpuBackend(Backend):
         if groups != 1:
             return _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups)
         w2d, m2d, layout = _conv_as_linear(weight, masks)
-        ho, wo = _out_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+        ho, wo = (conv_output_size(*args) for args in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
         y = x.new_empty((x.shape[0], weight.shape[0], ho, wo))
         ticket_sparse, dense = _conv_paths(layout, offsets, ho * wo)
         for chunk in _image_chunks(perm, offsets, ho * wo, w2d.shape[1]):

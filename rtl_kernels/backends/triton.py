@@ -141,7 +141,8 @@ class TritonBackend(Backend):
 
     def conv2d_forward(self, x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
         """y (B, O, Ho, Wo) = routed masked conv2d; dense tile loop over W's (O, K) view, pruned tiles skipped."""
-        from ..triton_kernels.conv2d_forward import conv2d_forward, conv_output_size
+        from ..conv_geometry import conv_output_size
+        from ..triton_kernels.conv2d_forward import conv2d_forward
 
         stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
         B = x.shape[0]

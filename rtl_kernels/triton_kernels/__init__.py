@@ -1,6 +1,7 @@
 """Triton kernels of the routed masked ops, one kernel a module, each with its launcher.
 
-This package module itself imports no Triton (only torch): it holds the row-tile table the routed kernels share.
+This package module itself imports no Triton (only torch): it holds what the kernels share (the linear kernels' row-tile
+table, the dot precision); the conv kernels' pixel-tile table lives in conv2d_forward.py.
 The kernel modules import Triton and are imported lazily by :mod:`rtl_kernels.backends.triton`.
 """
 from __future__ import annotations

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..conv_geometry import conv_output_size
 from . import dot_precision
 
 
@@ -124,10 +125,6 @@ def _conv2d_forward_kernel(
     # Scatter back to the images' batch positions in the epilogue.
     y_off = img[:, None] * O * P + o[None, :] * P + pix[:, None]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def conv2d_forward(
