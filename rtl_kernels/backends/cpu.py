@@ -342,6 +342,65 @@ def _tickets(perm: Tensor, offsets: Tensor):
             yield t, perm[bounds[t] : bounds[t + 1]]
 
 
+# Small layers (the paper's GhostNet at batch 320: B x weight size of 40K-580K values) run as ONE grouped
+# convolution with a masked weight per image: the batch becomes B groups. Measured against the per-ticket and
+# unfolded paths on the 2-core EPYC (batch 320, T = 10, 50 %): depthwise 3x3 0.83 ms vs 4.2 ms (dense F.conv2d
+# 0.85 ms), 1x1 24->36 at 8x8 1.0 vs 2.9 ms; with bigger weights the per-image copies stop paying (1x1 80->184 at
+# 2x2: 31 ms), hence the limit on B x weight size.
+PER_IMAGE_WEIGHT_LIMIT = 1 << 20
+
+
+def _image_routes(perm: Tensor, offsets: Tensor) -> Tensor:
+    """route (B,) int64 recovered from the grouping."""
+    counts = offsets[1:] - offsets[:-1]
+    route = torch.empty_like(perm)
+    route[perm] = torch.repeat_interleave(torch.arange(counts.shape[0], dtype=torch.int64), counts)
+    return route
+
+
+def _per_image_weights(weight: Tensor, masks: Tensor, route: Tensor) -> Tensor:
+    """(B * O, C / g, kh, kw): image i's masked weight in rows [i * O, (i + 1) * O)."""
+    fmasks = get_layout("cpu:conv2d:float_masks_all", masks, lambda m: m.to(torch.float32))
+    w = weight.unsqueeze(0) * fmasks.index_select(0, route)
+    if not bool(torch.isfinite(w.sum())):  # keep inf * 0 = NaN out of pruned positions
+        w = torch.where(masks.index_select(0, route), weight.unsqueeze(0), torch.zeros((), dtype=weight.dtype))
+    return w.reshape(-1, *weight.shape[1:])
+
+
+def _use_per_image_weights(batch: int, weight: Tensor) -> bool:
+    return batch * weight.numel() <= PER_IMAGE_WEIGHT_LIMIT
+
+
+def _batched_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
+    b = x.shape[0]
+    w = _per_image_weights(weight, masks, _image_routes(perm, offsets))
+    y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w, None, stride, padding, dilation, groups * b)
+    y = y.view(b, weight.shape[0], *y.shape[2:])
+    return y + bias.view(1, -1, 1, 1) if bias is not None else y
+
+
+def _batched_conv_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups):
+    b = grad_y.shape[0]
+    w = _per_image_weights(weight, masks, _image_routes(perm, offsets))
+    dx = torch.nn.grad.conv2d_input(
+        (1, b * input_shape[1], *input_shape[2:]), w, grad_y.reshape(1, -1, *grad_y.shape[2:]), stride, padding,
+        dilation, groups * b,
+    )
+    return dx.view(input_shape)
+
+
+def _batched_conv_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups):
+    b = x.shape[0]
+    route = _image_routes(perm, offsets)
+    per_image = torch.nn.grad.conv2d_weight(
+        x.reshape(1, -1, *x.shape[2:]), (b * masks.shape[1], *masks.shape[2:]),
+        grad_y.reshape(1, -1, *grad_y.shape[2:]), stride, padding, dilation, groups * b,
+    ).view(b, *masks.shape[1:])
+    # each image's gradient masked by its own ticket (where: exact zeros even for inf/NaN), summed in batch order
+    zero = torch.zeros((), dtype=per_image.dtype)
+    return torch.where(masks.index_select(0, route), per_image, zero).sum(0)
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -364,10 +423,13 @@ class CpuBackend(Backend):
     def linear_grad_weight(self, grad_y, x, masks, perm, offsets):
         return _linear_grad_weight(grad_y, x, masks, _layout(masks), perm, offsets)
 
-    # -- conv2d: standard convs through the sparse kernels on unfolded columns of chunks of the routed images;
-    # grouped and depthwise convs as torch's direct convolution per ticket (their weights are tiny: nothing for
-    # sparsity to skip).
+    # -- conv2d: small layers as one grouped convolution with a masked weight per image; otherwise standard
+    # convs through the sparse kernels on unfolded columns of chunks of the routed images, and grouped and
+    # depthwise convs as torch's direct convolution per ticket (their weights are tiny: nothing for sparsity to
+    # skip).
     def conv2d_forward(self, x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
+        if _use_per_image_weights(x.shape[0], weight):
+            return _batched_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups)
         if groups != 1:
             return _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups)
         w2d, m2d, layout = _conv_as_linear(weight, masks)
@@ -390,6 +452,9 @@ class CpuBackend(Backend):
         return y
 
     def conv2d_grad_input(self, grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups):
+        if _use_per_image_weights(grad_y.shape[0], weight):
+            return _batched_conv_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding,
+                                            dilation, groups)
         if groups != 1:
             return _direct_conv_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding,
                                            dilation, groups)
@@ -415,6 +480,8 @@ class CpuBackend(Backend):
         return dx
 
     def conv2d_grad_weight(self, grad_y, x, masks, perm, offsets, stride, padding, dilation, groups):
+        if _use_per_image_weights(x.shape[0], masks[0]):
+            return _batched_conv_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups)
         if groups != 1:
             return _direct_conv_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups)
         _, m2d, layout = _conv_as_linear(None, masks)

@@ -71,10 +71,23 @@ CONV_CASES = [  # (batch, c, o, h, w, kernel, tickets, groups, geometry)
 ]
 
 
+@pytest.fixture(params=["per_image_weights", "ticket_paths"])
+def cpu_conv_path(request, monkeypatch):
+    """Run the cpu backend's conv both ways: small test layers take the per-image-weight path by default; a zero
+    limit sends them through the unfolded sparse kernels and the per-ticket direct convs instead."""
+    if request.param == "ticket_paths" and HAS_CPU_EXT:
+        from rtl_kernels.backends import cpu
+
+        monkeypatch.setattr(cpu, "PER_IMAGE_WEIGHT_LIMIT", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"b{c[0]}c{c[1]}o{c[2]}k{c[5][0]}x{c[5][1]}g{c[7]}")
 @pytest.mark.parametrize("density", [0.0, 0.3, 0.9])
-def test_conv2d_matches_float64(backend, case, density):
+def test_conv2d_matches_float64(backend, case, density, cpu_conv_path):
+    if backend == "reference" and cpu_conv_path == "ticket_paths":
+        pytest.skip("the path switch is the cpu backend's")
     batch, c, o, h, w, k, tickets, groups, geometry = case
     for route_kind in ("random", "empty_tickets"):
         run_case(backend, batch, c, o, h, w, k, tickets, density, groups, route_kind=route_kind, seed=batch, **geometry)
@@ -85,6 +98,7 @@ def test_conv2d_spans_several_im2col_chunks(backend, monkeypatch):
     from rtl_kernels.backends import cpu
 
     monkeypatch.setattr(cpu, "IM2COL_CHUNK_BYTES", 4096)  # a few images a chunk
+    monkeypatch.setattr(cpu, "PER_IMAGE_WEIGHT_LIMIT", 0)
     run_case(backend, 9, 3, 6, 10, 9, (3, 3), 3, 0.3, padding=1, seed=3)
 
 
@@ -108,7 +122,9 @@ TRANSPOSED_CASES = [  # the speech U-Net decoder's shapes in miniature: 3x3 and 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", TRANSPOSED_CASES, ids=lambda c: f"k{c[5][0]}x{c[5][1]}g{c[7]}")
-def test_conv_transpose2d_matches_float64(backend, case):
+def test_conv_transpose2d_matches_float64(backend, case, cpu_conv_path):
+    if backend == "reference" and cpu_conv_path == "ticket_paths":
+        pytest.skip("the path switch is the cpu backend's")
     batch, c, o, h, w, k, tickets, groups, geometry = case
     run_case(backend, batch, c, o, h, w, k, tickets, 0.4, groups, transposed=True, seed=7, **geometry)
 
@@ -241,7 +257,10 @@ def test_conv_transpose2d_bad_input():
 
 
 @pytest.mark.skipif(not HAS_CPU_EXT, reason="rtl_kernels._C was not built")
-def test_conv_layout_is_cached_and_follows_mask_edits():
+def test_conv_layout_is_cached_and_follows_mask_edits(monkeypatch):
+    from rtl_kernels.backends import cpu
+
+    monkeypatch.setattr(cpu, "PER_IMAGE_WEIGHT_LIMIT", 0)
     args = _good()
     with rk.set_backend("cpu"):
         y1 = rk.routed_masked_conv2d(**args, padding=1)
@@ -254,3 +273,16 @@ def test_conv_layout_is_cached_and_follows_mask_edits():
     ref, _ = oracle(args["x"], args["weight"], args["masks"], args["route"], None, padding=1)
     torch.testing.assert_close(y2.double(), ref, **TOL)
     assert not torch.allclose(y1, y2)
+
+
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="rtl_kernels._C was not built")
+def test_per_image_weight_path_follows_mask_and_weight_edits():
+    args = _good()
+    with rk.set_backend("cpu"):
+        rk.routed_masked_conv2d(**args, padding=1)
+        args["masks"][0, :2].logical_not_()
+        with torch.no_grad():
+            args["weight"].mul_(3)
+        y = rk.routed_masked_conv2d(**args, padding=1)
+    ref, _ = oracle(args["x"], args["weight"], args["masks"], args["route"], None, padding=1)
+    torch.testing.assert_close(y.double(), ref, **TOL)
