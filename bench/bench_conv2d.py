@@ -522,71 +522,30 @@ def measure_case(
         "mask_structure": case.structure,
         "block_occupancy_64": inp.block_occupancy,
     }
-    rows: List[Dict[str, object]] = []
-
-    def record(provider: Provider, mode: str, **values) -> None:
-        row = dict(base, provider=provider.name, mode=mode, **values)
-        rows.append(row)
-        if row.get("status") == "ok":
-            print(
-                f"  {provider.name:<12} {mode:<8} {common.format_ms(row['median_ms']):>8} ms "
-                f"(p10 {common.format_ms(row['p10_ms'])}, p90 {common.format_ms(row['p90_ms'])}, "
-                f"n={row['repeats']})"
-                + (f"  err {lin._fmt_err(row['max_abs_err'])}" if row.get("max_abs_err") is not None else ""),
-                flush=True,
-            )
-        else:
-            print(f"  {provider.name:<12} {mode:<8} {row['status']}: {row.get('error', '')}", flush=True)
-
     def timed(fn) -> Dict[str, object]:
         t = common.time_fn(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
         return dict(status="ok", median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, repeats=t.repeats)
 
-    for p in providers:
-        modes = MODES if p.backward else ("fwd",)
-        if p.kind == "prep":
-            try:
-                record(p, "fwd", **timed(lambda: rk.group_by_ticket(route=inp.route, num_tickets=case.tickets)))
-            except Exception as exc:
-                record(p, "fwd", status="error", error=common.error_text(exc))
-            continue
-        if p.unavailable is not None:
-            for mode in modes:
-                record(p, mode, status="unavailable", error=p.unavailable, err_reference=p.err_reference)
-            continue
+    def forward_error(p: Provider) -> float:
+        with p.context():
+            y = p.forward(inp.x, inp.weight, inp.bias)
+        return (y.index_select(0, images).double() - refs[p.err_reference]).abs().max().item()
 
-        # Correctness first, once, outside the timed region: a fast wrong answer must be visible in the same row.
-        try:
-            with p.context():
-                y = p.forward(inp.x, inp.weight, inp.bias)
-            err = (y.index_select(0, images).double() - refs[p.err_reference]).abs().max().item()
-            del y
-        except Exception as exc:
-            for mode in modes:
-                record(p, mode, status="error", error="forward: " + common.error_text(exc),
-                       err_reference=p.err_reference)  # fmt: skip
-            continue
+    def fwd_step(p: Provider) -> None:
+        with p.context():
+            p.forward(inp.x, inp.weight, inp.bias)
 
-        for mode in modes:
-            if mode == "fwd":
+    def fwd_bwd_step(p: Provider) -> None:
+        with p.context():
+            y = p.forward(xg, wg, bg)
+            torch.autograd.grad(y, grad_inputs, inp.grad_y)
 
-                def step(p=p):
-                    with p.context():
-                        p.forward(inp.x, inp.weight, inp.bias)
-
-            else:
-
-                def step(p=p):
-                    with p.context():
-                        y = p.forward(xg, wg, bg)
-                        torch.autograd.grad(y, grad_inputs, inp.grad_y)
-
-            try:
-                values = timed(step)
-            except Exception as exc:
-                values = dict(status="error", error=common.error_text(exc))
-            record(p, mode, max_abs_err=err, err_reference=p.err_reference, err_images=err_images, **values)
-
+    rows = common.measure_providers(
+        providers, base, MODES, timed,
+        route_prep=lambda: rk.group_by_ticket(route=inp.route, num_tickets=case.tickets),
+        forward_error=forward_error, fwd_step=fwd_step, fwd_bwd_step=fwd_bwd_step,
+        extra={"err_images": err_images},
+    )  # fmt: skip
     lin._add_ratios_and_targets(rows, case, quick=args.quick)
     del inp, refs, providers, xg, wg, bg, grad_inputs
     rk.clear_layout_cache()  # the next case's masks are new tensors; drop this case's compiled layouts now

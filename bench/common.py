@@ -383,3 +383,65 @@ def error_text(exc: BaseException, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\r", " ").replace("\n", " ").strip()
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
+
+
+def measure_providers(
+    providers,
+    base: Dict[str, object],
+    modes: Sequence[str],
+    time_step: Callable[[Callable[[], None]], Dict[str, object]],
+    route_prep: Callable[[], object],
+    forward_error: Callable[[object], float],
+    fwd_step: Callable[[object], None],
+    fwd_bwd_step: Callable[[object], None],
+    extra: Optional[Dict[str, object]] = None,
+) -> List[Dict[str, object]]:
+    """Rows of one case: every provider in every mode it supports (the loop shared by the op benchmarks).
+
+    ``providers`` have ``name``, ``kind`` ('baseline', 'ours' or 'prep'), ``backward``, ``unavailable`` and
+    ``err_reference``; the callables take a provider. The forward error is measured once, outside the timed region,
+    so a fast wrong answer shows in the same row; a provider that raises gets an error row, the run goes on.
+    """
+    rows: List[Dict[str, object]] = []
+    extra = extra or {}
+
+    def record(provider, mode: str, **values) -> None:
+        row = dict(base, provider=provider.name, mode=mode, **values)
+        rows.append(row)
+        if row.get("status") == "ok":
+            err = row.get("max_abs_err")
+            print(
+                f"  {provider.name:<12} {mode:<8} {format_ms(row['median_ms']):>8} ms "
+                f"(p10 {format_ms(row['p10_ms'])}, p90 {format_ms(row['p90_ms'])}, n={row['repeats']})"
+                + (f"  err {err:.2e}" if err is not None else ""),
+                flush=True,
+            )
+        else:
+            print(f"  {provider.name:<12} {mode:<8} {row['status']}: {row.get('error', '')}", flush=True)
+
+    for p in providers:
+        provider_modes = tuple(modes) if p.backward else ("fwd",)
+        if p.kind == "prep":
+            try:
+                record(p, "fwd", **time_step(route_prep))
+            except Exception as exc:
+                record(p, "fwd", status="error", error=error_text(exc))
+            continue
+        if p.unavailable is not None:
+            for mode in provider_modes:
+                record(p, mode, status="unavailable", error=p.unavailable, err_reference=p.err_reference)
+            continue
+        try:
+            err = forward_error(p)
+        except Exception as exc:
+            for mode in provider_modes:
+                record(p, mode, status="error", error="forward: " + error_text(exc), err_reference=p.err_reference)
+            continue
+        for mode in provider_modes:
+            step = (lambda p=p: fwd_step(p)) if mode == "fwd" else (lambda p=p: fwd_bwd_step(p))
+            try:
+                values = time_step(step)
+            except Exception as exc:
+                values = dict(status="error", error=error_text(exc))
+            record(p, mode, max_abs_err=err, err_reference=p.err_reference, **extra, **values)
+    return rows
