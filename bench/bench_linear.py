@@ -550,38 +550,19 @@ def run_markdown(env: Dict[str, str], argv: Sequence[str], all_rows: List[Dict[s
 # ------------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke run of seconds")
-    ap.add_argument("--cases", default=None, help="comma-separated case names (GPU: with or without _bf16/_fp32)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per row (default: per case; --max-seconds still caps them)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2 CPU, 3 GPU, 1 quick)")
-    ap.add_argument(
-        "--max-seconds", type=float, default=None,
-        help="stop a row's timed calls (after 3) once they add up to this; 0 for no cap (default 5, quick 1)",
-    )  # fmt: skip
-    ap.add_argument(
-        "--threads", type=int, default=None,
-        help="torch CPU threads (default: all cores as performance.md asks; --quick: 1, because a smoke run must\n"
-        "not take cores from someone timing, and oversubscribed threads make tiny ops wait on each other)",
-    )  # fmt: skip
-    ap.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
-    args = ap.parse_args(argv)
-    if args.repeats is not None and args.repeats < 1:
-        ap.error("--repeats must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        ap.error("--threads must be >= 1")
-    return args
+    common.add_run_arguments(
+        ap,
+        cases_help="comma-separated case names (GPU: with or without _bf16/_fp32)",
+        warmup_help="untimed calls first (default 2 CPU, 3 GPU, 1 quick)",
+        default_results_dir=DEFAULT_RESULTS_DIR,
+    )
+    return common.parse_run_arguments(ap, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    threads = args.threads if args.threads is not None else (1 if args.quick else None)
-    if threads is not None:
-        torch.set_num_threads(threads)  # before environment(), which records the count in force
+    device = common.run_device(args)
     cases = select_cases(device.type, args.cases, args.quick)
 
     results_dir = args.results_dir.resolve()

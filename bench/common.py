@@ -445,3 +445,49 @@ def measure_providers(
                 values = dict(status="error", error=error_text(exc))
             record(p, mode, max_abs_err=err, err_reference=p.err_reference, **extra, **values)
     return rows
+
+
+def add_run_arguments(ap, cases_help: str, warmup_help: str, default_results_dir) -> None:
+    """The command-line options every op benchmark takes (--device, --quick, --cases, timing, --results-dir)."""
+    from pathlib import Path
+
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: a smoke run of seconds")
+    ap.add_argument("--cases", default=None, help=cases_help)
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per row (default: per case; --max-seconds caps them)"
+    )
+    ap.add_argument("--warmup", type=int, default=None, help=warmup_help)
+    ap.add_argument(
+        "--max-seconds", type=float, default=None,
+        help="stop a row's timed calls (after 3) once they add up to this; 0 for no cap (default 5, quick 1)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: all cores as performance.md asks; --quick: 1, because a smoke run must\n"
+        "not take cores from someone timing, and oversubscribed threads make tiny ops wait on each other)",
+    )  # fmt: skip
+    ap.add_argument("--results-dir", type=Path, default=default_results_dir)
+
+
+def parse_run_arguments(ap, argv):
+    """Parse and check the options of :func:`add_run_arguments`."""
+    args = ap.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")
+    return args
+
+
+def run_device(args):
+    """The torch device of the run, with the thread count set first (environment() records the count in force)."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return device
