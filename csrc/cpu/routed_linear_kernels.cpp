@@ -244,6 +244,42 @@ void add_accumulators(const std::vector<int64_t>& tile_begin, int64_t n_out, int
   }
 }
 
+// Weight gradient over tiles grouped by ticket. Phase 1, per (ticket, output block): sum each kept entry's tile
+// dot products into one accumulator per entry (contiguous, in index order; scattered writes into dw per tile were
+// cache-miss bound). Phase 2: add_accumulators. locate(b, o, row) fills row's dyt_row, xt and xt_stride for
+// output o of tile b.
+template <typename TileT, typename Locate>
+void weight_gradient(const std::vector<TileT>& tiles, int64_t num_tickets, int64_t n_out, int64_t k_in,
+                     const int64_t* csr_ptr, const int32_t* csr_idx, float* acc, float* dw, int num_threads,
+                     Locate locate) {
+  const std::vector<int64_t> tile_begin = tiles_by_ticket(tiles, num_tickets);
+  const Isa& kernels = isa();
+  const int64_t n_blocks = (n_out + kOutBlock - 1) / kOutBlock;
+  const int64_t n_items = num_tickets * n_blocks;
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+  for (int64_t item = 0; item < n_items; ++item) {
+    const int64_t t = item / n_blocks, blk = item % n_blocks;
+    if (tile_begin[t] == tile_begin[t + 1]) continue;
+    const int64_t o_begin = blk * kOutBlock, o_end = std::min(n_out, o_begin + kOutBlock);
+    const int64_t* ptr = csr_ptr + t * n_out;
+    std::fill(acc + ptr[o_begin], acc + ptr[o_end], 0.f);
+    for (int64_t b = tile_begin[t]; b < tile_begin[t + 1]; ++b) {
+      for (int64_t o = o_begin; o < o_end; ++o) {
+        SddmmRow a;
+        locate(b, o, a);
+        a.width = tiles[b].width;
+        a.nrows = tiles[b].nrows;
+        a.idx = csr_idx;
+        a.e_begin = ptr[o];
+        a.e_end = ptr[o + 1];
+        a.acc = acc;
+        kernels.sddmm_row(a);
+      }
+    }
+  }
+  add_accumulators(tile_begin, n_out, k_in, csr_ptr, csr_idx, acc, dw, num_threads);
+}
+
 }  // namespace
 
 void routed_linear_forward(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* x, const float* w,
@@ -274,38 +310,13 @@ void routed_linear_grad_weight(const RoutedRows& rows, int64_t n_out, int64_t k_
   gather_transposed(rows, tiles, x_off, x, k_in, xt);
   gather_transposed(rows, tiles, dy_off, dy, n_out, dyt);
 
-  const std::vector<int64_t> tile_begin = tiles_by_ticket(tiles, rows.num_tickets);
-
-  // Phase 1: per (ticket, output block), sum over the ticket's tiles into one accumulator per kept entry
-  // (contiguous, in index order; scattered writes into dw per tile were cache-miss bound).
-  const Isa& kernels = isa();
-  const int64_t n_blocks = (n_out + kOutBlock - 1) / kOutBlock;
-  const int64_t n_items = rows.num_tickets * n_blocks;
-#pragma omp parallel for num_threads(rows.num_threads) schedule(dynamic, 1)
-  for (int64_t item = 0; item < n_items; ++item) {
-    const int64_t t = item / n_blocks, blk = item % n_blocks;
-    if (tile_begin[t] == tile_begin[t + 1]) continue;
-    const int64_t o_begin = blk * kOutBlock, o_end = std::min(n_out, o_begin + kOutBlock);
-    const int64_t* ptr = csr_ptr + t * n_out;
-    std::fill(acc + ptr[o_begin], acc + ptr[o_end], 0.f);
-    for (int64_t b = tile_begin[t]; b < tile_begin[t + 1]; ++b) {
-      const Tile& tile = tiles[b];
-      for (int64_t o = o_begin; o < o_end; ++o) {
-        SddmmRow a;
-        a.dyt_row = dyt + dy_off[b] + o * tile.width;
-        a.xt = xt + x_off[b];
-        a.xt_stride = tile.width;
-        a.width = tile.width;
-        a.nrows = tile.nrows;
-        a.idx = csr_idx;
-        a.e_begin = ptr[o];
-        a.e_end = ptr[o + 1];
-        a.acc = acc;
-        kernels.sddmm_row(a);
-      }
-    }
-  }
-  add_accumulators(tile_begin, n_out, k_in, csr_ptr, csr_idx, acc, dw, rows.num_threads);
+  weight_gradient(tiles, rows.num_tickets, n_out, k_in, csr_ptr, csr_idx, acc, dw, rows.num_threads,
+                  [&](int64_t b, int64_t o, SddmmRow& a) {
+                    const Tile& tile = tiles[b];
+                    a.dyt_row = dyt + dy_off[b] + o * tile.width;
+                    a.xt = xt + x_off[b];
+                    a.xt_stride = tile.width;
+                  });
 }
 
 // ---- convolutions over unfolded columns -------------------------------------------------------------------
@@ -392,36 +403,13 @@ void routed_conv_grad_weight(const ConvChunk& c, int64_t n_out, int64_t k_in, co
   if (tiles.empty()) return;
   const int64_t nnz = csr_ptr[c.num_tickets * n_out];
   float* acc = workspace().get(2, static_cast<size_t>(nnz) + 1);
-  const std::vector<int64_t> tile_begin = tiles_by_ticket(tiles, c.num_tickets);
-  const Isa& kernels = isa();
-  const int64_t n_blocks = (n_out + kOutBlock - 1) / kOutBlock;
-  const int64_t n_items = c.num_tickets * n_blocks;
-#pragma omp parallel for num_threads(c.num_threads) schedule(dynamic, 1)
-  for (int64_t item = 0; item < n_items; ++item) {
-    const int64_t t = item / n_blocks, blk = item % n_blocks;
-    if (tile_begin[t] == tile_begin[t + 1]) continue;
-    const int64_t o_begin = blk * kOutBlock, o_end = std::min(n_out, o_begin + kOutBlock);
-    const int64_t* ptr = csr_ptr + t * n_out;
-    std::fill(acc + ptr[o_begin], acc + ptr[o_end], 0.f);
-    for (int64_t b = tile_begin[t]; b < tile_begin[t + 1]; ++b) {
-      const ConvTile& tile = tiles[b];
-      const float* dy_img = dy + dy_index[tile.image] * n_out * c.pixels + tile.first;
-      for (int64_t o = o_begin; o < o_end; ++o) {
-        SddmmRow a;
-        a.dyt_row = dy_img + o * c.pixels;
-        a.xt = cols + tile.image * k_in * c.pixels + tile.first;
-        a.xt_stride = c.pixels;
-        a.width = tile.width;
-        a.nrows = tile.nrows;
-        a.idx = csr_idx;
-        a.e_begin = ptr[o];
-        a.e_end = ptr[o + 1];
-        a.acc = acc;
-        kernels.sddmm_row(a);
-      }
-    }
-  }
-  add_accumulators(tile_begin, n_out, k_in, csr_ptr, csr_idx, acc, dw, c.num_threads);
+  weight_gradient(tiles, c.num_tickets, n_out, k_in, csr_ptr, csr_idx, acc, dw, c.num_threads,
+                  [&](int64_t b, int64_t o, SddmmRow& a) {
+                    const ConvTile& tile = tiles[b];
+                    a.dyt_row = dy + (dy_index[tile.image] * n_out + o) * c.pixels + tile.first;
+                    a.xt = cols + tile.image * k_in * c.pixels + tile.first;
+                    a.xt_stride = c.pixels;
+                  });
 }
 
 const char* kernel_isa() { return isa().name; }
