@@ -296,7 +296,20 @@ def _columns(x: Tensor, images: Tensor, kernel, stride, padding, dilation, pixel
     return cols
 
 
+def _single_ticket(offsets: Tensor) -> Optional[int]:
+    """The ticket holding the whole batch, or None when the batch mixes tickets.
+
+    A batch routed to one ticket (Alg. 2's sequential retraining steps, IMP's per-subset training) is one
+    torch convolution with W * M_t: no grouping, no copies of the images.
+    """
+    present = ((offsets[1:] - offsets[:-1]) > 0).nonzero()
+    return int(present[0, 0]) if present.shape[0] == 1 else None
+
+
 def _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
+    only = _single_ticket(offsets)
+    if only is not None:  # the stable grouping of a one-ticket batch is the identity permutation
+        return F.conv2d(x, _masked_conv_weight(weight, masks, only), bias, stride, padding, dilation, groups)
     y = None
     for t, rows in _tickets(perm, offsets):
         y_t = F.conv2d(x.index_select(0, rows), _masked_conv_weight(weight, masks, t), bias, stride, padding,
@@ -308,6 +321,10 @@ def _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding,
 
 
 def _direct_conv_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups):
+    only = _single_ticket(offsets)
+    if only is not None:
+        return torch.nn.grad.conv2d_input(tuple(input_shape), _masked_conv_weight(weight, masks, only), grad_y,
+                                          stride, padding, dilation, groups)
     dx = grad_y.new_zeros(input_shape)
     for t, rows in _tickets(perm, offsets):
         dx.index_copy_(0, rows, torch.nn.grad.conv2d_input(
@@ -317,6 +334,10 @@ def _direct_conv_grad_input(grad_y, weight, masks, perm, offsets, input_shape, s
 
 
 def _direct_conv_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups):
+    only = _single_ticket(offsets)
+    if only is not None:
+        g = torch.nn.grad.conv2d_weight(x, masks.shape[1:], grad_y, stride, padding, dilation, groups)
+        return _apply_mask(g, _direct_float_masks(masks), masks, only, out=g)
     dw = grad_y.new_zeros(masks.shape[1:])
     for t, rows in _tickets(perm, offsets):
         g = torch.nn.grad.conv2d_weight(x.index_select(0, rows), dw.shape, grad_y.index_select(0, rows), stride,
@@ -428,6 +449,8 @@ class CpuBackend(Backend):
     # depthwise convs as torch's direct convolution per ticket (their weights are tiny: nothing for sparsity to
     # skip).
     def conv2d_forward(self, x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
+        if _single_ticket(offsets) is not None:
+            return _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups)
         if _use_per_image_weights(x.shape[0], weight):
             return _batched_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups)
         if groups != 1:
@@ -452,6 +475,9 @@ class CpuBackend(Backend):
         return y
 
     def conv2d_grad_input(self, grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups):
+        if _single_ticket(offsets) is not None:
+            return _direct_conv_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding,
+                                           dilation, groups)
         if _use_per_image_weights(grad_y.shape[0], weight):
             return _batched_conv_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding,
                                             dilation, groups)
@@ -480,6 +506,8 @@ class CpuBackend(Backend):
         return dx
 
     def conv2d_grad_weight(self, grad_y, x, masks, perm, offsets, stride, padding, dilation, groups):
+        if _single_ticket(offsets) is not None:
+            return _direct_conv_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups)
         if _use_per_image_weights(x.shape[0], masks[0]):
             return _batched_conv_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups)
         if groups != 1:

@@ -89,7 +89,7 @@ def test_conv2d_matches_float64(backend, case, density, cpu_conv_path):
     if backend == "reference" and cpu_conv_path == "ticket_paths":
         pytest.skip("the path switch is the cpu backend's")
     batch, c, o, h, w, k, tickets, groups, geometry = case
-    for route_kind in ("random", "empty_tickets"):
+    for route_kind in ("random", "empty_tickets", "one_ticket"):
         run_case(backend, batch, c, o, h, w, k, tickets, density, groups, route_kind=route_kind, seed=batch, **geometry)
 
 
