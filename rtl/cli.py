@@ -1,0 +1,180 @@
+"""The ``rtl`` command line: run the paper's protocol on an experiment, rebuild a report, list experiments.
+
+    rtl run EXPERIMENT [--sparsities 0.25,0.5,0.75,0.9] [--seed 0] [--device cpu] [--backend auto]
+                       [--out DIR] [--quick] [--resume DIR] [--data-root DIR] [--download]
+    rtl report DIR
+    rtl list
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+DEFAULT_SPARSITIES = "0.25,0.5,0.75,0.9"
+
+
+def _parse_sparsities(text: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sparsities must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("--sparsities is empty")
+    bad = [v for v in values if not 0.0 <= v < 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"sparsities must lie in [0, 1), got {bad}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"--sparsities repeats a value: {values}")
+    return sorted(values)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtl", description="Routing the Lottery: experiments and reports.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment: dense, single-mask IMP, independent models and RTL")
+    run.add_argument("experiment", help="experiment name (see `rtl list`)")
+    run.add_argument("--sparsities", type=_parse_sparsities, default=_parse_sparsities(DEFAULT_SPARSITIES),
+                     help=f"comma-separated target sparsities in [0, 1) (default {DEFAULT_SPARSITIES})")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    run.add_argument("--backend", default=None, help="rtl_kernels backend for the routed model (default: automatic)")
+    run.add_argument("--out", default=None, help="run directory (default runs/EXPERIMENT-seedN[-quick])")
+    run.add_argument("--quick", action="store_true", help="the small budget (minutes on a 2-core CPU)")
+    run.add_argument("--resume", metavar="DIR", default=None, help="continue the interrupted run in DIR")
+    run.add_argument("--data-root", default=None, help="where CIFAR data lives (cifar experiments)")
+    run.add_argument("--download", action="store_true", help="download CIFAR into --data-root if missing")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one training setting (batch_size, lr, dense_epochs, single_epochs, ticket_steps, "
+                          "retrain_epochs, prune_fraction, eval_batch); repeatable")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    report = sub.add_parser("report", help="rebuild report.md and the plots of a finished run")
+    report.add_argument("run_dir")
+    sub.add_parser("list", help="list the experiments")
+    return parser
+
+
+def _parse_overrides(items: List[str]) -> dict:
+    from dataclasses import fields
+
+    from .experiments import Settings
+
+    types = {f.name: f.type for f in fields(Settings)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"--set takes KEY=VALUE with KEY one of {', '.join(types)}, got {item!r}")
+        try:
+            out[key] = float(value) if types[key] in (float, "float") else int(value)
+        except ValueError:
+            raise ValueError(f"--set {key}: {value!r} is not a number") from None
+    return out
+
+
+def _cmd_list() -> int:
+    from .experiments import EXPERIMENTS
+
+    width = max(len(n) for n in EXPERIMENTS)
+    for name, exp in EXPERIMENTS.items():
+        need = " [needs --data-root]" if exp.needs_data else ""
+        print(f"{name:<{width}}  {exp.description}{need}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    import torch
+
+    from . import prune
+    from .experiments import EXPERIMENTS, build_task
+    from .experiments.protocol import STATE_VERSION, RunStateError, run_protocol
+    from .experiments.report import write_report
+
+    if args.experiment not in EXPERIMENTS:
+        print(f"rtl: unknown experiment {args.experiment!r}; known: {', '.join(EXPERIMENTS)}", file=sys.stderr)
+        return 2
+    exp = EXPERIMENTS[args.experiment]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"rtl: --device {args.device} but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.backend not in (None, "auto"):
+        import rtl_kernels
+
+        known = ("reference", "cpu", "triton", "cuda")
+        if args.backend not in known:
+            print(f"rtl: unknown backend {args.backend!r}; known: auto, {', '.join(known)}", file=sys.stderr)
+            return 2
+        reasons = rtl_kernels.unavailable_reasons(torch.device(args.device), torch.float32)
+        if reasons.get(args.backend):
+            print(f"rtl: backend {args.backend!r} cannot run here: {reasons[args.backend]}", file=sys.stderr)
+            return 2
+    out = args.resume or args.out or os.path.join(
+        "runs", f"{args.experiment}-seed{args.seed}{'-quick' if args.quick else ''}")
+    data_kwargs = {}
+    if exp.needs_data:
+        data_kwargs = dict(data_root=args.data_root, download=args.download)
+    try:
+        overrides = _parse_overrides(args.overrides)
+        task = build_task(args.experiment, args.quick, args.seed, overrides=overrides, **data_kwargs)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"rtl: {exc}", file=sys.stderr)
+        return 2
+    task.to(args.device)
+    model = task.build_model(args.seed)
+    from .convert import convert_
+
+    prunable = prune.prunable_count(convert_(model, 1, filter_fn=task.prunable_filter))
+    config = {
+        "experiment": args.experiment, "description": task.description, "kind": task.kind,
+        "seed": args.seed, "sparsities": args.sparsities, "quick": bool(args.quick), "overrides": overrides,
+        "state_version": STATE_VERSION, "num_tickets": task.num_tickets, "ticket_names": task.ticket_names,
+        "prunable_weights": prunable, "settings": vars(task.settings), "device": args.device,
+        "backend": args.backend or "auto", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    print(f"rtl run {args.experiment}: {task.num_tickets} tickets, {prunable} prunable weights, sparsities "
+          f"{args.sparsities}, out {out}")
+    backend = None if args.backend in (None, "auto") else args.backend
+    try:
+        run_protocol(task, out, args.sparsities, args.seed, config, resume=args.resume is not None,
+                     backend=backend, progress=not args.no_progress, device=args.device)
+    except RunStateError as exc:
+        print(f"rtl: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nrtl: interrupted; every finished stage is saved. Continue with:\n  rtl run {args.experiment} "
+              f"--resume {out}{' --quick' if args.quick else ''}", file=sys.stderr)
+        return 130
+    report = write_report(out)
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .experiments.report import write_report
+
+    if not os.path.isfile(os.path.join(args.run_dir, "config.json")):
+        print(f"rtl: {args.run_dir} is not an rtl run directory (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        print(write_report(args.run_dir))
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        print(f"rtl: cannot report {args.run_dir}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``rtl`` console script and ``python -m rtl``."""
+    args = _parser().parse_args(argv)
+    if args.command == "list":
+        return _cmd_list()
+    if args.command == "report":
+        return _cmd_report(args)
+    return _cmd_run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

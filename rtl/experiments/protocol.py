@@ -1,0 +1,499 @@
+"""The paper's protocol on one task: dense, single-mask IMP, independent per-subset models and RTL, from one init.
+
+Stages, each saved to ``<out>/stages/<stage>.pt`` as soon as it finishes (atomically), so an interrupted run
+resumes at the first unfinished stage; every stage seeds its own RNG from (seed, stage name), so a resumed run
+computes exactly what an uninterrupted one would:
+
+1. ``init``: θ0, the one shared initialisation of every method (paper A.2).
+2. ``dense``: the unpruned model trained on all data.
+3. ``single_masks`` / ``single@s``: single-mask IMP (one ticket, all data) to every sparsity, then the ticket
+   retrained from θ0 at each sparsity (lottery-ticket style).
+4. ``rtl_masks``: Alg. 1, one IMP per subset from θ0, to every sparsity (masks snapshotted on the way).
+5. ``rtl@s``: Alg. 2 joint retraining of the shared weight from θ0 with the masks of sparsity s.
+6. ``multi@s``: the same masks, but K independent weight copies, each trained on its own subset only.
+7. ``speed``: inference time of the routed model (rtl kernels) vs the dense model and the naive per-ticket loop.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import random
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import rtl_kernels
+
+from .. import diagnostics, metrics as rtl_metrics
+from ..convert import convert_
+from ..optim import TicketMaskedOptimizer
+from ..prune import magnitude_prune_, ticket_sparsity
+from ..routing import RoutedModel, use_route
+from .tasks import Task
+
+STATE_VERSION = 1
+
+
+class RunStateError(ValueError):
+    """A run directory that cannot be resumed (foreign, corrupt, or made with another configuration)."""
+
+
+def _stage_seed(seed: int, stage: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{stage}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _seed_all(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class StageStore:
+    """Finished stages of one run on disk; refuses a directory made by another configuration."""
+
+    def __init__(self, out_dir: str, config: Dict, resume: bool) -> None:
+        self.out_dir = out_dir
+        self.dir = os.path.join(out_dir, "stages")
+        cfg_path = os.path.join(out_dir, "config.json")
+        if resume:
+            if not os.path.isfile(cfg_path):
+                raise RunStateError(f"{out_dir} is not an rtl run directory (no config.json): nothing to resume")
+            try:
+                with open(cfg_path) as fh:
+                    saved = json.load(fh)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise RunStateError(f"{cfg_path} is unreadable ({exc}); refusing to resume") from exc
+            keys = ("experiment", "seed", "sparsities", "quick", "overrides", "state_version")
+            diff = {k: (saved.get(k), config.get(k)) for k in keys if saved.get(k) != config.get(k)}
+            if diff:
+                raise RunStateError(f"{out_dir} was made with another configuration {diff}; refusing to resume")
+        else:
+            if os.path.isdir(self.dir) and os.listdir(self.dir):
+                raise RunStateError(f"{out_dir} already holds a run: pass --resume {out_dir} to continue it, or "
+                                    f"choose another --out")
+            os.makedirs(self.dir, exist_ok=True)
+            _atomic_json(config, cfg_path)
+        os.makedirs(self.dir, exist_ok=True)
+
+    def path(self, stage: str) -> str:
+        return os.path.join(self.dir, stage.replace("@", "_at_") + ".pt")
+
+    def load(self, stage: str):
+        path = self.path(stage)
+        if not os.path.isfile(path):
+            return None
+        try:
+            blob = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as exc:  # a truncated or foreign file: refuse, never overwrite silently
+            raise RunStateError(f"checkpoint {path} is corrupt or not an rtl checkpoint ({exc})") from exc
+        if not isinstance(blob, dict) or blob.get("rtl_stage") != stage or blob.get("version") != STATE_VERSION:
+            raise RunStateError(f"checkpoint {path} is not this run's stage {stage!r}")
+        return blob["data"]
+
+    def save(self, stage: str, data) -> None:
+        _atomic_save({"rtl_stage": stage, "version": STATE_VERSION, "data": data}, self.path(stage))
+
+
+# -- training loops --------------------------------------------------------------------------------------------
+
+def _adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def train_plain(task: Task, model: nn.Module, epochs: int, gen: torch.Generator, route_all: bool = False) -> List[float]:
+    """Train on the whole training set (dense baseline, single-mask IMP). Returns the mean loss per epoch."""
+    opt = _adam(model, task.settings.lr)
+    if route_all:  # a converted single-ticket model: keep pruned weights and their Adam state still
+        opt = TicketMaskedOptimizer(opt, model)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for x, y in task.all_batches(gen):
+            opt.zero_grad()
+            if route_all:
+                with use_route(model, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)):
+                    loss = task.loss_all(task.forward(model, x), y)
+            else:
+                loss = task.loss_all(task.forward(model, x), y)
+            loss.backward()
+            opt.step()
+            total, count = total + float(loss.detach()) * x.shape[0], count + x.shape[0]
+        losses.append(total / max(count, 1))
+    return losses
+
+
+def train_ticket_steps(task: Task, model: nn.Module, ticket: int, steps: int, gen: torch.Generator,
+                       opt: Optional[torch.optim.Optimizer] = None) -> float:
+    """``steps`` optimizer steps of one ticket on its subset (Alg. 1's inner training). Returns the mean loss."""
+    opt = opt or TicketMaskedOptimizer(_adam(model, task.settings.lr), model)
+    model.train()
+    done, total = 0, 0.0
+    if task.subset_size(ticket) == 0:  # an empty subset: its ticket gets no steps
+        return float("nan")
+    while done < steps:
+        for x, target in task.ticket_batches(ticket, gen):
+            opt.zero_grad()
+            with use_route(model, torch.full((x.shape[0],), ticket, dtype=torch.int64, device=x.device)):
+                loss = task.loss_ticket(task.forward(model, x), target, ticket)
+            loss.backward()
+            opt.step()
+            done, total = done + 1, total + float(loss.detach())
+            if done == steps:
+                break
+    return total / max(done, 1)
+
+
+def train_joint(task: Task, model: nn.Module, epochs: int, gen: torch.Generator) -> List[float]:
+    """Alg. 2, sequential: per batch index, one step per ticket on that ticket's batch; short subsets cycle."""
+    opt = TicketMaskedOptimizer(_adam(model, task.settings.lr), model)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        iters = [list(task.ticket_batches(t, gen)) for t in range(task.num_tickets)]
+        longest = max(len(b) for b in iters)
+        total, count = 0.0, 0
+        for m in range(longest):
+            for t, batches in enumerate(iters):
+                if not batches:
+                    continue
+                x, target = batches[m % len(batches)]
+                opt.zero_grad()
+                with use_route(model, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)):
+                    loss = task.loss_ticket(task.forward(model, x), target, t)
+                loss.backward()
+                opt.step()
+                total, count = total + float(loss.detach()), count + 1
+        losses.append(total / max(count, 1))
+    return losses
+
+
+# -- mask extraction -------------------------------------------------------------------------------------------
+
+def _masks_of(model: nn.Module) -> Dict[str, Tensor]:
+    return {name: m.weight_masks.clone() for name, m in model.named_modules() if hasattr(m, "weight_masks")}
+
+
+def _load_masks(model: nn.Module, masks: Dict[str, Tensor]) -> None:
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            modules[name].weight_masks.copy_(mask)
+
+
+def _weights_state(model: nn.Module) -> Dict[str, Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("weight_masks")}
+
+
+def extract_masks(task: Task, model: nn.Module, sparsities: Sequence[float], train_fn: Callable[[int, int], None],
+                  progress: bool = True, label: str = "IMP") -> Dict[str, Dict[str, Tensor]]:
+    """IMP per ticket from the model's current weights (θ0), snapshotting the masks at every target sparsity.
+
+    Each round: for every ticket, train from θ0 (``train_fn(ticket, round)``), record its trained weights as
+    that ticket's importance, rewind to θ0; then prune every ticket by ``prune_fraction`` of its remaining weights,
+    clipped so that each target in ``sparsities`` is hit exactly (paper.md open questions 1, 2, 4, 5).
+
+    Returns:
+        {str(sparsity): {layer name: masks (T, *weight.shape)}}.
+    """
+    from ..prune import prunable_count
+
+    theta0 = _weights_state(model)
+    total = prunable_count(model, filter_fn=None)
+    snapshots: Dict[str, Dict[str, Tensor]] = {}
+    round_idx = 0
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = tqdm(total=len(sparsities), desc=label, disable=not progress or tqdm is None, leave=False)
+    for target in sorted(sparsities):
+        goal = round(target * total)
+        while True:
+            kept = total - int(round(float(ticket_sparsity(model).min()) * total))
+            removed = total - kept
+            if removed >= goal:
+                break
+            importance = {}
+            for t in range(model_tickets(model)):
+                train_fn(t, round_idx)
+                for name, m in model.named_modules():
+                    if hasattr(m, "weight_masks"):
+                        importance.setdefault(name, torch.empty_like(m.weight_masks, dtype=m.weight.dtype))
+                        importance[name][t] = m.weight.detach().abs()
+                model.load_state_dict(theta0, strict=False)
+            count = min(goal - removed, max(1, int(round(task.settings.prune_fraction * kept))))
+            magnitude_prune_(model, count, importance=importance)
+            round_idx += 1
+        snapshots[f"{target:g}"] = _masks_of(model)
+        bar.update(1)
+    bar.close()
+    return snapshots
+
+
+def model_tickets(model: nn.Module) -> int:
+    for _, m in model.named_modules():
+        if hasattr(m, "weight_masks"):
+            return m.weight_masks.shape[0]
+    raise ValueError("the model has no routed layers")
+
+
+# -- speed ----------------------------------------------------------------------------------------------------
+
+def _median_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def measure_speed(task: Task, dense: nn.Module, routed_model: nn.Module, backend: Optional[str]) -> Dict[str, float]:
+    """Median inference ms of a mixed-ticket batch: rtl kernels, dense model, naive per-ticket loop (reference)."""
+    x, route = task.timing_batch()
+    dense.eval()
+    routed_model.eval()
+    routed = RoutedModel(routed_model)
+    with torch.no_grad():
+        def ours():
+            if backend:
+                with rtl_kernels.set_backend(backend):
+                    return task.forward(lambda inp: routed(inp, route), x)
+            return task.forward(lambda inp: routed(inp, route), x)
+
+        def naive():
+            with rtl_kernels.set_backend("reference"):
+                return task.forward(lambda inp: routed(inp, route), x)
+
+        result = {
+            "batch": int(x.shape[0]),
+            "dense_ms": _median_ms(lambda: task.forward(dense, x)),
+            "rtl_ms": _median_ms(ours),
+            "naive_ms": _median_ms(naive),
+        }
+    result["rtl_vs_dense"] = result["dense_ms"] / result["rtl_ms"]
+    result["rtl_vs_naive"] = result["naive_ms"] / result["rtl_ms"]
+    return result
+
+
+# -- the protocol -----------------------------------------------------------------------------------------------
+
+def _routed_fn(task: Task, model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    routed = RoutedModel(model)
+    return lambda x, route: task.forward(lambda inp: routed(inp, route), x)
+
+
+def _multi_fn(task: Task, models: List[nn.Module]) -> Callable[[Tensor, Tensor], Tensor]:
+    def fn(x, route):
+        out = None
+        for t, model in enumerate(models):
+            rows = (route == t).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            with use_route(model, torch.zeros(rows.numel(), dtype=torch.int64, device=x.device)):
+                y = task.forward(model, x[rows])
+            if out is None:
+                out = y.new_empty((x.shape[0],) + tuple(y.shape[1:]))
+            out[rows] = y
+        return out
+    return fn
+
+
+def _single_fn(task: Task, model: nn.Module) -> Callable[[Tensor], Tensor]:
+    def fn(x):
+        with use_route(model, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)):
+            return task.forward(model, x)
+    return fn
+
+
+def run_protocol(task: Task, out_dir: str, sparsities: Sequence[float], seed: int, config: Dict,
+                 resume: bool = False, backend: Optional[str] = None, progress: bool = True, device="cpu",
+                 log: Callable[[str], None] = print) -> Dict:
+    """Run (or resume) every stage of the protocol on ``task`` and return the metrics (also in metrics.json).
+
+    Args:
+        task: the experiment's :class:`~rtl.experiments.tasks.Task`.
+        out_dir: the run directory.
+        sparsities: targets in [0, 1).
+        seed: the run's seed; every stage derives its own from it.
+        config: the run's configuration, written to config.json (and compared on resume).
+        resume: continue a run in ``out_dir``; otherwise ``out_dir`` must not hold one.
+        backend: rtl_kernels backend for the routed models (None: automatic).
+        device: where models and data live ("cpu" or "cuda"); the task's tensors must already be there.
+        progress: show progress bars.
+        log: where one-line progress messages go.
+
+    Returns:
+        The metrics dictionary.
+    """
+    store = StageStore(out_dir, config, resume)
+    sparsities = sorted(float(s) for s in sparsities)
+    s_keys = [f"{s:g}" for s in sparsities]
+    filt = task.prunable_filter
+    T = task.num_tickets
+
+    def stage(name: str, fn: Callable[[], object]):
+        cached = store.load(name)
+        if cached is not None:
+            log(f"[{name}] done earlier, loaded")
+            return cached
+        start = time.perf_counter()
+        gen = _seed_all(_stage_seed(seed, name))
+        data = fn(gen)
+        store.save(name, data)
+        log(f"[{name}] {time.perf_counter() - start:.1f} s")
+        return data
+
+    theta0 = stage("init", lambda gen: {"dense": task.build_model(seed).state_dict(),
+                                        "single": _single_model(task, seed).state_dict()})
+
+    def routed_model(tickets: int, single: bool = False) -> nn.Module:
+        model = _single_model(task, seed) if single else task.build_model(seed)
+        model.load_state_dict(theta0["single" if single else "dense"])
+        return convert_(model.to(device), tickets, filter_fn=filt)
+
+    # dense baseline
+    def dense_stage(gen):
+        model = task.build_model(seed)
+        model.load_state_dict(theta0["dense"])
+        model.to(device)
+        losses = train_plain(task, model, task.settings.dense_epochs, gen)
+        return {"state": model.state_dict(), "losses": losses, "metrics": task.evaluate_single(lambda x: task.forward(model, x))}
+    dense = stage("dense", dense_stage)
+
+    # single-mask IMP
+    def single_masks_stage(gen):
+        model = routed_model(1, single=True)
+        train = lambda t, r: train_plain(task, model, task.settings.single_epochs, gen, route_all=True)
+        return extract_masks(task, model, sparsities, train, progress, "IMP single")
+    single_masks = stage("single_masks", single_masks_stage)
+
+    # RTL Alg. 1
+    def rtl_masks_stage(gen):
+        model = routed_model(T)
+        train = lambda t, r: train_ticket_steps(task, model, t, task.settings.ticket_steps, gen)
+        return extract_masks(task, model, sparsities, train, progress, "RTL Alg. 1")
+    rtl_masks = stage("rtl_masks", rtl_masks_stage)
+
+    results: Dict = {"dense": dense["metrics"], "sparsities": {}}
+    for s, key in zip(sparsities, s_keys):
+        def single_stage(gen, key=key):
+            model = routed_model(1, single=True)
+            _load_masks(model, single_masks[key])
+            # the paper gives the single model twice the epochs of the tickets to match data exposure (A.2)
+            epochs = task.settings.retrain_epochs * (2 if task.kind == "detector" else 1)
+            losses = train_plain(task, model, epochs, gen, route_all=True)
+            return {"losses": losses, "metrics": task.evaluate_single(_single_fn(task, model)),
+                    "counts": rtl_metrics.parameter_counts(model)}
+
+        def rtl_stage(gen, key=key):
+            model = routed_model(T)
+            _load_masks(model, rtl_masks[key])
+            losses = train_joint(task, model, task.settings.retrain_epochs, gen)
+            return {"state": model.state_dict(), "losses": losses,
+                    "metrics": task.evaluate_routed(_routed_fn(task, model)),
+                    "counts": rtl_metrics.parameter_counts(model),
+                    "jaccard": diagnostics.jaccard_matrix(model),
+                    "similarity": diagnostics.ticket_similarity_scores(model),
+                    "similarity_chance_corrected": diagnostics.chance_corrected_similarity(model)}
+
+        def multi_stage(gen, key=key):
+            models = []
+            for t in range(T):
+                model = routed_model(1)
+                _load_masks(model, {n: m[t : t + 1] for n, m in rtl_masks[key].items()})
+                steps = task.settings.retrain_epochs * max(1, len(list(task.ticket_batches(t, gen))))
+                train_ticket_steps_single(task, model, t, steps, gen)
+                models.append(model)
+            return {"metrics": task.evaluate_routed(_multi_fn(task, models))}
+
+        single_r = stage(f"single@{key}", single_stage)
+        rtl_r = stage(f"rtl@{key}", rtl_stage)
+        multi_r = stage(f"multi@{key}", multi_stage)
+        results["sparsities"][key] = {
+            "single": {"metrics": single_r["metrics"], "counts": single_r["counts"]},
+            "rtl": {"metrics": rtl_r["metrics"], "counts": rtl_r["counts"],
+                    "jaccard": rtl_r["jaccard"].tolist(), "similarity": rtl_r["similarity"].tolist(),
+                    "similarity_chance_corrected": rtl_r["similarity_chance_corrected"].tolist()},
+            "multi": {"metrics": multi_r["metrics"],
+                      "counts": {"sum": rtl_r["counts"]["sum"], "models": T}},
+        }
+
+    def speed_stage(gen):
+        dense_model = task.build_model(seed)
+        dense_model.load_state_dict(dense["state"])
+        dense_model.to(device)
+        out = {}
+        for key in s_keys:
+            model = routed_model(T)
+            model.load_state_dict(store.load(f"rtl@{key}")["state"])
+            out[key] = measure_speed(task, dense_model, model, backend)
+        return out
+    results["speed"] = stage("speed", speed_stage)
+    results["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
+                              "machine": platform.processor() or platform.machine(),
+                              "threads": torch.get_num_threads(), "backend": backend or "auto",
+                              "backends": rtl_kernels.available_backends()}
+    _atomic_json(_jsonable(results), os.path.join(out_dir, "metrics.json"))
+    return results
+
+
+def train_ticket_steps_single(task: Task, model: nn.Module, ticket: int, steps: int, gen: torch.Generator) -> float:
+    """An independent model (one mask) trained on ticket ``ticket``'s objective: the multi-model baseline."""
+    opt = TicketMaskedOptimizer(_adam(model, task.settings.lr), model)
+    model.train()
+    done, total = 0, 0.0
+    if task.subset_size(ticket) == 0:  # an empty subset: its ticket gets no steps
+        return float("nan")
+    while done < steps:
+        for x, target in task.ticket_batches(ticket, gen):
+            opt.zero_grad()
+            with use_route(model, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)):
+                loss = task.loss_ticket(task.forward(model, x), target, ticket)
+            loss.backward()
+            opt.step()
+            done, total = done + 1, total + float(loss.detach())
+            if done == steps:
+                break
+    return total / max(done, 1)
+
+
+def _single_model(task: Task, seed: int) -> nn.Module:
+    build = getattr(task, "build_single_model", None)
+    return build(seed) if build is not None else task.build_model(seed)
+
+
+def _jsonable(value):
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value

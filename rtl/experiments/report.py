@@ -1,0 +1,194 @@
+"""A run directory's report: ``report.md`` with the paper's Table 1 view, and PNG plots.
+
+Plots (matplotlib, Agg backend): accuracy vs sparsity per method; per-ticket similarity vs sparsity next to each
+ticket's accuracy (the paper's Fig. 2 view); the T x T Jaccard matrix at the highest sparsity.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ["headline_metric", "write_report"]
+
+
+def headline_metric(kind: str) -> Tuple[str, str]:
+    """(label, unit) of the metric the report leads with for a task kind."""
+    return ("PSNR", "dB") if kind == "inr" else ("balanced accuracy", "")
+
+
+def _method_rows(kind: str, entry: Dict) -> List[Tuple[str, Optional[Dict], Optional[int]]]:
+    """(method label, metrics dict with balanced_accuracy/precision/recall or psnr, stored weights)."""
+    rtl_m, multi_m, single_m = entry["rtl"]["metrics"], entry["multi"]["metrics"], entry["single"]["metrics"]
+    union, total = entry["rtl"]["counts"]["union"], entry["rtl"]["counts"]["sum"]
+    single_n = entry["single"]["counts"]["single"]
+    if kind == "inr":
+        return [("RTL (region routing)", rtl_m["image"], union), ("IMP single (region embedding)", single_m["image"],
+                single_n), ("IMP multi (independent models)", multi_m["image"], total)]
+    rows = []
+    if kind == "detector":
+        rows += [("RTL, detectors (paper Table 1 protocol)", rtl_m["detectors"], union),
+                 ("IMP multi, detectors", multi_m["detectors"], total)]
+        if "all_tickets" in rtl_m:
+            rows += [("RTL, all tickets, argmax (label-free)", rtl_m["all_tickets"], union),
+                     ("IMP multi, all tickets, argmax (label-free)", multi_m["all_tickets"], total)]
+    else:
+        rows += [("RTL, oracle environment routing", rtl_m["oracle"], union),
+                 ("RTL, cluster routing (label-free)", rtl_m["cluster"], union),
+                 ("RTL, all tickets, most confident (label-free)", rtl_m["all_tickets"], union),
+                 ("IMP multi, oracle routing", multi_m["oracle"], total)]
+    rows.append(("IMP single (C-way classifier)", single_m["multiclass"], single_n))
+    return rows
+
+
+def _fmt(value, digits=3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _headline(kind: str, metrics: Dict) -> float:
+    return metrics["psnr"] if kind == "inr" else metrics["balanced_accuracy"]
+
+
+def write_report(run_dir: str) -> str:
+    """Write ``report.md`` and the PNG plots of a finished run; returns the report's path."""
+    with open(os.path.join(run_dir, "config.json")) as fh:
+        config = json.load(fh)
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{run_dir} holds no metrics.json: the run has not finished (resume it with --resume)")
+    with open(path) as fh:
+        metrics = json.load(fh)
+    kind = config["kind"]
+    label, unit = headline_metric(kind)
+    keys = sorted(metrics["sparsities"], key=float)
+    lines = [f"# rtl run: {config['experiment']}", "",
+             f"{config['description']}", "",
+             f"- seed {config['seed']}, sparsities {', '.join(keys)}, {'quick' if config['quick'] else 'full'} "
+             f"settings, {config['num_tickets']} tickets ({', '.join(config['ticket_names'])})",
+             f"- machine: {metrics['environment']['machine']}, {metrics['environment']['threads']} threads, "
+             f"torch {metrics['environment']['torch']}, rtl_kernels backend {metrics['environment']['backend']}",
+             f"- prunable weights: {config.get('prunable_weights', '?')}", ""]
+    dense = metrics["dense"]
+    dense_m = dense["image"] if kind == "inr" else dense["multiclass"]
+    lines += ["## Results", "", "Dense model (no pruning): " + (
+        f"PSNR {dense_m['psnr']:.2f} dB" if kind == "inr" else
+        f"balanced accuracy {dense_m['balanced_accuracy']:.3f}, precision {dense_m['precision']:.3f}, "
+        f"recall {dense_m['recall']:.3f}, accuracy {dense_m['accuracy']:.3f}"), ""]
+    if kind == "inr":
+        lines += ["| sparsity | method | PSNR (dB) | stored weights |", "|---:|:---|---:|---:|"]
+    else:
+        lines += ["| sparsity | method | bal. acc | precision | recall | stored weights |",
+                  "|---:|:---|---:|---:|---:|---:|"]
+    for key in keys:
+        for name, m, count in _method_rows(kind, metrics["sparsities"][key]):
+            if kind == "inr":
+                lines.append(f"| {key} | {name} | {_fmt(m['psnr'], 2)} | {count} |")
+            else:
+                lines.append(f"| {key} | {name} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['precision'])} | "
+                             f"{_fmt(m['recall'])} | {count} |")
+    lines += ["", "Stored weights: RTL keeps the union of its tickets' masks over one shared weight; independent "
+              "models keep the sum of theirs; the single model keeps one mask. Dense layers left unpruned "
+              "(BatchNorm, classifier) are not counted.", ""]
+    lines += ["## Ticket similarity (the paper's diagnostic)", "",
+              "Mean Jaccard of each ticket's mask to the others' (S_k), and its chance-corrected variant (0: as "
+              "similar as independent random masks of the same densities, 1: identical).", "",
+              "| sparsity | mean S_k | min S_k | max S_k | mean chance-corrected |", "|---:|---:|---:|---:|---:|"]
+    for key in keys:
+        sim = metrics["sparsities"][key]["rtl"]["similarity"]
+        cc = metrics["sparsities"][key]["rtl"]["similarity_chance_corrected"]
+        lines.append(f"| {key} | {sum(sim) / len(sim):.3f} | {min(sim):.3f} | {max(sim):.3f} | "
+                     f"{sum(cc) / len(cc):.3f} |")
+    speed = metrics.get("speed", {})
+    if speed:
+        lines += ["", "## Inference speed of the routed model", "",
+                  "One mixed-ticket batch of test inputs; median of 7 timed calls after 2 warm-up calls. "
+                  "dense: the unpruned model; naive: the per-ticket loop (rtl_kernels' reference backend); rtl: "
+                  "the rtl kernels. Ratios > 1 mean rtl is faster.", "",
+                  "| sparsity | batch | dense ms | naive ms | rtl ms | rtl vs dense | rtl vs naive |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for key in keys:
+            s = speed.get(key)
+            if s:
+                lines.append(f"| {key} | {s['batch']} | {s['dense_ms']:.2f} | {s['naive_ms']:.2f} | {s['rtl_ms']:.2f} "
+                             f"| {s['rtl_vs_dense']:.2f}x | {s['rtl_vs_naive']:.2f}x |")
+    plots = _plots(run_dir, kind, metrics, keys, label, unit, config)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{title}]({name})" for name, title in plots]
+    out = os.path.join(run_dir, "report.md")
+    tmp = out + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def _per_ticket(kind: str, rtl_metrics: Dict) -> Optional[List[float]]:
+    if kind == "inr":
+        return rtl_metrics["image"]["psnr_per_region"]
+    if kind == "detector":
+        return rtl_metrics["detectors"]["per_ticket"]["balanced_accuracy"]
+    return rtl_metrics["oracle"].get("per_ticket_accuracy")
+
+
+def _plots(run_dir, kind, metrics, keys, label, unit, config) -> List[Tuple[str, str]]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the report still has every number
+        return []
+    made = []
+    xs = [float(k) for k in keys]
+    ylabel = f"{label} ({unit})" if unit else label
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    methods: Dict[str, List[float]] = {}
+    for key in keys:
+        for name, m, _ in _method_rows(kind, metrics["sparsities"][key]):
+            methods.setdefault(name, []).append(_headline(kind, m))
+    for name, ys in methods.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    dense = metrics["dense"]["image"]["psnr"] if kind == "inr" else metrics["dense"]["multiclass"]["balanced_accuracy"]
+    ax.axhline(dense, color="grey", linestyle="--", label="dense")
+    ax.set_xlabel("sparsity (fraction of prunable weights removed, per mask)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{config['experiment']}: {label} vs sparsity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "accuracy_vs_sparsity.png"), dpi=120)
+    plt.close(fig)
+    made.append(("accuracy_vs_sparsity.png", f"{label} vs sparsity per method"))
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    names = config["ticket_names"]
+    for t, name in enumerate(names):
+        sims = [metrics["sparsities"][k]["rtl"]["similarity"][t] for k in keys]
+        accs = [(_per_ticket(kind, metrics["sparsities"][k]["rtl"]["metrics"]) or [float("nan")] * len(names))[t]
+                for k in keys]
+        ax1.plot(xs, sims, marker="o", label=name)
+        ax2.plot(xs, accs, marker="o", label=name)
+    ax1.set_xlabel("sparsity")
+    ax1.set_ylabel("mean Jaccard to the other tickets")
+    ax1.set_title("ticket similarity")
+    ax2.set_xlabel("sparsity")
+    ax2.set_ylabel(f"per-ticket {ylabel}")
+    ax2.set_title("ticket performance")
+    ax2.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "similarity_vs_sparsity.png"), dpi=120)
+    plt.close(fig)
+    made.append(("similarity_vs_sparsity.png", "per-ticket similarity and performance vs sparsity (paper Fig. 2 view)"))
+
+    jac = metrics["sparsities"][keys[-1]]["rtl"]["jaccard"]
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    im = ax.imshow(jac, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_title(f"Jaccard of ticket masks at sparsity {keys[-1]}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "jaccard_matrix.png"), dpi=120)
+    plt.close(fig)
+    made.append(("jaccard_matrix.png", "T x T Jaccard matrix"))
+    return made

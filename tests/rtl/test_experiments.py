@@ -1,0 +1,139 @@
+"""`rtl run` / `rtl report` / `rtl list` end to end on tiny budgets: reports, resume, bad input, CIFAR loaders."""
+import json
+import os
+
+import pytest
+import torch
+
+from rtl import cli
+from rtl.experiments import protocol
+
+TINY = ["--set", "dense_epochs=1", "--set", "single_epochs=1", "--set", "ticket_steps=2", "--set", "retrain_epochs=1",
+        "--set", "prune_fraction=0.5", "--set", "batch_size=32", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: two intra-op threads only add synchronisation on a shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(args):
+    return cli.main(["run"] + args)
+
+
+def _without_timing(metrics):
+    return {k: v for k, v in metrics.items() if k not in ("speed", "environment")}
+
+
+@pytest.mark.parametrize("experiment", ["digits-classes", "digits-environments", "inr-regions"])
+def test_embedded_experiment_end_to_end(experiment, tmp_path):
+    out = tmp_path / "run"
+    assert _run([experiment, "--quick", "--sparsities", "0.3,0.6", "--out", str(out)] + TINY) == 0
+    for name in ("config.json", "metrics.json", "report.md", "accuracy_vs_sparsity.png", "similarity_vs_sparsity.png",
+                 "jaccard_matrix.png"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert "| sparsity | method |" in report and "RTL" in report and "IMP single" in report and "IMP multi" in report
+    assert "## Inference speed of the routed model" in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["sparsities"]) == {"0.3", "0.6"}
+    entry = metrics["sparsities"]["0.6"]
+    config = json.loads((out / "config.json").read_text())
+    # every ticket hits the target exactly: each mask keeps round((1 - s) * prunable) weights
+    kept = round(0.4 * config["prunable_weights"])
+    assert entry["rtl"]["counts"]["per_ticket"] == [kept] * config["num_tickets"]
+    single = entry["single"]["counts"]  # the INR baseline's first layer also reads the region embedding
+    assert single["single"] == round(0.4 * single["prunable"])
+    assert kept <= entry["rtl"]["counts"]["union"] <= entry["rtl"]["counts"]["sum"]
+    assert len(entry["rtl"]["jaccard"]) == config["num_tickets"]
+    # the report can be rebuilt from the run directory alone
+    os.remove(out / "report.md")
+    assert cli.main(["report", str(out)]) == 0 and (out / "report.md").is_file()
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
+    args = ["digits-environments", "--quick", "--sparsities", "0.5", "--seed", "3"] + TINY
+    assert _run(args + ["--out", str(tmp_path / "whole")]) == 0
+
+    real_save = protocol.StageStore.save
+
+    def save_then_stop(self, stage, data):
+        real_save(self, stage, data)
+        if stage == "rtl_masks":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(protocol.StageStore, "save", save_then_stop)
+    part = tmp_path / "part"
+    assert _run(args + ["--out", str(part)]) == 130
+    assert not (part / "metrics.json").exists()
+    monkeypatch.setattr(protocol.StageStore, "save", real_save)
+    assert _run(args + ["--resume", str(part)]) == 0
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed = json.loads((part / "metrics.json").read_text())
+    assert _without_timing(resumed) == _without_timing(whole)
+
+
+def test_bad_inputs(tmp_path, capsys):
+    assert _run(["no-such-experiment"]) == 2
+    assert "known: digits-classes, digits-environments, inr-regions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run(["digits-classes", "--sparsities", "0.5,1.0"])
+    assert "sparsities must lie in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run(["digits-classes", "--sparsities", "-0.1"])
+    assert _run(["cifar10-classes", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "--data-root" in err and "--download" in err
+    assert _run(["digits-classes", "--set", "epochs=3"]) == 2
+    assert "KEY one of" in capsys.readouterr().err
+    assert _run(["digits-classes", "--backend", "magic"]) == 2
+    assert "unknown backend" in capsys.readouterr().err
+
+
+def test_resume_refuses_foreign_corrupt_and_mismatched_runs(tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    assert _run(["digits-classes", "--resume", str(foreign)] + TINY) == 2
+    assert "not an rtl run directory" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    args = ["digits-classes", "--quick", "--sparsities", "0.5"] + TINY
+    assert _run(args + ["--out", str(run)]) == 0
+    assert _run(args + ["--out", str(run)]) == 2  # an existing run is never overwritten
+    assert "--resume" in capsys.readouterr().err
+
+    stage = run / "stages" / "rtl_masks.pt"
+    stage.write_bytes(b"not a checkpoint")
+    before = {p.name: p.read_bytes() for p in (run / "stages").iterdir()}
+    metrics_before = (run / "metrics.json").read_bytes()
+    assert _run(args + ["--resume", str(run)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (run / "stages").iterdir()} == before
+    assert (run / "metrics.json").read_bytes() == metrics_before
+
+    assert _run(["digits-classes", "--quick", "--sparsities", "0.25", "--resume", str(run)] + TINY) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+def test_list_names_every_experiment(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("digits-classes", "digits-environments", "inr-regions", "cifar10-classes", "cifar100-clusters"):
+        assert name in out
+
+
+@pytest.mark.parametrize("experiment, fixture", [("cifar10-classes", "cifar10_root"),
+                                                 ("cifar100-clusters", "cifar100_root")])
+def test_cifar_experiments_on_format_exact_files(experiment, fixture, tmp_path, request):
+    root, _ = request.getfixturevalue(fixture)
+    out = tmp_path / "run"
+    assert _run([experiment, "--quick", "--sparsities", "0.5", "--data-root", str(root), "--out", str(out),
+                 "--set", "eval_batch=8"] + TINY) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["prunable_weights"] == 125832  # the paper's GhostNet
+    assert config["num_tickets"] == (10 if experiment == "cifar10-classes" else 8)
+    assert (out / "report.md").is_file()
