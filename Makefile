@@ -8,7 +8,7 @@ CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 PYTEST_ARGS ?= -q -ra
 
-.PHONY: test install venv bench info clean
+.PHONY: test install venv bench info clean demo
 
 $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,18 @@ info: install
 test: install
 	$(VPY) -m rtl_kernels.info
 	$(VPY) -m pytest tests $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+# The README's first command: a real Routing-the-Lottery run on the default experiment with the quick budget.
+# The CUDA extension is not needed for it (CPU run), so it is not compiled here unless asked for
+# (RTL_BUILD_CUDA=1 make demo); a finished demo is resumed (nothing recomputed) and its report rebuilt.
+DEMO_DIR ?= runs/demo
+demo: export RTL_BUILD_CUDA ?= 0
+demo: install
+	@if [ -f $(DEMO_DIR)/config.json ]; then \
+		$(VPY) -m rtl run digits-classes --quick --resume $(DEMO_DIR); \
+	else \
+		$(VPY) -m rtl run digits-classes --quick --out $(DEMO_DIR); \
+	fi
 
 bench: install
 	$(VPY) bench/bench_linear.py

@@ -8,12 +8,34 @@ Three levels of use:
     - build with the layers: :class:`rtl.nn.RoutedSparseLinear`, :class:`rtl.nn.RoutedSparseConv2d`, ...;
     - call the ops: :func:`rtl_kernels.routed_masked_linear` and friends.
 """
+import importlib
+
 from . import nn
 from .convert import convert_, extract_ticket
 from .nn import RoutedSparseConv2d, RoutedSparseConvTranspose2d, RoutedSparseLinear, routed_modules
 from .routing import RoutedModel, model_num_tickets, use_route
 
 __version__ = "0.1.0"
+
+# Submodules that pull in scikit-learn, tqdm, matplotlib or the datasets load on first use, so `import rtl`
+# stays as light as torch itself.
+_LAZY_MODULES = ("data", "diagnostics", "experiments", "imp", "masks_io", "metrics", "models", "optim", "prune",
+                 "routers", "train")
+_LAZY_NAMES = {
+    "IMP": "imp", "magnitude_prune_": "prune", "TicketMaskedOptimizer": "optim", "train_sequential": "train",
+    "train_mixed": "train", "jaccard_matrix": "diagnostics", "ticket_similarity_scores": "diagnostics",
+    "save_masks": "masks_io", "load_masks_": "masks_io", "LabelRouter": "routers", "ClusterRouter": "routers",
+    "EnvironmentRouter": "routers",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module 'rtl' has no attribute {name!r}")
+
 
 __all__ = [
     "RoutedModel",
@@ -26,4 +48,6 @@ __all__ = [
     "nn",
     "routed_modules",
     "use_route",
+    *_LAZY_MODULES,
+    *_LAZY_NAMES,
 ]

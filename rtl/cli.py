@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one training setting (batch_size, lr, dense_epochs, single_epochs, ticket_steps, "
                           "retrain_epochs, prune_fraction, eval_batch); repeatable")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: torch's choice); the embedded experiments' models are tiny, "
+                          "and on a small or shared CPU one thread is often fastest")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     report = sub.add_parser("report", help="rebuild report.md and the plots of a finished run")
     report.add_argument("run_dir")
@@ -97,6 +100,11 @@ def _cmd_run(args) -> int:
         print(f"rtl: unknown experiment {args.experiment!r}; known: {', '.join(EXPERIMENTS)}", file=sys.stderr)
         return 2
     exp = EXPERIMENTS[args.experiment]
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"rtl: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"rtl: --device {args.device} but torch sees no CUDA device", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ import rtl_kernels
 from .. import diagnostics, metrics as rtl_metrics
 from ..convert import convert_
 from ..optim import TicketMaskedOptimizer
-from ..prune import magnitude_prune_, ticket_sparsity
+from ..prune import IMP
 from ..routing import RoutedModel, use_route
 from .tasks import Task
 
@@ -145,9 +145,14 @@ def train_plain(task: Task, model: nn.Module, epochs: int, gen: torch.Generator,
 
 
 def train_ticket_steps(task: Task, model: nn.Module, ticket: int, steps: int, gen: torch.Generator,
-                       opt: Optional[torch.optim.Optimizer] = None) -> float:
-    """``steps`` optimizer steps of one ticket on its subset (Alg. 1's inner training). Returns the mean loss."""
-    opt = opt or TicketMaskedOptimizer(_adam(model, task.settings.lr), model)
+                       route_ticket: Optional[int] = None) -> float:
+    """``steps`` optimizer steps on ticket ``ticket``'s subset and objective. Returns the mean loss.
+
+    Alg. 1's inner training routes the batch to ``ticket``; an independent one-mask model of the multi-model
+    baseline routes it to its only ticket (``route_ticket=0``).
+    """
+    route_ticket = ticket if route_ticket is None else route_ticket
+    opt = TicketMaskedOptimizer(_adam(model, task.settings.lr), model)
     model.train()
     done, total = 0, 0.0
     if task.subset_size(ticket) == 0:  # an empty subset: its ticket gets no steps
@@ -155,7 +160,7 @@ def train_ticket_steps(task: Task, model: nn.Module, ticket: int, steps: int, ge
     while done < steps:
         for x, target in task.ticket_batches(ticket, gen):
             opt.zero_grad()
-            with use_route(model, torch.full((x.shape[0],), ticket, dtype=torch.int64, device=x.device)):
+            with use_route(model, torch.full((x.shape[0],), route_ticket, dtype=torch.int64, device=x.device)):
                 loss = task.loss_ticket(task.forward(model, x), target, ticket)
             loss.backward()
             opt.step()
@@ -202,61 +207,24 @@ def _load_masks(model: nn.Module, masks: Dict[str, Tensor]) -> None:
             modules[name].weight_masks.copy_(mask)
 
 
-def _weights_state(model: nn.Module) -> Dict[str, Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("weight_masks")}
+def extract_masks(task: Task, model: nn.Module, sparsities: Sequence[float],
+                  train_fn: Callable[[nn.Module, int, int], object], progress: bool = True,
+                  label: str = "IMP") -> Dict[str, Dict[str, Tensor]]:
+    """Alg. 1 with :class:`rtl.prune.IMP` from the model's current weights (θ0), masks snapshotted per target.
 
-
-def extract_masks(task: Task, model: nn.Module, sparsities: Sequence[float], train_fn: Callable[[int, int], None],
-                  progress: bool = True, label: str = "IMP") -> Dict[str, Dict[str, Tensor]]:
-    """IMP per ticket from the model's current weights (θ0), snapshotting the masks at every target sparsity.
-
-    Each round: for every ticket, train from θ0 (``train_fn(ticket, round)``), record its trained weights as
-    that ticket's importance, rewind to θ0; then prune every ticket by ``prune_fraction`` of its remaining weights,
-    clipped so that each target in ``sparsities`` is hit exactly (paper.md open questions 1, 2, 4, 5).
+    One IMP run per target sparsity, in increasing order, each continuing from the previous masks (masks only
+    shrink; IMP's rewind returns the weights to θ0 after every ticket's training, so θ0 is the same for all
+    runs). Each round removes ``prune_fraction`` of a ticket's remaining weights, clipped to hit the target.
 
     Returns:
         {str(sparsity): {layer name: masks (T, *weight.shape)}}.
     """
-    from ..prune import prunable_count
-
-    theta0 = _weights_state(model)
-    total = prunable_count(model, filter_fn=None)
     snapshots: Dict[str, Dict[str, Tensor]] = {}
-    round_idx = 0
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    bar = tqdm(total=len(sparsities), desc=label, disable=not progress or tqdm is None, leave=False)
     for target in sorted(sparsities):
-        goal = round(target * total)
-        while True:
-            kept = total - int(round(float(ticket_sparsity(model).min()) * total))
-            removed = total - kept
-            if removed >= goal:
-                break
-            importance = {}
-            for t in range(model_tickets(model)):
-                train_fn(t, round_idx)
-                for name, m in model.named_modules():
-                    if hasattr(m, "weight_masks"):
-                        importance.setdefault(name, torch.empty_like(m.weight_masks, dtype=m.weight.dtype))
-                        importance[name][t] = m.weight.detach().abs()
-                model.load_state_dict(theta0, strict=False)
-            count = min(goal - removed, max(1, int(round(task.settings.prune_fraction * kept))))
-            magnitude_prune_(model, count, importance=importance)
-            round_idx += 1
+        if target > 0:
+            IMP(model, train_fn, target, amount=task.settings.prune_fraction, progress=progress).run()
         snapshots[f"{target:g}"] = _masks_of(model)
-        bar.update(1)
-    bar.close()
     return snapshots
-
-
-def model_tickets(model: nn.Module) -> int:
-    for _, m in model.named_modules():
-        if hasattr(m, "weight_masks"):
-            return m.weight_masks.shape[0]
-    raise ValueError("the model has no routed layers")
 
 
 # -- speed ----------------------------------------------------------------------------------------------------
@@ -388,14 +356,14 @@ def run_protocol(task: Task, out_dir: str, sparsities: Sequence[float], seed: in
     # single-mask IMP
     def single_masks_stage(gen):
         model = routed_model(1, single=True)
-        train = lambda t, r: train_plain(task, model, task.settings.single_epochs, gen, route_all=True)
+        train = lambda m, t, r: train_plain(task, m, task.settings.single_epochs, gen, route_all=True)
         return extract_masks(task, model, sparsities, train, progress, "IMP single")
     single_masks = stage("single_masks", single_masks_stage)
 
     # RTL Alg. 1
     def rtl_masks_stage(gen):
         model = routed_model(T)
-        train = lambda t, r: train_ticket_steps(task, model, t, task.settings.ticket_steps, gen)
+        train = lambda m, t, r: train_ticket_steps(task, m, t, task.settings.ticket_steps, gen)
         return extract_masks(task, model, sparsities, train, progress, "RTL Alg. 1")
     rtl_masks = stage("rtl_masks", rtl_masks_stage)
 
@@ -427,7 +395,7 @@ def run_protocol(task: Task, out_dir: str, sparsities: Sequence[float], seed: in
                 model = routed_model(1)
                 _load_masks(model, {n: m[t : t + 1] for n, m in rtl_masks[key].items()})
                 steps = task.settings.retrain_epochs * max(1, len(list(task.ticket_batches(t, gen))))
-                train_ticket_steps_single(task, model, t, steps, gen)
+                train_ticket_steps(task, model, t, steps, gen, route_ticket=0)
                 models.append(model)
             return {"metrics": task.evaluate_routed(_multi_fn(task, models))}
 
@@ -460,26 +428,6 @@ def run_protocol(task: Task, out_dir: str, sparsities: Sequence[float], seed: in
                               "backends": rtl_kernels.available_backends()}
     _atomic_json(_jsonable(results), os.path.join(out_dir, "metrics.json"))
     return results
-
-
-def train_ticket_steps_single(task: Task, model: nn.Module, ticket: int, steps: int, gen: torch.Generator) -> float:
-    """An independent model (one mask) trained on ticket ``ticket``'s objective: the multi-model baseline."""
-    opt = TicketMaskedOptimizer(_adam(model, task.settings.lr), model)
-    model.train()
-    done, total = 0, 0.0
-    if task.subset_size(ticket) == 0:  # an empty subset: its ticket gets no steps
-        return float("nan")
-    while done < steps:
-        for x, target in task.ticket_batches(ticket, gen):
-            opt.zero_grad()
-            with use_route(model, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)):
-                loss = task.loss_ticket(task.forward(model, x), target, ticket)
-            loss.backward()
-            opt.step()
-            done, total = done + 1, total + float(loss.detach())
-            if done == steps:
-                break
-    return total / max(done, 1)
 
 
 def _single_model(task: Task, seed: int) -> nn.Module:

@@ -41,6 +41,10 @@ def _method_rows(kind: str, entry: Dict) -> List[Tuple[str, Optional[Dict], Opti
     return rows
 
 
+def _count(value) -> str:
+    return f"{int(round(value)):,}" if value is not None else "—"
+
+
 def _fmt(value, digits=3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -82,10 +86,10 @@ def write_report(run_dir: str) -> str:
     for key in keys:
         for name, m, count in _method_rows(kind, metrics["sparsities"][key]):
             if kind == "inr":
-                lines.append(f"| {key} | {name} | {_fmt(m['psnr'], 2)} | {count} |")
+                lines.append(f"| {key} | {name} | {_fmt(m['psnr'], 2)} | {_count(count)} |")
             else:
                 lines.append(f"| {key} | {name} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['precision'])} | "
-                             f"{_fmt(m['recall'])} | {count} |")
+                             f"{_fmt(m['recall'])} | {_count(count)} |")
     lines += ["", "Stored weights: RTL keeps the union of its tickets' masks over one shared weight; independent "
               "models keep the sum of theirs; the single model keeps one mask. Dense layers left unpruned "
               "(BatchNorm, classifier) are not counted.", ""]
