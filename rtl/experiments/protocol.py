@@ -208,23 +208,34 @@ def _load_masks(model: nn.Module, masks: Dict[str, Tensor]) -> None:
 
 
 def extract_masks(task: Task, model: nn.Module, sparsities: Sequence[float],
-                  train_fn: Callable[[nn.Module, int, int], object], progress: bool = True,
-                  label: str = "IMP") -> Dict[str, Dict[str, Tensor]]:
+                  make_train_fn: Callable[[float], Callable[[nn.Module, int, int], object]],
+                  checkpoint_dir: Optional[str] = None, progress: bool = True) -> Dict:
     """Alg. 1 with :class:`rtl.prune.IMP` from the model's current weights (θ0), masks snapshotted per target.
 
     One IMP run per target sparsity, in increasing order, each continuing from the previous masks (masks only
     shrink; IMP's rewind returns the weights to θ0 after every ticket's training, so θ0 is the same for all
     runs). Each round removes ``prune_fraction`` of a ticket's remaining weights, clipped to hit the target.
+    With ``checkpoint_dir`` every finished round is saved, and an interrupted extraction resumes after it.
+
+    Args:
+        make_train_fn: ``make_train_fn(target) -> train_fn(model, ticket, round)``; the train_fn must draw its
+            randomness from its arguments (not from a generator shared across rounds) for resumes to be exact.
 
     Returns:
-        {str(sparsity): {layer name: masks (T, *weight.shape)}}.
+        {"masks": {str(sparsity): {layer name: masks (T, *weight.shape)}}, "log": [per-round dicts]}.
     """
     snapshots: Dict[str, Dict[str, Tensor]] = {}
+    log: List[Dict] = []
     for target in sorted(sparsities):
+        key = f"{target:g}"
         if target > 0:
-            IMP(model, train_fn, target, amount=task.settings.prune_fraction, progress=progress).run()
-        snapshots[f"{target:g}"] = _masks_of(model)
-    return snapshots
+            ckpt = None if checkpoint_dir is None else os.path.join(checkpoint_dir, key)
+            imp = IMP(model, make_train_fn(target), target, amount=task.settings.prune_fraction, checkpoint_dir=ckpt,
+                      progress=progress)
+            imp.run()
+            log += [dict(entry, target=target) for entry in imp.log]
+        snapshots[key] = _masks_of(model)
+    return {"masks": snapshots, "log": log}
 
 
 # -- speed ----------------------------------------------------------------------------------------------------
@@ -333,6 +344,9 @@ def run_protocol(task: Task, out_dir: str, sparsities: Sequence[float], seed: in
         gen = _seed_all(_stage_seed(seed, name))
         data = fn(gen)
         store.save(name, data)
+        if isinstance(data, dict) and "losses" in data:  # the training curve, readable without torch
+            os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
+            _atomic_json(_jsonable(data["losses"]), os.path.join(out_dir, "logs", f"{name}_losses.json"))
         log(f"[{name}] {time.perf_counter() - start:.1f} s")
         return data
 
@@ -354,18 +368,29 @@ def run_protocol(task: Task, out_dir: str, sparsities: Sequence[float], seed: in
     dense = stage("dense", dense_stage)
 
     # single-mask IMP
+    def round_gen(name: str, target: float, ticket: int, round_idx: int) -> torch.Generator:
+        # one generator per (stage, target, round, ticket): a round resumed from IMP's checkpoint sees the same
+        # batches as it would have in an uninterrupted run
+        return torch.Generator().manual_seed(_stage_seed(seed, f"{name}:{target:g}:{round_idx}:{ticket}"))
+
     def single_masks_stage(gen):
         model = routed_model(1, single=True)
-        train = lambda m, t, r: train_plain(task, m, task.settings.single_epochs, gen, route_all=True)
-        return extract_masks(task, model, sparsities, train, progress, "IMP single")
+        make = lambda target: lambda m, t, r: train_plain(
+            task, m, task.settings.single_epochs, round_gen("single_masks", target, t, r), route_all=True)
+        return extract_masks(task, model, sparsities, make, os.path.join(store.dir, "single_masks_imp"), progress)
     single_masks = stage("single_masks", single_masks_stage)
 
     # RTL Alg. 1
     def rtl_masks_stage(gen):
         model = routed_model(T)
-        train = lambda m, t, r: train_ticket_steps(task, m, t, task.settings.ticket_steps, gen)
-        return extract_masks(task, model, sparsities, train, progress, "RTL Alg. 1")
+        make = lambda target: lambda m, t, r: train_ticket_steps(
+            task, m, t, task.settings.ticket_steps, round_gen("rtl_masks", target, t, r))
+        return extract_masks(task, model, sparsities, make, os.path.join(store.dir, "rtl_masks_imp"), progress)
     rtl_masks = stage("rtl_masks", rtl_masks_stage)
+    os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
+    for name, data in (("single_masks", single_masks), ("rtl_masks", rtl_masks)):
+        _atomic_json(_jsonable(data["log"]), os.path.join(out_dir, "logs", f"{name}_rounds.json"))
+    single_masks, rtl_masks = single_masks["masks"], rtl_masks["masks"]
 
     results: Dict = {"dense": dense["metrics"], "sparsities": {}}
     for s, key in zip(sparsities, s_keys):

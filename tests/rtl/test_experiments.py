@@ -108,11 +108,11 @@ def test_resume_refuses_foreign_corrupt_and_mismatched_runs(tmp_path, capsys):
 
     stage = run / "stages" / "rtl_masks.pt"
     stage.write_bytes(b"not a checkpoint")
-    before = {p.name: p.read_bytes() for p in (run / "stages").iterdir()}
+    before = {p: p.read_bytes() for p in (run / "stages").rglob("*") if p.is_file()}
     metrics_before = (run / "metrics.json").read_bytes()
     assert _run(args + ["--resume", str(run)]) == 2
     assert "corrupt" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in (run / "stages").iterdir()} == before
+    assert {p: p.read_bytes() for p in (run / "stages").rglob("*") if p.is_file()} == before
     assert (run / "metrics.json").read_bytes() == metrics_before
 
     assert _run(["digits-classes", "--quick", "--sparsities", "0.25", "--resume", str(run)] + TINY) == 2
@@ -137,3 +137,34 @@ def test_cifar_experiments_on_format_exact_files(experiment, fixture, tmp_path, 
     assert config["prunable_weights"] == 125832  # the paper's GhostNet
     assert config["num_tickets"] == (10 if experiment == "cifar10-classes" else 8)
     assert (out / "report.md").is_file()
+
+
+def test_interrupted_mask_extraction_resumes_from_its_last_round(tmp_path, monkeypatch):
+    """An interruption inside Alg. 1 loses at most the round in progress, and the resumed masks are identical."""
+    from rtl import imp as imp_module
+
+    args = ["digits-classes", "--quick", "--sparsities", "0.6", "--seed", "1"] + TINY
+    assert _run(args + ["--out", str(tmp_path / "whole")]) == 0
+
+    real_run = imp_module.IMP.run
+    calls = {"rounds": 0}
+
+    def stop_after_two_rounds(self):
+        def callback(imp, entry):
+            calls["rounds"] += 1
+            if calls["rounds"] == 2:
+                raise KeyboardInterrupt
+        self.callbacks = tuple(self.callbacks) + (callback,)
+        return real_run(self)
+
+    monkeypatch.setattr(imp_module.IMP, "run", stop_after_two_rounds)
+    part = tmp_path / "part"
+    assert _run(args + ["--out", str(part)]) == 130
+    assert any((part / "stages").rglob("imp_checkpoint.pt"))
+    monkeypatch.setattr(imp_module.IMP, "run", real_run)
+    assert _run(args + ["--resume", str(part)]) == 0
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed = json.loads((part / "metrics.json").read_text())
+    assert _without_timing(resumed) == _without_timing(whole)
+    rounds = json.loads((part / "logs" / "rtl_masks_rounds.json").read_text())
+    assert [r["round"] for r in rounds] == list(range(len(rounds))) and len(rounds) >= 2
