@@ -13,7 +13,7 @@ PYTEST_ARGS ?= -q -ra
 $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(VPY) -m pip install -q pytest ninja setuptools wheel numpy scikit-learn scikit-image matplotlib tqdm
+	$(VPY) -m pip install -q pytest ninja setuptools wheel numpy scikit-learn scikit-image matplotlib tqdm pytest-benchmark
 	touch $@
 
 venv: $(VENV)/.deps-installed

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--download", action="store_true", help="download CIFAR into --data-root if missing")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one training setting (batch_size, lr, dense_epochs, single_epochs, ticket_steps, "
-                          "retrain_epochs, prune_fraction, eval_batch); repeatable")
+                          "retrain_epochs, prune_fraction, eval_batch, lr_schedule=cosine|constant); repeatable")
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads for torch (default: torch's choice); the embedded experiments' models are tiny, "
                           "and on a small or shared CPU one thread is often fastest")
@@ -71,8 +71,9 @@ def _parse_overrides(items: List[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in types:
             raise ValueError(f"--set takes KEY=VALUE with KEY one of {', '.join(types)}, got {item!r}")
+        convert = {"int": int, "float": float, "str": str}.get(getattr(types[key], "__name__", types[key]), str)
         try:
-            out[key] = float(value) if types[key] in (float, "float") else int(value)
+            out[key] = convert(value)
         except ValueError:
             raise ValueError(f"--set {key}: {value!r} is not a number") from None
     return out

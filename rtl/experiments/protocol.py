@@ -117,15 +117,33 @@ class StageStore:
 
 # -- training loops --------------------------------------------------------------------------------------------
 
-def _adam(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+def _optimizer(task: Task, model: nn.Module, total_steps: int, masked: bool):
+    """Adam (paper A.2 / C.4), wrapped so pruned weights stay put when ``masked``, and its LR schedule.
+
+    With ``lr_schedule="cosine"`` the rate decays to 0 over ``total_steps``: the final weights then do not
+    depend on where the last few full-rate Adam steps happened to land, which keeps method comparisons stable
+    on short budgets. Returns (optimizer, scheduler or None).
+    """
+    adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=task.settings.lr)
+    scheduler = None
+    if task.settings.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {task.settings.lr_schedule!r}")
+    if task.settings.lr_schedule == "cosine" and total_steps > 0:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(adam, T_max=total_steps)
+    return (TicketMaskedOptimizer(adam, model) if masked else adam), scheduler
+
+
+def _step(opt, scheduler) -> None:
+    opt.step()
+    if scheduler is not None:
+        scheduler.step()
 
 
 def train_plain(task: Task, model: nn.Module, epochs: int, gen: torch.Generator, route_all: bool = False) -> List[float]:
     """Train on the whole training set (dense baseline, single-mask IMP). Returns the mean loss per epoch."""
-    opt = _adam(model, task.settings.lr)
-    if route_all:  # a converted single-ticket model: keep pruned weights and their Adam state still
-        opt = TicketMaskedOptimizer(opt, model)
+    per_epoch = -(-task.x_train.shape[0] // task.settings.batch_size)
+    # a converted single-ticket model (route_all): pruned weights and their Adam state stay still
+    opt, scheduler = _optimizer(task, model, epochs * per_epoch, masked=route_all)
     losses = []
     model.train()
     for _ in range(epochs):
@@ -138,7 +156,7 @@ def train_plain(task: Task, model: nn.Module, epochs: int, gen: torch.Generator,
             else:
                 loss = task.loss_all(task.forward(model, x), y)
             loss.backward()
-            opt.step()
+            _step(opt, scheduler)
             total, count = total + float(loss.detach()) * x.shape[0], count + x.shape[0]
         losses.append(total / max(count, 1))
     return losses
@@ -152,7 +170,7 @@ def train_ticket_steps(task: Task, model: nn.Module, ticket: int, steps: int, ge
     baseline routes it to its only ticket (``route_ticket=0``).
     """
     route_ticket = ticket if route_ticket is None else route_ticket
-    opt = TicketMaskedOptimizer(_adam(model, task.settings.lr), model)
+    opt, scheduler = _optimizer(task, model, steps, masked=True)
     model.train()
     done, total = 0, 0.0
     if task.subset_size(ticket) == 0:  # an empty subset: its ticket gets no steps
@@ -163,7 +181,7 @@ def train_ticket_steps(task: Task, model: nn.Module, ticket: int, steps: int, ge
             with use_route(model, torch.full((x.shape[0],), route_ticket, dtype=torch.int64, device=x.device)):
                 loss = task.loss_ticket(task.forward(model, x), target, ticket)
             loss.backward()
-            opt.step()
+            _step(opt, scheduler)
             done, total = done + 1, total + float(loss.detach())
             if done == steps:
                 break
@@ -171,13 +189,19 @@ def train_ticket_steps(task: Task, model: nn.Module, ticket: int, steps: int, ge
 
 
 def train_joint(task: Task, model: nn.Module, epochs: int, gen: torch.Generator) -> List[float]:
-    """Alg. 2, sequential: per batch index, one step per ticket on that ticket's batch; short subsets cycle."""
-    opt = TicketMaskedOptimizer(_adam(model, task.settings.lr), model)
+    """Alg. 2, sequential: per batch index, one step per ticket on that ticket's batch; short subsets cycle.
+
+    The same schedule as :func:`rtl.train.train_sequential`, written out here because the protocol's tasks
+    build their batches per epoch (fresh negatives for the detectors) and route through ``task.forward``.
+    """
     losses = []
     model.train()
+    opt = scheduler = None
     for _ in range(epochs):
         iters = [list(task.ticket_batches(t, gen)) for t in range(task.num_tickets)]
         longest = max(len(b) for b in iters)
+        if opt is None:  # subset sizes are fixed, so every epoch takes the same number of steps
+            opt, scheduler = _optimizer(task, model, epochs * longest * sum(1 for b in iters if b), masked=True)
         total, count = 0.0, 0
         for m in range(longest):
             for t, batches in enumerate(iters):
@@ -188,7 +212,7 @@ def train_joint(task: Task, model: nn.Module, epochs: int, gen: torch.Generator)
                 with use_route(model, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)):
                     loss = task.loss_ticket(task.forward(model, x), target, t)
                 loss.backward()
-                opt.step()
+                _step(opt, scheduler)
                 total, count = total + float(loss.detach()), count + 1
         losses.append(total / max(count, 1))
     return losses

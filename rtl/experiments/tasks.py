@@ -43,6 +43,7 @@ class Settings:
         retrain_epochs: Alg. 2's N: epochs of joint retraining (RTL) and of each independent model (multi).
         prune_fraction: fraction of each ticket's remaining prunable weights removed per round.
         eval_batch: batch size of evaluation and timing.
+        lr_schedule: "cosine" (decay to 0 over each training call) or "constant".
     """
 
     batch_size: int = 64
@@ -53,6 +54,7 @@ class Settings:
     retrain_epochs: int = 6
     prune_fraction: float = 0.3
     eval_batch: int = 512
+    lr_schedule: str = "cosine"
 
 
 def _batches(index: Tensor, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:

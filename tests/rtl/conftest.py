@@ -1,11 +1,22 @@
-"""Fixtures shared by the rtl tests: tiny CIFAR files in the exact on-disk format torchvision reads."""
+"""Fixtures shared by the rtl tests: one intra-op thread, and tiny CIFAR files in torchvision's on-disk format."""
 import pickle
 import struct
 
 import numpy as np
 import pytest
+import torch
 
 from rtl.data import CIFAR10_CLASSES, CIFAR100_CLASSES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The method layer's tests run tiny models: intra-op threads buy nothing there, and on a loaded 2-core
+    # machine OpenMP barriers made small steps 10-60x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 # ------------------------------------------------------------------------------------------------------------ CIFAR
 # Tiny files in the official python-pickle layout. The official pickles were written by Python 2, whose str keys

@@ -12,15 +12,6 @@ TINY = ["--set", "dense_epochs=1", "--set", "single_epochs=1", "--set", "ticket_
         "--set", "prune_fraction=0.5", "--set", "batch_size=32", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: two intra-op threads only add synchronisation on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(args):
     return cli.main(["run"] + args)
 

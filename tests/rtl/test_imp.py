@@ -18,15 +18,6 @@ from rtl.prune import magnitude_prune_, ticket_sparsity
 PRUNABLE = 4 * 9 + 10 * 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: intra-op threads only contend (10x slower on a loaded 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(num_tickets=3, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1), nn.BatchNorm2d(4), nn.ReLU(),

@@ -15,16 +15,6 @@ from rtl.nn import RoutedSparseModule
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: intra-op threads buy nothing and, on a loaded machine, OpenMP barriers make each
-    # small op orders of magnitude slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 DENSE_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 # (factory, input maker, expected prunable weights, expected number of prunable layers)

@@ -10,15 +10,6 @@ from rtl.nn import RoutedSparseConv2d, RoutedSparseConvTranspose2d, RoutedSparse
 from rtl.optim import TicketMaskedOptimizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The shapes here are tiny: on a busy machine, intra-op threads cost far more in waiting than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(num_tickets: int, seed: int = 0, density: float = 0.6) -> nn.Module:
     """Conv -> BN -> ReLU -> ConvTranspose -> Linear (routed) -> Linear (dense); random masks, some positions pruned
     in every ticket. Inputs (B, 1, 7, 7)."""

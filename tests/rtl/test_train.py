@@ -20,15 +20,6 @@ from rtl.train import StepInfo, TrainResult, balanced_cyclic_batches, train_mixe
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The shapes here are tiny: on a busy machine, intra-op threads cost far more in waiting than they save.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(num_tickets: int, seed: int = 0, bn: bool = False, dropout: float = 0.0,
                density: float = 0.7) -> nn.Module:
     """Routed conv -> (BN) -> ReLU -> (Dropout) -> routed linear -> dense linear; inputs (B, 1, 5, 5), 3 classes."""
