@@ -4,6 +4,7 @@
                        [--out DIR] [--quick] [--resume DIR] [--data-root DIR] [--download]
     rtl report DIR
     rtl list
+    rtl bench {linear,conv2d,models,report} [ARGS...]   (the benchmark scripts under bench/)
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild report.md and the plots of a finished run")
     report.add_argument("run_dir")
     sub.add_parser("list", help="list the experiments")
+    from .bench_cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -182,6 +186,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _cmd_list()
     if args.command == "report":
         return _cmd_report(args)
+    if args.command == "bench":
+        from .bench_cli import run_bench
+
+        return run_bench(args)
     return _cmd_run(args)
 
 
