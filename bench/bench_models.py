@@ -1,0 +1,939 @@
+"""Whole-model speed of routed models (inference and one training step) against the same model dense and naive.
+
+Usage::
+
+    python bench/bench_models.py [--device cpu|cuda] [--quick] [--cases NAME,...] [--backend auto|cpu|triton|cuda]
+                                 [--full] [--repeats N] [--out bench/results]
+
+The op benchmarks (bench_linear.py, bench_conv2d.py) time one layer; this one times what a user runs: a model
+converted with ``rtl.convert_``, pruned per ticket, called through ``rtl.RoutedModel``, and trained with Adam
+wrapped in ``rtl.optim.TicketMaskedOptimizer``. Every provider of a case starts from the same weights and runs on the
+very same inputs, route and targets, in this one process:
+
+- B0    the plain dense model (no conversion, no masks): the speed-of-light reference (it computes another
+        function), trained with plain Adam;
+- B1    the routed model with ``rtl_kernels.set_backend("reference")``: the naive per-ticket loop in every layer;
+- ours  the routed model on the automatic backend (provider ``ours:auto``, the ``backend`` column says which one
+        it picked), or on each backend named with ``--backend``.
+
+Modes:
+
+- ``infer``: eval mode under ``torch.no_grad()``, one forward of the batch;
+- ``train_step``: train mode, ``zero_grad`` + forward + loss + backward + optimizer step (Adam, lr 1e-4: timing does
+  not depend on the rate, and small steps keep the activations in the same range over the repeats). The routed
+  providers step through TicketMaskedOptimizer, whose exact masking (a snapshot and restore of the weights and Adam
+  moments outside the active tickets) is part of what a correct routed training step costs, so it is timed too.
+
+The cases (docs/paper.md 1.5 and 3.1) are the paper's models and a torchvision one:
+
+- ``ghostnet``: rtl.models.GhostNet(num_classes=10) at batch 320 on 32x32 inputs, T = 10, converted with its
+  ``prunable_filter`` (every conv but the squeeze-and-excitation ones; BN, SE and the classifier dense);
+- ``inr``: rtl.models.FourierINR over the 65,536 pixel coordinates of a 256x256 image, T = 10, every Linear routed;
+- ``resnet18``: torchvision resnet18(weights=None, num_classes=10) at batch 64, T = 8, every conv routed and the
+  classifier ``fc`` dense. 224x224 inputs on GPU; on CPU 64x64 by default, 224x224 with ``--full``: scaling the
+  quick 32x32 batch-16 shapes (B1 train step 1.1 s on one core) by pixels and batch, a 224x224 batch-64 training
+  step of the naive loop takes minutes on a 2-core CPU, and every row makes at least 3 timed calls after warm-up.
+
+Masks: ``rtl.prune.magnitude_prune_`` from all-ones masks, ticket by ticket, with a random importance drawn per
+ticket (so tickets differ, as separate IMP runs would make them) and ``scope="layer"`` (every routed layer at the
+nominal sparsity, so "90 %" means the same in every layer). Unstructured at 0, 50, 75, 90 and 95 %; structured at
+90 % with the pruning layer's groups: ("vector", 8) on both devices, and ("block", 16, 16) on CPU or
+("block", 64, 64) on GPU (64x64 blocks are the GPU kernels' tile; on the paper's small layers, 16x16 still leaves
+several blocks per weight). A structured request removes whole groups only while it stays within the request, so
+layers smaller than one group stay dense: the ``sparsity_measured`` column says what was pruned. The route is
+balanced (B / T samples a ticket) and shuffled.
+
+The error column is the eval-mode forward's max |difference| from float64, computed once per case on a subset of
+the samples (round robin over the tickets, at least one per ticket; ``err_samples`` says how many): for the routed
+providers against ``rtl.extract_ticket(model, t)`` (plain torch layers with W * M_t) run on each ticket's own
+samples, for B0 against the dense model. The train_step rows repeat the infer rows' error.
+
+Results are appended to ``<out>/models_<cpu|cuda>.csv`` and the run's tables are written to
+``<out>/models_<cpu|cuda>_<git rev>.md`` and printed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import sys
+import uuid
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Run as a script (python bench/bench_models.py), so the sibling modules are found through the script's folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+# The ratio computation and the cell formatting are bench_linear's, reused so every benchmark prints the same way.
+import bench_linear as lin  # noqa: E402
+
+import rtl  # noqa: E402
+import rtl.optim  # noqa: E402
+import rtl.prune  # noqa: E402
+import rtl_kernels as rk  # noqa: E402
+from rtl.models import FourierINR, GhostNet  # noqa: E402
+from rtl_kernels.backends import select_backend  # noqa: E402
+from rtl_kernels.formats.block_csr import compile_block_csr  # noqa: E402
+
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MODES = ("infer", "train_step")
+FAMILIES = ("ghostnet", "inr", "resnet18")
+UNSTRUCTURED_SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
+STRUCTURED_SPARSITY = 0.9
+# Structured granularities per device type, as rtl.prune.magnitude_prune_ takes them.
+STRUCTURES = {"cpu": (("vector", 8), ("block", 16, 16)), "cuda": (("vector", 8), ("block", 64, 64))}
+OURS_CHOICES = ("auto", "cpu", "triton", "cuda")
+LEARNING_RATE = 1e-4
+
+FIELDS = [
+    "run_id", "timestamp", "device_kind", "device", "torch", "triton", "python", "cuda", "fp32_matmul_precision",
+    "threads", "git_rev", "quick", "case", "model", "dtype", "batch", "input_shape", "T", "prunable_weights",
+    "sparsity", "sparsity_measured", "mask_structure", "block_occupancy_64", "provider", "backend", "mode",
+    "status", "median_ms", "p10_ms", "p90_ms", "repeats", "ratio_vs_B0", "ratio_vs_B1", "max_abs_err",
+    "err_reference", "ref_max_abs", "err_samples", "error",
+]  # fmt: skip
+
+Granularity = Tuple  # ("unstructured",), ("vector", v) or ("block", bn, bk)
+
+
+# --------------------------------------------------------------------------------------------------------- the cases
+@dataclass(frozen=True)
+class Case:
+    """One model at one batch, T, sparsity and mask structure. ``base`` names it without its dtype.
+
+    ``batch`` is the number of samples the route assigns tickets to: images for the image models, coordinate rows
+    (``size`` x ``size`` of them) for the INR. ``size`` is the image side.
+    """
+
+    name: str
+    base: str
+    family: str  # ghostnet, inr or resnet18: --cases accepts it to select the family
+    batch: int
+    size: int
+    tickets: int
+    sparsity: float
+    granularity: Granularity
+    dtype: torch.dtype
+    repeats: int
+    err_samples: int  # samples the float64 error check covers (at least one per ticket)
+    warmup: Optional[int] = None  # None: the run's default
+    targets: Tuple = field(default=())  # none: performance.md states targets per layer, not per model
+
+    @property
+    def structure(self) -> str:
+        """The mask structure as the tables print it: 'unstructured', 'vector8' or 'block16x16'."""
+        kind = self.granularity[0]
+        if kind == "vector":
+            return f"vector{self.granularity[1]}"
+        if kind == "block":
+            return f"block{self.granularity[1]}x{self.granularity[2]}"
+        return kind
+
+    @property
+    def input_shape(self) -> Tuple[int, ...]:
+        """Shape of one batch of inputs: (B, 3, size, size), or (rows, 2) coordinates for the INR."""
+        if self.family == "inr":
+            return (self.batch, 2)
+        return (self.batch, 3, self.size, self.size)
+
+
+def _sparsity_tag(sparsity: float) -> str:
+    return str(round(sparsity * 100))
+
+
+def _family_cases(device_type: str, full: bool) -> List[dict]:
+    """Keyword arguments of Case (without name, base, sparsity, granularity, dtype) per family.
+
+    Repeats: the timed calls wanted per row; ``--max-seconds`` (default 5 s) stops a slow provider sooner. The
+    error check covers every GhostNet image and every INR row (both float64 references took 2.6 s and 1.3 s on one
+    core of the 2-core EPYC) and two images a ticket of ResNet-18 (about 0.3 dense GFLOP an image at 64x64, 3.6 at
+    224x224, paid twice: the dense and the per-ticket reference).
+    """
+    cpu = device_type == "cpu"
+    resnet_size = 64 if cpu and not full else 224
+    return [
+        dict(family="ghostnet", batch=320, size=32, tickets=10, repeats=10 if cpu else 30, err_samples=320),
+        dict(family="inr", batch=256 * 256, size=256, tickets=10, repeats=10 if cpu else 30, err_samples=256 * 256),
+        dict(family="resnet18", batch=64, size=resnet_size, tickets=8, repeats=5 if cpu else 20, err_samples=16),
+    ]
+
+
+def _cases_for(device_type: str, dtype: torch.dtype, tag: str, full: bool) -> List[Case]:
+    cases = []
+    masks: List[Tuple[str, float, Granularity]] = [
+        (f"u{_sparsity_tag(sp)}", sp, ("unstructured",)) for sp in UNSTRUCTURED_SPARSITIES
+    ]
+    for gran in STRUCTURES[device_type]:
+        label = f"v{gran[1]}" if gran[0] == "vector" else f"b{gran[1]}"
+        masks.append((f"{label}_{_sparsity_tag(STRUCTURED_SPARSITY)}", STRUCTURED_SPARSITY, tuple(gran)))
+    for kw in _family_cases(device_type, full):
+        for suffix, sp, gran in masks:
+            base = f"{kw['family']}_{suffix}"
+            name = f"{base}_{tag}" if tag else base
+            cases.append(Case(name=name, base=base, sparsity=sp, granularity=gran, dtype=dtype, **kw))
+    return cases
+
+
+def cpu_cases(full: bool = False) -> List[Case]:
+    """Every CPU case, fp32.
+
+    Args:
+        full: ResNet-18 at 224x224 (the GPU's resolution) instead of 64x64.
+
+    Returns:
+        The cases, family by family: 5 unstructured sparsities, then vector8 and block16x16 at 90 %.
+
+    Example:
+        >>> [c.name for c in cpu_cases()][:2]
+        ['ghostnet_u0', 'ghostnet_u50']
+    """
+    return _cases_for("cpu", torch.float32, "", full)
+
+
+def gpu_cases() -> List[Case]:
+    """Every GPU case in bf16 and fp32 (names end in _bf16 / _fp32), ResNet-18 at 224x224, blocks 64x64.
+
+    Returns:
+        The cases.
+
+    Example:
+        >>> gpu_cases()[0].name
+        'ghostnet_u0_bf16'
+    """
+    return _cases_for("cuda", torch.bfloat16, "bf16", True) + _cases_for("cuda", torch.float32, "fp32", True)
+
+
+def quick_case(case: Case) -> Case:
+    """The same model, T, sparsity, structure and dtype on tiny inputs, for smoke runs of seconds.
+
+    GhostNet and ResNet-18 keep their weights (the layers are the model's) on 2 images a ticket at 32x32; the INR
+    runs a 16x16 image (256 rows). The error check then covers every sample.
+
+    Args:
+        case: a full-size case.
+
+    Returns:
+        The shrunk case (3 timed calls a row).
+
+    Example:
+        >>> quick_case(cpu_cases()[0]).batch
+        20
+    """
+    if case.family == "inr":
+        batch, size = 16 * 16, 16
+    else:
+        batch, size = 2 * case.tickets, 32
+    return replace(case, batch=batch, size=size, repeats=3, warmup=None, err_samples=batch)
+
+
+def select_cases(device_type: str, names: Optional[str], quick: bool, full: bool = False) -> List[Case]:
+    """The cases of a run: all of the device's, or those named (case name, name without dtype, or family).
+
+    Args:
+        device_type: 'cpu' or 'cuda'.
+        names: comma-separated names from ``--cases``, or None for all.
+        quick: shrink every case with :func:`quick_case`.
+        full: CPU ResNet-18 at 224x224.
+
+    Returns:
+        The cases in the device's order. Unknown names end the program with the list of choices.
+
+    Example:
+        >>> [c.name for c in select_cases("cpu", "inr_u50", quick=False)]
+        ['inr_u50']
+    """
+    cases = cpu_cases(full) if device_type == "cpu" else gpu_cases()
+    if names:
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        known = {c.name for c in cases} | {c.base for c in cases} | {c.family for c in cases}
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            choices = ", ".join(dict.fromkeys([c.family for c in cases] + [c.name for c in cases]))
+            raise SystemExit(f"unknown case(s) {', '.join(unknown)} for {device_type}; choose from {choices}")
+        cases = [c for c in cases if c.name in wanted or c.base in wanted or c.family in wanted]
+    return [quick_case(c) for c in cases] if quick else cases
+
+
+# ------------------------------------------------------------------------------------------------------- the models
+def _seed(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def _dense_model(family: str) -> Tuple[nn.Module, Callable[[str, nn.Module], bool]]:
+    """The family's torch model (seeded, so every case of a family starts from the same weights) and the filter
+    that chooses the layers to route."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed(family))
+        if family == "ghostnet":
+            model = GhostNet(num_classes=10)
+            return model, model.prunable_filter
+        if family == "inr":
+            model = FourierINR()
+            return model, model.prunable_filter
+        if family == "resnet18":
+            import torchvision  # only this family needs it
+
+            model = torchvision.models.resnet18(weights=None, num_classes=10)
+            # The paper keeps the classifier dense; every conv is routed.
+            return model, lambda name, module: name != "fc"
+    raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+def _perturb_(model: nn.Module, seed: int) -> None:
+    """Give every bias and every batch norm's affine parameters and running statistics small random values.
+
+    The models start with zero biases and BN at (weight 1, bias 0, mean 0, var 1); under those a routed path that
+    dropped the bias or mishandled what BN sees would still match the reference, so the error check would miss it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(0.1 * torch.randn(bias.shape, generator=g))
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=g))
+                module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=g))
+                if module.weight is not None:
+                    module.weight.copy_(1.0 + 0.1 * torch.randn(module.weight.shape, generator=g))
+
+
+def prune_tickets_(model: nn.Module, num_tickets: int, sparsity: float, granularity: Granularity, seed: int) -> None:
+    """Prune each ticket of a converted model to ``sparsity`` in every routed layer, ranking a fresh random
+    importance per ticket (the tickets come out different, as separate IMP runs would make them).
+
+    Args:
+        model: a model with routed layers whose masks are all ones.
+        num_tickets: T.
+        sparsity: fraction in [0, 1) of each layer's weights each ticket drops.
+        granularity: "unstructured", ("vector", v) or ("block", bn, bk), as rtl.prune.magnitude_prune_ takes it.
+        seed: seeds the importance.
+
+    Example:
+        >>> prune_tickets_(model, 10, 0.9, ("vector", 8), seed=0)
+    """
+    if sparsity == 0:
+        return
+    gran = granularity[0] if granularity[0] == "unstructured" else granularity
+    layers = list(rtl.routed_modules(model))
+    g = torch.Generator().manual_seed(seed)
+    for t in range(num_tickets):
+        # magnitude_prune_ reads only row t of an importance when it prunes ticket t: one weight-sized draw,
+        # expanded to (T, *weight.shape) without copies, keeps ResNet-18's 11M x T scores out of memory.
+        importance = {
+            name: torch.rand(m.weight.shape, generator=g).to(m.weight_masks.device).expand(num_tickets, *m.weight.shape)
+            for name, m in layers
+        }
+        rtl.prune.magnitude_prune_(model, sparsity, tickets=t, scope="layer", granularity=gran, importance=importance)
+
+
+def block_occupancy(model: nn.Module, block: int = 64) -> Optional[float]:
+    """Fraction of (ticket, block x block tile) pairs of the routed weights' 2-D views that keep any weight.
+
+    Args:
+        model: a model with routed layers.
+        block: the tile side.
+
+    Returns:
+        Occupied tiles over all tiles of all routed layers (the block work a 64x64 block kernel cannot skip), or
+        None when the layout cannot be compiled here.
+
+    Example:
+        >>> block_occupancy(model)
+        0.97
+    """
+    occupied = total = 0.0
+    try:
+        for _, m in rtl.routed_modules(model):
+            masks = m.weight_masks.reshape(m.num_tickets, m.weight.shape[0], -1)
+            layout = compile_block_csr(masks, block, block)
+            tiles = masks.shape[0] * -(-masks.shape[1] // block) * -(-masks.shape[2] // block)
+            occupied += layout.occupancy * tiles
+            total += tiles
+    except Exception as exc:  # a reporting column must not stop the benchmark
+        print(f"  block occupancy unavailable: {common.error_text(exc)}", flush=True)
+        return None
+    return occupied / total if total else None
+
+
+@dataclass
+class Setup:
+    """One case's models and tensors; every provider starts from these same objects (or copies of them).
+
+    Shapes: x (B, 3, H, W) or (B, 2); route (B,) int64; target (B,) int64 labels or (B, 3) RGB for the INR;
+    check (S,) int64 indices of the samples the error check covers.
+    """
+
+    dense: nn.Module
+    routed: nn.Module
+    x: torch.Tensor
+    route: torch.Tensor
+    target: torch.Tensor
+    check: torch.Tensor
+    sparsity_measured: float
+    prunable_weights: int
+    block_occupancy: Optional[float]
+
+
+def check_samples(route: torch.Tensor, num_tickets: int, limit: int) -> torch.Tensor:
+    """Indices of the samples the float64 check covers: up to ``limit`` of them, taken round robin over the tickets
+    (each ticket's first sample, then each one's second, ...), at least one per ticket present.
+
+    Args:
+        route (B,) int64: the case's route.
+        num_tickets: T.
+        limit: samples wanted.
+
+    Returns:
+        (S,) int64 sorted indices on route's device.
+
+    Example:
+        >>> check_samples(torch.tensor([1, 0, 1, 1]), 2, 2).tolist()
+        [0, 1]
+    """
+    order = torch.sort(route.cpu(), stable=True).indices
+    counts = torch.bincount(route.cpu(), minlength=num_tickets)
+    starts = torch.cumsum(counts, 0) - counts
+    # Rank of each sample within its ticket; sorting by (rank, ticket) interleaves the tickets.
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(route.numel()) - starts[route.cpu()[order]]
+    interleaved = torch.argsort(rank * num_tickets + route.cpu(), stable=True)
+    count = min(route.numel(), max(int((counts > 0).sum()), limit))
+    return torch.sort(interleaved[:count]).values.to(route.device)
+
+
+def make_setup(case: Case, device: torch.device) -> Setup:
+    """Build, convert and prune the case's model and draw its inputs, route and targets (seeded by ``case.base``,
+    so the bf16 and fp32 variants and CPU and GPU runs share them).
+
+    Args:
+        case: the case.
+        device: where the models and tensors live.
+
+    Returns:
+        The :class:`Setup`; ``dense`` and ``routed`` hold the same weights.
+
+    Example:
+        >>> setup = make_setup(quick_case(cpu_cases()[1]), torch.device("cpu"))
+    """
+    dense, filter_fn = _dense_model(case.family)
+    _perturb_(dense, _seed(case.family) + 1)
+    routed = rtl.convert_(copy.deepcopy(dense), case.tickets, filter_fn=filter_fn)
+    prune_tickets_(routed, case.tickets, case.sparsity, case.granularity, seed=_seed(case.base) + 2)
+    dense.to(device=device, dtype=case.dtype)
+    routed.to(device=device, dtype=case.dtype)
+
+    g = torch.Generator().manual_seed(_seed(case.base))
+    B, T = case.batch, case.tickets
+    if case.family == "inr":
+        x = FourierINR.coords(case.size, case.size)
+        target = torch.rand(B, 3, generator=g)
+    else:
+        x = torch.randn(*case.input_shape, generator=g)
+        target = torch.randint(0, 10, (B,), generator=g)
+    # Balanced (B / T samples a ticket), shuffled.
+    route = (torch.arange(B) % T)[torch.randperm(B, generator=g)]
+    x = x.to(device=device, dtype=case.dtype)
+    target = target.to(device=device, dtype=case.dtype if case.family == "inr" else torch.int64)
+    route = route.to(device)
+    return Setup(
+        dense=dense,
+        routed=routed,
+        x=x,
+        route=route,
+        target=target,
+        check=check_samples(route, T, case.err_samples),
+        sparsity_measured=float(rtl.prune.ticket_sparsity(routed).mean()),
+        prunable_weights=rtl.prune.prunable_count(routed),
+        block_occupancy=block_occupancy(routed),
+    )
+
+
+def float64_references(setup: Setup) -> Dict[str, torch.Tensor]:
+    """Eval-mode outputs on the checked samples, in float64 from the same values.
+
+    The routed one runs ``rtl.extract_ticket(routed, t)`` (plain torch layers holding W * M_t) on the samples whose
+    own route entry is t, so it shares no code with the routed kernels.
+
+    Args:
+        setup: the case's setup.
+
+    Returns:
+        {"ticket_f64": (S, out...), "dense_f64": (S, out...)} float64 on the setup's device.
+
+    Example:
+        >>> refs = float64_references(setup)
+    """
+    x = setup.x.index_select(0, setup.check).double()
+    route = setup.route.index_select(0, setup.check)
+    with torch.no_grad():
+        dense = copy.deepcopy(setup.dense).double().eval()
+        dense_out = dense(x)
+        del dense
+        ticket_out = torch.empty_like(dense_out)
+        for t in torch.unique(route).tolist():
+            sel = (route == t).nonzero().flatten()
+            plain = rtl.extract_ticket(setup.routed, t).double().eval()
+            ticket_out[sel] = plain(x.index_select(0, sel))
+            del plain
+    return {"ticket_f64": ticket_out, "dense_f64": dense_out}
+
+
+# ---------------------------------------------------------------------------------------------------- the providers
+@dataclass
+class Provider:
+    """A way to run the case's model: its own copy of the weights, how to call it, and the backend context.
+
+    ``call(x)`` runs the model on x (B, ...) with the case's route where it is routed. The optimizer is built on the
+    first training step, so the infer rows run a model without optimizer state.
+    """
+
+    name: str
+    kind: str  # 'baseline' or 'ours'
+    model: nn.Module
+    call: Callable[[torch.Tensor], torch.Tensor]
+    err_reference: str  # key of float64_references
+    backend: str  # the rtl_kernels backend that runs the routed layers ('' for the plain torch model)
+    routed: bool
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    unavailable: Optional[str] = None
+    backward: bool = True  # every provider trains (common.measure_providers reads it)
+    optimizer: Optional[torch.optim.Optimizer] = None
+
+
+def _backend_name(choice: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend a choice resolves to for (device, dtype): itself, or what 'auto' picks ('' when none can)."""
+    if choice != "auto":
+        return choice
+    try:
+        with rk.set_backend("auto"):
+            return select_backend(device, dtype).name
+    except RuntimeError:
+        return ""
+
+
+def make_providers(case: Case, setup: Setup, device: torch.device, ours: Sequence[str]) -> List[Provider]:
+    """B0, B1 and one ``ours:<choice>`` provider per backend choice, each on its own deep copy of the weights (a
+    training step of one must not move the weights another starts from).
+
+    Args:
+        case: the case.
+        setup: its models and tensors.
+        device: where they run.
+        ours: backend choices from ``--backend`` ('auto', 'cpu', 'triton', 'cuda').
+
+    Returns:
+        The providers, B0 first.
+
+    Example:
+        >>> [p.name for p in make_providers(case, setup, torch.device("cpu"), ["auto"])]
+        ['B0', 'B1', 'ours:auto']
+    """
+    route = setup.route
+
+    def routed_call(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        wrapper = rtl.RoutedModel(model)
+        return lambda x: wrapper(x, route)
+
+    dense = copy.deepcopy(setup.dense)
+    providers = [Provider("B0", "baseline", dense, dense, "dense_f64", "", routed=False)]
+    b1 = copy.deepcopy(setup.routed)
+    providers.append(
+        Provider("B1", "baseline", b1, routed_call(b1), "ticket_f64", "reference", routed=True,
+                 context=lambda: rk.set_backend("reference"))
+    )  # fmt: skip
+    reasons = rk.unavailable_reasons(device, case.dtype)
+    for choice in ours:
+        model = copy.deepcopy(setup.routed)
+        providers.append(
+            Provider(
+                f"ours:{choice}",
+                "ours",
+                model,
+                routed_call(model),
+                "ticket_f64",
+                _backend_name(choice, device, case.dtype),
+                routed=True,
+                context=(lambda c=choice: rk.set_backend(c)),
+                unavailable=None if choice == "auto" else reasons.get(choice, f"no backend named {choice!r}"),
+            )
+        )
+    return providers
+
+
+def _loss(case: Case, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if case.family == "inr":
+        return F.mse_loss(out, target)
+    return F.cross_entropy(out, target)
+
+
+def _optimizer(p: Provider) -> torch.optim.Optimizer:
+    if p.optimizer is None:
+        adam = torch.optim.Adam(p.model.parameters(), lr=LEARNING_RATE)
+        # Adam alone would move weights outside the batch's tickets through its moments; the wrapper is what a
+        # correct routed training step runs.
+        p.optimizer = rtl.optim.TicketMaskedOptimizer(adam, p.model) if p.routed else adam
+    return p.optimizer
+
+
+def infer_step(p: Provider, x: torch.Tensor) -> torch.Tensor:
+    """One inference call of a provider (the model must already be in eval mode).
+
+    Args:
+        p: the provider.
+        x (B, ...): the inputs.
+
+    Returns:
+        The model's output (B, ...).
+
+    Example:
+        >>> y = infer_step(providers[0], setup.x)
+    """
+    with p.context(), torch.no_grad():
+        return p.call(x)
+
+
+def train_step(p: Provider, case: Case, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One training step of a provider (the model must already be in train mode): zero_grad, forward, loss,
+    backward, optimizer step.
+
+    Args:
+        p: the provider.
+        case: its case (chooses the loss: cross entropy on labels, MSE on the INR's RGB).
+        x (B, ...): the inputs.
+        target (B,) int64 labels or (B, 3) RGB.
+
+    Returns:
+        The loss (a detached scalar).
+
+    Example:
+        >>> train_step(providers[1], case, setup.x, setup.target)
+    """
+    opt = _optimizer(p)
+    with p.context():
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(case, p.call(x), target)
+        loss.backward()
+        opt.step()
+    return loss.detach()
+
+
+# ------------------------------------------------------------------------------------------------------- measuring
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _model_text(case: Case) -> str:
+    if case.family == "ghostnet":
+        return "GhostNet (CIFAR, num_classes=10)"
+    if case.family == "inr":
+        return f"FourierINR over a {case.size}x{case.size} image"
+    return "torchvision resnet18 (num_classes=10, fc dense)"
+
+
+def measure_case(
+    case: Case,
+    device: torch.device,
+    env: Dict[str, str],
+    run_id: str,
+    args: argparse.Namespace,
+    label: str,
+) -> List[Dict[str, object]]:
+    """All rows of one case: every provider in both modes.
+
+    Args:
+        case: the case.
+        device: where it runs.
+        env: :func:`common.environment`'s record.
+        run_id: the run's id.
+        args: the parsed options (repeats, warmup, max_seconds, quick, backend).
+        label: prefix of the progress line.
+
+    Returns:
+        One dict per (provider, mode) with the CSV's fields.
+
+    Example:
+        >>> rows = measure_case(case, torch.device("cpu"), env, "r1", args, "[1/1]")
+    """
+    print(
+        f"{label} {case.name}: {_model_text(case)}; x {tuple(case.input_shape)}, T={case.tickets}, "
+        f"{case.structure} {case.sparsity:.0%}, {str(case.dtype).replace('torch.', '')}",
+        flush=True,
+    )
+    gc.collect()  # once per case: the previous case's models and graphs go before anything is timed
+    setup = make_setup(case, device)
+    refs = float64_references(setup)
+    providers = make_providers(case, setup, device, args.backend)
+    repeats = args.repeats if args.repeats else case.repeats
+    if args.warmup is not None:
+        warmup = args.warmup
+    elif args.quick:
+        warmup = 1
+    elif case.warmup is not None:
+        warmup = case.warmup
+    else:
+        warmup = 3 if device.type == "cuda" else 2
+    max_seconds = args.max_seconds if args.max_seconds is not None else (1.0 if args.quick else 5.0)
+
+    base = {
+        **{k: env.get(k, "") for k in FIELDS if k in env},
+        "run_id": run_id,
+        "quick": int(bool(args.quick)),
+        "case": case.name,
+        "model": case.family,
+        "dtype": str(case.dtype).replace("torch.", ""),
+        "batch": case.batch,
+        "input_shape": _shape_text(case.input_shape),
+        "T": case.tickets,
+        "prunable_weights": setup.prunable_weights,
+        "sparsity": case.sparsity,
+        "sparsity_measured": setup.sparsity_measured,
+        "mask_structure": case.structure,
+        "block_occupancy_64": setup.block_occupancy,
+    }
+
+    def timed(fn) -> Dict[str, object]:
+        t = common.time_fn(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
+        return dict(status="ok", median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, repeats=t.repeats)
+
+    errors: Dict[str, object] = {}
+
+    def forward_error(p: Provider) -> float:
+        # Measured once per provider (both modes report it), in eval mode, before any training step moved weights.
+        if p.name not in errors:
+            was_training = p.model.training
+            p.model.eval()
+            try:
+                y = infer_step(p, setup.x)
+                errors[p.name] = (y.index_select(0, setup.check).double() - refs[p.err_reference]).abs().max().item()
+            except Exception as exc:
+                errors[p.name] = exc
+            finally:
+                p.model.train(was_training)
+        if isinstance(errors[p.name], Exception):
+            raise errors[p.name]
+        return errors[p.name]
+
+    rows: List[Dict[str, object]] = []
+    for mode in MODES:
+        for p in providers:
+            p.model.train(mode == "train_step")  # set once, outside the timed calls
+        step = (
+            (lambda p: infer_step(p, setup.x))
+            if mode == "infer"
+            else (lambda p: train_step(p, case, setup.x, setup.target))
+        )
+        # measure_providers times fwd_bwd_step for every mode other than "fwd": one mode per call picks the step.
+        rows += common.measure_providers(
+            providers, base, (mode,), timed, route_prep=lambda: None, forward_error=forward_error,
+            fwd_step=step, fwd_bwd_step=step, extra={"err_samples": f"{setup.check.numel()}/{case.batch}"},
+        )  # fmt: skip
+    backend = {p.name: p.backend for p in providers}
+    # The outputs' scale, so an absolute error can be read (untrained models with random BN statistics give
+    # logits in the hundreds).
+    scale = {key: ref.abs().max().item() for key, ref in refs.items()}
+    for r in rows:
+        r["backend"] = backend[r["provider"]]
+        r["ref_max_abs"] = scale.get(r.get("err_reference"))
+    lin._add_ratios_and_targets(rows, case, quick=args.quick)
+    del setup, refs, providers
+    rk.clear_layout_cache()  # the next case's masks are new tensors; drop this case's compiled layouts now
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ reporting
+def case_markdown(case_rows: List[Dict[str, object]]) -> str:
+    """One table for one case: providers as rows, infer and train_step columns with ms and ratios.
+
+    Args:
+        case_rows: the case's rows as :func:`measure_case` returns them (or as read back from the CSV).
+
+    Returns:
+        A heading line and a GitHub table.
+
+    Example:
+        >>> print(case_markdown(rows))
+    """
+    first = case_rows[0]
+    occ = first.get("block_occupancy_64")
+    occ_text = "n/a" if occ in (None, "") else f"{float(occ):.1%}"
+    err_samples = next((r.get("err_samples") for r in case_rows if r.get("err_samples")), None)
+    checked = ""
+    if err_samples:
+        done, total = str(err_samples).split("/")
+        checked = f"; max abs err on all {total} samples" if done == total else f"; max abs err on {done} of {total}"
+    title = (
+        f"### {first['case']}: {first['model']}, x ({first['input_shape'].replace('x', ', ')}), T={first['T']}, "
+        f"{int(first['prunable_weights']):,} routed weights, {first['mask_structure']} "
+        f"{float(first['sparsity']):.0%} (measured {float(first['sparsity_measured']):.1%}), "
+        f"64x64 block occupancy {occ_text}, {first['dtype']}{checked}"
+    )
+    by = {(r["provider"], r["mode"]): r for r in case_rows}
+    table, notes = [], []
+    for name in dict.fromkeys(r["provider"] for r in case_rows):
+        inf, tr = by.get((name, "infer")), by.get((name, "train_step"))
+        any_row = inf or tr
+        err = lin._fmt_err(any_row.get("max_abs_err"))
+        if err and any_row.get("err_reference"):
+            err += f" vs {any_row['err_reference']}"
+            if any_row.get("ref_max_abs") not in (None, ""):
+                err += f" (max |y| {float(any_row['ref_max_abs']):.3g})"
+        table.append(
+            [
+                name,
+                any_row.get("backend") or "torch",
+                lin._ms_cell(inf),
+                common.format_ratio(inf.get("ratio_vs_B0")) if inf else "",
+                common.format_ratio(inf.get("ratio_vs_B1")) if inf else "",
+                lin._ms_cell(tr),
+                common.format_ratio(tr.get("ratio_vs_B0")) if tr else "",
+                common.format_ratio(tr.get("ratio_vs_B1")) if tr else "",
+                err,
+            ]
+        )
+        for r in (inf, tr):
+            if r is not None and r.get("error"):
+                notes.append(f"- {name} {r['mode']}: {r['status']}: {r['error']}")
+    headers = ["provider", "backend", "infer ms (p10–p90)", "infer vs B0", "infer vs B1",
+               "train_step ms (p10–p90)", "train_step vs B0", "train_step vs B1", "max abs err"]  # fmt: skip
+    text = title + "\n\n" + common.markdown_table(headers, table, align="llrrrrrrr")
+    if notes:
+        text += "\n\n" + "\n".join(dict.fromkeys(notes))
+    return text
+
+
+def run_markdown(env: Dict[str, str], argv: Sequence[str], all_rows: List[Dict[str, object]], quick: bool) -> str:
+    """The run's markdown file: the environment, how to read the tables, one table per case.
+
+    Args:
+        env: :func:`common.environment`'s record.
+        argv: the command line's arguments.
+        all_rows: every row of the run.
+        quick: whether this was a --quick run.
+
+    Returns:
+        The text.
+
+    Example:
+        >>> text = run_markdown(env, ["--quick"], rows, quick=True)
+    """
+    lines = [
+        f"# routed model benchmark (inference and one training step), {env['device_kind']}",
+        "",
+        f"- device: {env['device']}; threads: {env['threads']}",
+        f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}"
+        + (f", CUDA {env['cuda']}, fp32 matmul precision {env['fp32_matmul_precision']}"
+           if env["device_kind"] == "cuda" else ""),
+        f"- git {env['git_rev']}, {env['timestamp']}",
+        f"- command: `python bench/bench_models.py {' '.join(argv)}`".rstrip(),
+        "- ms: median (p10–p90) of repeated calls after warm-up. \"vs B0\" / \"vs B1\": that baseline's median over "
+        "this one, same mode (> 1: faster than it). B0: the plain dense model (no masks), plain Adam; B1: the routed "
+        "model on the reference backend (per-ticket loop); ours: the routed model on the backend named. Routed "
+        "providers train with Adam inside rtl.optim.TicketMaskedOptimizer. infer: eval mode, no_grad forward; "
+        "train_step: train mode, zero_grad + forward + loss + backward + step (Adam, lr 1e-4).",
+        "- masks: rtl.prune.magnitude_prune_ per ticket on a random importance (scope='layer'); routes balanced "
+        "and shuffled. max abs err: eval-mode forward vs float64, per ticket through rtl.extract_ticket for the "
+        "routed providers and the dense model for B0.",
+    ]  # fmt: skip
+    if quick:
+        lines.append("- **quick run: tiny smoke shapes; times say nothing about the real cases.**")
+    for case in dict.fromkeys(r["case"] for r in all_rows):
+        lines += ["", case_markdown([r for r in all_rows if r["case"] == case])]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line: common.add_run_arguments' options plus --backend, --full and --out (--results-dir).
+
+    Args:
+        argv: the arguments (sys.argv[1:] when None).
+
+    Returns:
+        The namespace; ``backend`` is a list of choices.
+
+    Example:
+        >>> parse_args(["--quick", "--backend", "auto,cpu"]).backend
+        ['auto', 'cpu']
+    """
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    common.add_run_arguments(
+        ap,
+        cases_help="comma-separated case names (GPU: with or without _bf16/_fp32) or families (ghostnet, inr, "
+        "resnet18)",
+        warmup_help="untimed calls first (default 2 CPU, 3 GPU, 1 quick)",
+        default_results_dir=DEFAULT_RESULTS_DIR,
+    )
+    ap.add_argument("--out", dest="results_dir", type=Path, default=argparse.SUPPRESS,
+                    help="the same as --results-dir")  # fmt: skip
+    ap.add_argument(
+        "--backend", default="auto",
+        help="comma-separated backends for the 'ours' providers: auto (default: what rtl picks), cpu, triton, cuda",
+    )  # fmt: skip
+    ap.add_argument("--full", action="store_true", help="CPU: ResNet-18 at 224x224 (default 64x64 on CPU)")
+    args = common.parse_run_arguments(ap, argv)
+    choices = [c.strip().lower() for c in args.backend.split(",") if c.strip()]
+    bad = [c for c in choices if c not in OURS_CHOICES]
+    if not choices or bad:
+        ap.error(f"--backend {args.backend!r}: choose from {', '.join(OURS_CHOICES)} (B1 is the reference backend)")
+    args.backend = list(dict.fromkeys(choices))
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark: measure every selected case, append its rows to the CSV and rewrite the markdown.
+
+    Args:
+        argv: command-line arguments (sys.argv[1:] when None).
+
+    Returns:
+        0.
+
+    Example:
+        >>> main(["--quick", "--cases", "inr_u50", "--out", "/tmp/bench"])
+        0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = common.run_device(args)
+    cases = select_cases(device.type, args.cases, args.quick, full=args.full)
+
+    results_dir = args.results_dir.resolve()
+    csv_path = results_dir / f"models_{device.type}.csv"
+    common.check_csv_header(csv_path, FIELDS)  # fail now, not after the run
+    env = common.environment(device, results_dir)
+    run_id = uuid.uuid4().hex[:10]
+    md_path = results_dir / f"models_{device.type}_{env['git_rev']}.md"
+    print(
+        f"bench_models: {env['device']} ({env['threads']} threads), torch {env['torch']}, triton {env['triton']}, "
+        f"git {env['git_rev']}, {len(cases)} case(s){' [quick]' if args.quick else ''}",
+        flush=True,
+    )
+
+    all_rows: List[Dict[str, object]] = []
+    for i, case in enumerate(cases, 1):
+        rows = measure_case(case, device, env, run_id, args, label=f"[{i}/{len(cases)}]")
+        # Written case by case, so an interrupted run keeps what it measured.
+        common.append_csv(csv_path, rows, FIELDS)
+        all_rows += rows
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(run_markdown(env, argv, all_rows, args.quick), encoding="utf-8")
+
+    print()
+    print(run_markdown(env, argv, all_rows, args.quick))
+    print(f"appended {len(all_rows)} rows to {csv_path}\nwrote {md_path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
