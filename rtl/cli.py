@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--download", action="store_true", help="download CIFAR into --data-root if missing")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one training setting (batch_size, lr, dense_epochs, single_epochs, ticket_steps, "
-                          "retrain_epochs, prune_fraction, eval_batch, lr_schedule=cosine|constant); repeatable")
+                          "retrain_epochs, prune_fraction, eval_batch, lr_schedule=cosine|constant, "
+                          "granularity=unstructured|vector:V|block:BNxBK|channel); repeatable")
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads for torch (default: torch's choice); the embedded experiments' models are tiny, "
                           "and on a small or shared CPU one thread is often fastest")
@@ -80,6 +81,10 @@ def _parse_overrides(items: List[str]) -> dict:
             out[key] = convert(value)
         except ValueError:
             raise ValueError(f"--set {key}: {value!r} is not a number") from None
+        if key == "granularity":
+            from .experiments.tasks import parse_granularity
+
+            parse_granularity(value)
     return out
 
 

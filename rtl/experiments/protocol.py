@@ -35,7 +35,7 @@ from ..convert import convert_
 from ..optim import TicketMaskedOptimizer
 from ..prune import IMP
 from ..routing import RoutedModel, use_route
-from .tasks import Task
+from .tasks import Task, parse_granularity
 
 STATE_VERSION = 1
 
@@ -255,7 +255,7 @@ def extract_masks(task: Task, model: nn.Module, sparsities: Sequence[float],
         if target > 0:
             ckpt = None if checkpoint_dir is None else os.path.join(checkpoint_dir, key)
             imp = IMP(model, make_train_fn(target), target, amount=task.settings.prune_fraction, checkpoint_dir=ckpt,
-                      progress=progress)
+                      granularity=parse_granularity(task.settings.granularity), progress=progress)
             imp.run()
             log += [dict(entry, target=target) for entry in imp.log]
         snapshots[key] = _masks_of(model)

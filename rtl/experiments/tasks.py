@@ -44,6 +44,9 @@ class Settings:
         prune_fraction: fraction of each ticket's remaining prunable weights removed per round.
         eval_batch: batch size of evaluation and timing.
         lr_schedule: "cosine" (decay to 0 over each training call) or "constant".
+        granularity: the masks' structure: "unstructured", "vector:V" (runs of V weights along a row),
+            "block:BNxBK" or "channel" (see :func:`rtl.prune.magnitude_prune_`); structured masks trade accuracy
+            for kernel speed.
     """
 
     batch_size: int = 64
@@ -55,6 +58,23 @@ class Settings:
     prune_fraction: float = 0.3
     eval_batch: int = 512
     lr_schedule: str = "cosine"
+    granularity: str = "unstructured"
+
+
+def parse_granularity(text: str):
+    """"unstructured" | "channel" | "vector:V" | "block:BNxBK" -> the granularity rtl.prune takes."""
+    kind, _, arg = text.partition(":")
+    try:
+        if kind in ("unstructured", "channel") and not arg:
+            return kind
+        if kind == "vector":
+            return ("vector", int(arg))
+        if kind == "block":
+            bn, bk = arg.split("x")
+            return ("block", int(bn), int(bk))
+    except ValueError:
+        pass
+    raise ValueError(f"granularity must be unstructured, channel, vector:V or block:BNxBK, got {text!r}")
 
 
 def _batches(index: Tensor, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:

@@ -81,6 +81,8 @@ def test_bad_inputs(tmp_path, capsys):
     assert "--data-root" in err and "--download" in err
     assert _run(["digits-classes", "--set", "epochs=3"]) == 2
     assert "KEY one of" in capsys.readouterr().err
+    assert _run(["digits-classes", "--set", "granularity=diagonal"]) == 2
+    assert "granularity must be" in capsys.readouterr().err
     assert _run(["digits-classes", "--backend", "magic"]) == 2
     assert "unknown backend" in capsys.readouterr().err
 
@@ -159,3 +161,15 @@ def test_interrupted_mask_extraction_resumes_from_its_last_round(tmp_path, monke
     assert _without_timing(resumed) == _without_timing(whole)
     rounds = json.loads((part / "logs" / "rtl_masks_rounds.json").read_text())
     assert [r["round"] for r in rounds] == list(range(len(rounds))) and len(rounds) >= 2
+
+
+def test_structured_masks_run_and_stay_structured(tmp_path):
+    out = tmp_path / "run"
+    assert _run(["digits-classes", "--quick", "--sparsities", "0.5", "--out", str(out), "--set",
+                 "granularity=vector:4"] + TINY) == 0
+    masks = torch.load(out / "stages" / "rtl_masks.pt", weights_only=True)["data"]["masks"]["0.5"]
+    for name, m in masks.items():
+        rows = m.flatten(2)  # (T, O, rest): runs of 4 along each row are all kept or all pruned
+        full = rows.shape[-1] // 4 * 4
+        runs = rows[..., :full].reshape(*rows.shape[:2], -1, 4)
+        assert torch.all(runs.all(-1) | ~runs.any(-1)), name
