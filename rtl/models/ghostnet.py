@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._filters import check_filter_args
+
 __all__ = ["GhostBottleneck", "GhostModule", "GhostNet", "SqueezeExcite"]
 
 # (kernel, expansion, out_channels, squeeze-excitation, stride) of the nine bottlenecks, paper Table 4.
@@ -249,15 +251,9 @@ class GhostNet(nn.Module):
             >>> sum(m.weight.numel() for n, m in model.named_modules() if model.prunable_filter(n, m))
             125832
         """
-        _check_filter_args(name, module)
+        check_filter_args(name, module)
         return isinstance(module, nn.Conv2d) and "se" not in name.split(".")
 
-
-def _check_filter_args(name, module) -> None:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
 
 
 def _kaiming_init_(model: nn.Module) -> None:

@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._filters import check_filter_args
+
 __all__ = ["FourierFeatures", "FourierINR", "coords"]
 
 
@@ -177,8 +179,5 @@ class FourierINR(nn.Module):
             >>> sum(m.weight.numel() for n, m in model.named_modules() if model.prunable_filter(n, m))
             53888
         """
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}")
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        check_filter_args(name, module)
         return isinstance(module, nn.Linear)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._filters import check_filter_args
+
 __all__ = ["SmallCNN"]
 
 
@@ -87,10 +89,7 @@ class SmallCNN(nn.Module):
             >>> sum(m.weight.numel() for n, m in model.named_modules() if model.prunable_filter(n, m))
             22160
         """
-        if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__}")
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        check_filter_args(name, module)
         if isinstance(module, nn.Conv2d):
             return True
         return isinstance(module, nn.Linear) and name.split(".")[-1] != "classifier"
