@@ -58,7 +58,6 @@ import contextlib
 import copy
 import gc
 import sys
-import uuid
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -908,31 +907,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = common.run_device(args)
     cases = select_cases(device.type, args.cases, args.quick, full=args.full)
 
-    results_dir = args.results_dir.resolve()
-    csv_path = results_dir / f"models_{device.type}.csv"
-    common.check_csv_header(csv_path, FIELDS)  # fail now, not after the run
-    env = common.environment(device, results_dir)
-    run_id = uuid.uuid4().hex[:10]
-    md_path = results_dir / f"models_{device.type}_{env['git_rev']}.md"
-    print(
-        f"bench_models: {env['device']} ({env['threads']} threads), torch {env['torch']}, triton {env['triton']}, "
-        f"git {env['git_rev']}, {len(cases)} case(s){' [quick]' if args.quick else ''}",
-        flush=True,
-    )
-
-    all_rows: List[Dict[str, object]] = []
-    for i, case in enumerate(cases, 1):
-        rows = measure_case(case, device, env, run_id, args, label=f"[{i}/{len(cases)}]")
-        # Written case by case, so an interrupted run keeps what it measured.
-        common.append_csv(csv_path, rows, FIELDS)
-        all_rows += rows
-        md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(run_markdown(env, argv, all_rows, args.quick), encoding="utf-8")
-
-    print()
-    print(run_markdown(env, argv, all_rows, args.quick))
-    print(f"appended {len(all_rows)} rows to {csv_path}\nwrote {md_path}", flush=True)
-    return 0
+    return common.run_cases("models", FIELDS, cases, measure_case, run_markdown, args, argv, device, "")
 
 
 if __name__ == "__main__":

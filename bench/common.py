@@ -24,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -491,3 +492,35 @@ def run_device(args):
     if threads is not None:
         torch.set_num_threads(threads)
     return device
+
+
+# ------------------------------------------------------------------------------------------------------- run driver
+def run_cases(bench: str, fields: Sequence[str], cases: Sequence, measure_case: Callable, markdown: Callable,
+              args, argv: Sequence[str], device: torch.device, note: str = "") -> int:
+    """Measure every case, appending its rows to ``<bench>_<device>.csv`` and rewriting the markdown as it goes.
+
+    Rows are written case by case, so an interrupted run keeps what it measured. ``measure_case(case, device,
+    env, run_id, args, label=...)`` returns the case's rows; ``markdown(env, argv, rows, quick)`` renders the run.
+    """
+    results_dir = args.results_dir.resolve()
+    csv_path = results_dir / f"{bench}_{device.type}.csv"
+    check_csv_header(csv_path, fields)  # fail now, not after the run
+    env = environment(device, results_dir)
+    run_id = uuid.uuid4().hex[:10]
+    md_path = results_dir / f"{bench}_{device.type}_{env['git_rev']}.md"
+    print(
+        f"bench_{bench}: {env['device']} ({env['threads']} threads), torch {env['torch']}, triton {env['triton']}, "
+        f"git {env['git_rev']}, {len(cases)} case(s){' [quick]' if args.quick else ''}{note}",
+        flush=True,
+    )
+    all_rows: List[Dict[str, object]] = []
+    for i, case in enumerate(cases, 1):
+        rows = measure_case(case, device, env, run_id, args, label=f"[{i}/{len(cases)}]")
+        append_csv(csv_path, rows, fields)
+        all_rows += rows
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(markdown(env, argv, all_rows, args.quick), encoding="utf-8")
+    print()
+    print(markdown(env, argv, all_rows, args.quick))
+    print(f"appended {len(all_rows)} rows to {csv_path}\nwrote {md_path}", flush=True)
+    return 0

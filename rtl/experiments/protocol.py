@@ -15,7 +15,6 @@ computes exactly what an uninterrupted one would:
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os

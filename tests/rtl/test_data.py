@@ -1,6 +1,5 @@
 """Tests for rtl.data: digits and their corruption environments, the INR image task, CIFAR loaders and clusters."""
 import pickle
-import struct
 
 import numpy as np
 import pytest
