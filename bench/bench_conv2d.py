@@ -590,28 +590,11 @@ def case_markdown(case_rows: List[Dict[str, object]]) -> str:
         err = lin._fmt_err(any_row.get("max_abs_err"))
         if err and any_row.get("err_reference"):
             err += f" vs {any_row['err_reference']}"
-        table.append(
-            [
-                name,
-                lin._ms_cell(f),
-                common.format_ratio(f.get("ratio_vs_B0")) if f else "",
-                common.format_ratio(f.get("ratio_vs_B1")) if f else "",
-                lin._ms_cell(fb),
-                common.format_ratio(fb.get("ratio_vs_B0")) if fb else "",
-                common.format_ratio(fb.get("ratio_vs_B1")) if fb else "",
-                err,
-                target,
-            ]
-        )
-        for r in (f, fb):
-            if r is not None and r.get("error"):
-                notes.append(f"- {name} {r['mode']}: {r['status']}: {r['error']}")
+        table.append([name, *common.mode_cells(f), *common.mode_cells(fb), err, target])
+        notes += common.error_notes(name, (f, fb))
     headers = ["provider", "fwd ms (p10–p90)", "fwd vs B0", "fwd vs B1", "fwd+bwd ms (p10–p90)",
                "fwd+bwd vs B0", "fwd+bwd vs B1", "max abs err", "target"]  # fmt: skip
-    text = title + "\n\n" + common.markdown_table(headers, table, align="lrrrrrrrl")
-    if notes:
-        text += "\n\n" + "\n".join(dict.fromkeys(notes))
-    return text
+    return common.case_table(title, headers, table, "lrrrrrrrl", notes)
 
 
 def run_markdown(

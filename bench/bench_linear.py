@@ -472,16 +472,6 @@ def _add_ratios_and_targets(rows: List[Dict[str, object]], case: Case, quick: bo
 
 
 # ------------------------------------------------------------------------------------------------------ reporting
-def _ms_cell(r: Optional[Dict[str, object]]) -> str:
-    if r is None:
-        return "—"
-    if r.get("status") != "ok":
-        return str(r.get("status"))
-    return (
-        f"{common.format_ms(r['median_ms'])} ({common.format_ms(r['p10_ms'])}–{common.format_ms(r['p90_ms'])})"
-    )
-
-
 def case_markdown(case_rows: List[Dict[str, object]]) -> str:
     """One table for one case: providers as rows, fwd and fwd+bwd columns with ms and ratios."""
     first = case_rows[0]
@@ -500,29 +490,14 @@ def case_markdown(case_rows: List[Dict[str, object]]) -> str:
         target = "; ".join(
             f"{r['target']} → {r.get('target_met', '')}" for r in (f, fb) if r is not None and r.get("target")
         )
-        table.append(
-            [
-                name,
-                _ms_cell(f),
-                common.format_ratio(f.get("ratio_vs_B0")) if f else "",
-                common.format_ratio(f.get("ratio_vs_B1")) if f else "",
-                _ms_cell(fb),
-                common.format_ratio(fb.get("ratio_vs_B0")) if fb else "",
-                common.format_ratio(fb.get("ratio_vs_B1")) if fb else "",
-                _fmt_err(any_row.get("max_abs_err")) + (f" vs {any_row['err_reference']}" if any_row.get(
-                    "err_reference") and any_row.get("max_abs_err") is not None else ""),
-                target,
-            ]
-        )  # fmt: skip
-        for r in (f, fb):
-            if r is not None and r.get("error"):
-                notes.append(f"- {name} {r['mode']}: {r['status']}: {r['error']}")
+        err = _fmt_err(any_row.get("max_abs_err"))
+        if err and any_row.get("err_reference"):
+            err += f" vs {any_row['err_reference']}"
+        table.append([name, *common.mode_cells(f), *common.mode_cells(fb), err, target])
+        notes += common.error_notes(name, (f, fb))
     headers = ["provider", "fwd ms (p10–p90)", "fwd vs B0", "fwd vs B1", "fwd+bwd ms (p10–p90)",
                "fwd+bwd vs B0", "fwd+bwd vs B1", "max abs err", "target"]  # fmt: skip
-    text = title + "\n\n" + common.markdown_table(headers, table, align="lrrrrrrrl")
-    if notes:
-        text += "\n\n" + "\n".join(dict.fromkeys(notes))
-    return text
+    return common.case_table(title, headers, table, "lrrrrrrrl", notes)
 
 
 def run_markdown(env: Dict[str, str], argv: Sequence[str], all_rows: List[Dict[str, object]], quick: bool) -> str:

@@ -787,28 +787,11 @@ def case_markdown(case_rows: List[Dict[str, object]]) -> str:
             err += f" vs {any_row['err_reference']}"
             if any_row.get("ref_max_abs") not in (None, ""):
                 err += f" (max |y| {float(any_row['ref_max_abs']):.3g})"
-        table.append(
-            [
-                name,
-                any_row.get("backend") or "torch",
-                lin._ms_cell(inf),
-                common.format_ratio(inf.get("ratio_vs_B0")) if inf else "",
-                common.format_ratio(inf.get("ratio_vs_B1")) if inf else "",
-                lin._ms_cell(tr),
-                common.format_ratio(tr.get("ratio_vs_B0")) if tr else "",
-                common.format_ratio(tr.get("ratio_vs_B1")) if tr else "",
-                err,
-            ]
-        )
-        for r in (inf, tr):
-            if r is not None and r.get("error"):
-                notes.append(f"- {name} {r['mode']}: {r['status']}: {r['error']}")
+        table.append([name, any_row.get("backend") or "torch", *common.mode_cells(inf), *common.mode_cells(tr), err])
+        notes += common.error_notes(name, (inf, tr))
     headers = ["provider", "backend", "infer ms (p10–p90)", "infer vs B0", "infer vs B1",
                "train_step ms (p10–p90)", "train_step vs B0", "train_step vs B1", "max abs err"]  # fmt: skip
-    text = title + "\n\n" + common.markdown_table(headers, table, align="llrrrrrrr")
-    if notes:
-        text += "\n\n" + "\n".join(dict.fromkeys(notes))
-    return text
+    return common.case_table(title, headers, table, "llrrrrrrr", notes)
 
 
 def run_markdown(env: Dict[str, str], argv: Sequence[str], all_rows: List[Dict[str, object]], quick: bool) -> str:

@@ -494,6 +494,32 @@ def run_device(args):
     return device
 
 
+# ------------------------------------------------------------------------------------------------- per-case tables
+def mode_cells(row: Optional[Mapping[str, object]]) -> List[str]:
+    """The three cells of one mode in a case table: median (p10–p90) ms, ratio vs B0, ratio vs B1."""
+    if row is None:
+        return ["—", "", ""]
+    if row.get("status") != "ok":
+        ms = str(row.get("status"))
+    else:
+        ms = f"{format_ms(row['median_ms'])} ({format_ms(row['p10_ms'])}–{format_ms(row['p90_ms'])})"
+    return [ms, format_ratio(row.get("ratio_vs_B0")), format_ratio(row.get("ratio_vs_B1"))]
+
+
+def error_notes(name: str, rows: Iterable[Optional[Mapping[str, object]]]) -> List[str]:
+    """One note line per row of ``name`` that failed."""
+    return [f"- {name} {r['mode']}: {r['status']}: {r['error']}" for r in rows if r is not None and r.get("error")]
+
+
+def case_table(title: str, headers: Sequence[str], table: Sequence[Sequence[str]], align: str,
+               notes: Sequence[str]) -> str:
+    """A case's markdown: its title, the provider table, then each distinct failure note once."""
+    text = title + "\n\n" + markdown_table(headers, table, align=align)
+    if notes:
+        text += "\n\n" + "\n".join(dict.fromkeys(notes))
+    return text
+
+
 # ------------------------------------------------------------------------------------------------------- run driver
 def run_cases(bench: str, fields: Sequence[str], cases: Sequence, measure_case: Callable, markdown: Callable,
               args, argv: Sequence[str], device: torch.device, note: str = "") -> int:
