@@ -240,16 +240,23 @@ class TicketMaskedOptimizer(torch.optim.Optimizer):
         if route.numel():
             presence.index_fill_(0, route.to(presence.device), True)
 
-    def _active_per_layer(self) -> List[Tuple[int, ...]]:
-        """For every routed layer, the tickets whose masks this step may update (merged across processes)."""
+    def _active_per_layer(self) -> List[Union[Tuple[int, ...], Tensor]]:
+        """For every routed layer, the tickets whose masks this step may update (merged across processes).
+
+        Each entry is a tuple of ticket ids, or, when the tickets were recorded on an accelerator, a (T,) bool
+        tensor on that device: reading it back to the host would make every step wait for the forward and
+        backward to finish, so the masks are combined on the device instead (see :meth:`_union`).
+        """
         num_layers, num_tickets = len(self._layers), self.num_tickets
         if self._explicit is not None:
             presence = torch.zeros(num_layers, num_tickets, dtype=torch.bool)
             presence[:, list(self._explicit)] = True
         elif any(p is not None for p in self._recorded):
             # A layer that did not run since the previous step got no gradient from this step's batches.
-            rows = [p.cpu() if p is not None else torch.zeros(num_tickets, dtype=torch.bool) for p in self._recorded]
-            presence = torch.stack(rows) if rows else torch.zeros(0, num_tickets, dtype=torch.bool)
+            device = next(p.device for p in self._recorded if p is not None)
+            rows = [p.to(device) if p is not None else torch.zeros(num_tickets, dtype=torch.bool, device=device)
+                    for p in self._recorded]
+            presence = torch.stack(rows)
         else:
             presence = torch.ones(num_layers, num_tickets, dtype=torch.bool)
         if self.sync_tickets and _dist_ready() and dist.get_world_size() > 1:
@@ -257,7 +264,9 @@ class TicketMaskedOptimizer(torch.optim.Optimizer):
             device = self._layers[0].weight.device if dist.get_backend() == "nccl" else torch.device("cpu")
             merged = presence.to(device=device, dtype=torch.int32)
             dist.all_reduce(merged, op=dist.ReduceOp.MAX)
-            presence = merged.cpu().bool()
+            presence = merged.bool()
+        if not _reads_back_freely(presence.device):
+            return list(presence.unbind(0))
         return [tuple(torch.nonzero(row).flatten().tolist()) for row in presence]
 
     # -- the step ----------------------------------------------------------------------------------------------
@@ -312,9 +321,15 @@ class TicketMaskedOptimizer(torch.optim.Optimizer):
         return result
 
     @staticmethod
-    def _union(layer: RoutedSparseModule, tickets: Tuple[int, ...]) -> Tensor:
-        """(*weight.shape) bool: the positions that at least one of ``tickets`` keeps in ``layer``."""
+    def _union(layer: RoutedSparseModule, tickets: Union[Tuple[int, ...], Tensor]) -> Tensor:
+        """(*weight.shape) bool: the positions that at least one of ``tickets`` keeps in ``layer``.
+
+        ``tickets`` is a tuple of ticket ids, or a (T,) bool presence tensor (combined without leaving its device).
+        """
         masks = layer.weight_masks
+        if isinstance(tickets, Tensor):
+            presence = tickets.to(masks.device).view(-1, *([1] * (masks.dim() - 1)))
+            return (masks & presence).any(0)
         if not tickets:
             return torch.zeros(masks.shape[1:], dtype=torch.bool, device=masks.device)
         if len(tickets) == 1:
@@ -331,6 +346,11 @@ class TicketMaskedOptimizer(torch.optim.Optimizer):
     def __del__(self) -> None:
         for handle in self.__dict__.get("_hooks", ()):
             handle.remove()
+
+
+def _reads_back_freely(device: torch.device) -> bool:
+    """Whether reading a tensor on ``device`` from the host costs no wait (CPU memory is the host's)."""
+    return device.type == "cpu"
 
 
 def _dist_ready() -> bool:

@@ -382,3 +382,56 @@ def test_grad_scaler_steps_through_the_wrapper():
         outside = ~layer.weight_masks[0]
         assert torch.equal(layer.weight[outside], before[name][outside])
         assert not torch.equal(layer.weight[~outside], before[name][~outside])
+
+
+def test_presence_tensor_union_equals_ticket_id_union():
+    # The accelerator path combines the masks with a (T,) bool presence instead of ticket ids read back to the host.
+    layer = RoutedSparseConv2d(3, 4, 3, 4)
+    with torch.no_grad():
+        layer.weight_masks.copy_(torch.rand(layer.weight_masks.shape) < 0.4)
+    for bits in range(16):
+        tickets = tuple(t for t in range(4) if bits >> t & 1)
+        presence = torch.tensor([bool(bits >> t & 1) for t in range(4)])
+        assert torch.equal(TicketMaskedOptimizer._union(layer, presence), TicketMaskedOptimizer._union(layer, tickets))
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd_momentum"])
+def test_device_side_ticket_path_steps_bit_identically(name, monkeypatch):
+    # On a GPU the recorded tickets stay on the device (no host sync): force that path on CPU and compare.
+    def run():
+        model = make_model(4, seed=5)
+        inner = OPTIMIZERS[name](model.parameters())
+        opt = TicketMaskedOptimizer(inner, model)
+        for step, route in enumerate([torch.arange(6) % 4, torch.tensor([1, 1, 3, 3, 1, 3]), torch.full((6,), 2)]):
+            train_step(model, opt, route, seed=10 + step)
+        return snapshot(model, inner)
+
+    host_weights, host_states = run()
+    monkeypatch.setattr("rtl.optim._reads_back_freely", lambda device: False)
+    device_weights, device_states = run()
+    for key in host_weights:
+        assert torch.equal(host_weights[key], device_weights[key])
+        for state_key in host_states[key]:
+            assert torch.equal(host_states[key][state_key], device_states[key][state_key])
+
+
+@pytest.mark.gpu
+def test_step_with_recorded_tickets_does_not_sync_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = make_model(3).cuda()
+    inner = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = TicketMaskedOptimizer(inner, model)
+    x, y = batch(6, 2)
+    route = (torch.arange(6) % 3).cuda()
+    for _ in range(2):  # the second step runs with Adam's state already created
+        opt.zero_grad()
+        with rtl.use_route(model, route):
+            nn.functional.cross_entropy(model(x.cuda()), y.cuda()).backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any device-to-host read inside the step raises
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
