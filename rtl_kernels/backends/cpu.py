@@ -237,6 +237,16 @@ def _linear_grad_weight(grad_y, x, masks, layout, perm, offsets):
 # Unfolded rows of one chunk of images stay under this many bytes: the whole batch's im2col buffer is never
 # materialised (GhostNet's stem at batch 320 would be 60 MB, ResNet 3x3 at 56x56 with C = 256 over 1 GB).
 IM2COL_CHUNK_BYTES = 32 << 20
+# A standard conv's ticket takes the sparse kernel on unfolded columns when its density is under
+# CONV_SPARSE_MAX_DENSITY and the conv has at least CONV_SPARSE_MIN_K inputs an output (C * kh * kw); otherwise
+# torch's convolution (oneDNN, no im2col) runs with W * M_t on that ticket's images. Measured on the 2-core EPYC,
+# fp32, 3x3 convs, T = 8, batch 64, forward / forward+backward ms, sparse vs direct:
+#   C = 64 at 16x16 (K = 576): direct ahead at every density, 5 % included (19 / 73 vs 19 / 48);
+#   C = 128 at 8x8: 10 %: 14 / 48 vs 16 / 51, 30 %: 17 / 57 vs 17 / 45;
+#   C = 256 at 14x14: 5 %: 79 / 310 vs 133 / 426, 10 %: 89 / 380 vs 133 / 456, 20 %: 140 / 490 vs 133 / 433;
+#   C = 512 at 2x2: 10 %: 22 / 101 vs 45 / 253, 20 %: 48 / 196 vs 44 / 254.
+CONV_SPARSE_MAX_DENSITY = float(os.environ.get("RTL_CPU_CONV_SPARSE_MAX_DENSITY", "0.15"))
+CONV_SPARSE_MIN_K = int(os.environ.get("RTL_CPU_CONV_SPARSE_MIN_K", "1024"))
 
 
 def _conv_as_linear(weight: Optional[Tensor], masks: Tensor):
@@ -272,12 +282,32 @@ def _image_chunks(perm: Tensor, offsets: Tensor, pixels: int, cols: int):
         yield _Chunk(perm[lo:hi], [min(max(b, lo), hi) - lo for b in bounds])
 
 
-def _conv_paths(layout: CpuLinearLayout, offsets: Tensor, pixels: int):
-    """(ticket_sparse (T,) uint8, dense ticket ids) for a conv whose tickets hold images x pixels GEMM rows."""
+def _conv_paths(layout: CpuLinearLayout, offsets: Tensor, pixels: int, inputs: int):
+    """(ticket_sparse (T,) uint8, dense ticket ids) for a conv whose tickets hold images x pixels GEMM rows of
+    ``inputs`` (C * kh * kw) values.
+
+    A conv's dense alternative is torch's own convolution on W * M_t (no im2col), faster than the masked GEMM on
+    unfolded columns that the linear thresholds were measured against: hence CONV_SPARSE_MAX_DENSITY and
+    CONV_SPARSE_MIN_K.
+    """
     counts = ((offsets[1:] - offsets[:-1]) * pixels).tolist()
-    sparse = _sparse_tickets(layout, counts)
+    density = layout.density.tolist()
+    sparse = [s and density[t] < CONV_SPARSE_MAX_DENSITY and inputs >= CONV_SPARSE_MIN_K
+              for t, s in enumerate(_sparse_tickets(layout, counts))]
     dense = [t for t, rows in enumerate(counts) if rows and not sparse[t]]
     return torch.tensor(sparse, dtype=torch.uint8), dense
+
+
+def _sparse_images(perm: Tensor, offsets: Tensor, ticket_sparse: Tensor):
+    """The grouping restricted to the sparse tickets' images: (perm (b,), offsets (T + 1,)), dense tickets empty.
+
+    perm is ticket-sorted, so keeping the sparse tickets' positions keeps it sorted.
+    """
+    counts = (offsets[1:] - offsets[:-1]) * ticket_sparse.to(torch.int64)
+    keep = torch.repeat_interleave(ticket_sparse.bool(), offsets[1:] - offsets[:-1])
+    new_offsets = torch.zeros_like(offsets)
+    torch.cumsum(counts, 0, out=new_offsets[1:])
+    return perm[keep], new_offsets
 
 
 def _scratch_columns(name: str, images: int, channels: int, pixels: int, dtype) -> Tensor:
@@ -306,12 +336,15 @@ def _single_ticket(offsets: Tensor) -> Optional[int]:
     return int(present[0, 0]) if present.shape[0] == 1 else None
 
 
-def _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
-    only = _single_ticket(offsets)
+def _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups,
+                         which=None, out=None):
+    """torch's convolution with W * M_t on each ticket's images; ``which`` limits it to those tickets (their
+    images of ``out`` are written, the others left as they are)."""
+    only = _single_ticket(offsets) if which is None else None
     if only is not None:  # the stable grouping of a one-ticket batch is the identity permutation
         return F.conv2d(x, _masked_conv_weight(weight, masks, only), bias, stride, padding, dilation, groups)
-    y = None
-    for t, rows in _tickets(perm, offsets):
+    y = out
+    for t, rows in _tickets(perm, offsets, which):
         y_t = F.conv2d(x.index_select(0, rows), _masked_conv_weight(weight, masks, t), bias, stride, padding,
                        dilation, groups)
         if y is None:
@@ -320,26 +353,27 @@ def _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding,
     return y
 
 
-def _direct_conv_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups):
-    only = _single_ticket(offsets)
+def _direct_conv_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups,
+                            which=None, out=None):
+    only = _single_ticket(offsets) if which is None else None
     if only is not None:
         return torch.nn.grad.conv2d_input(tuple(input_shape), _masked_conv_weight(weight, masks, only), grad_y,
                                           stride, padding, dilation, groups)
-    dx = grad_y.new_zeros(input_shape)
-    for t, rows in _tickets(perm, offsets):
+    dx = grad_y.new_zeros(input_shape) if out is None else out
+    for t, rows in _tickets(perm, offsets, which):
         dx.index_copy_(0, rows, torch.nn.grad.conv2d_input(
             (rows.shape[0],) + tuple(input_shape[1:]), _masked_conv_weight(weight, masks, t),
             grad_y.index_select(0, rows), stride, padding, dilation, groups))
     return dx
 
 
-def _direct_conv_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups):
-    only = _single_ticket(offsets)
+def _direct_conv_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups, which=None):
+    only = _single_ticket(offsets) if which is None else None
     if only is not None:
         g = torch.nn.grad.conv2d_weight(x, masks.shape[1:], grad_y, stride, padding, dilation, groups)
         return _apply_mask(g, _direct_float_masks(masks), masks, only, out=g)
     dw = grad_y.new_zeros(masks.shape[1:])
-    for t, rows in _tickets(perm, offsets):
+    for t, rows in _tickets(perm, offsets, which):
         g = torch.nn.grad.conv2d_weight(x.index_select(0, rows), dw.shape, grad_y.index_select(0, rows), stride,
                                         padding, dilation, groups)
         dw += _apply_mask(g, _direct_float_masks(masks), masks, t, out=g)
@@ -356,9 +390,10 @@ def _masked_conv_weight(weight: Tensor, masks: Tensor, t: int) -> Tensor:
     return _apply_mask(weight, _direct_float_masks(masks), masks, t, out=out)
 
 
-def _tickets(perm: Tensor, offsets: Tensor):
+def _tickets(perm: Tensor, offsets: Tensor, which=None):
+    """(ticket, its images (n,) int64) for each ticket with images (only those in ``which`` when given)."""
     bounds = offsets.tolist()
-    for t in range(len(bounds) - 1):
+    for t in range(len(bounds) - 1) if which is None else which:
         if bounds[t + 1] > bounds[t]:
             yield t, perm[bounds[t] : bounds[t + 1]]
 
@@ -458,20 +493,19 @@ class CpuBackend(Backend):
         w2d, m2d, layout = _conv_as_linear(weight, masks)
         ho, wo = (conv_output_size(*args) for args in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
         y = x.new_empty((x.shape[0], weight.shape[0], ho, wo))
-        ticket_sparse, dense = _conv_paths(layout, offsets, ho * wo)
+        ticket_sparse, dense = _conv_paths(layout, offsets, ho * wo, w2d.shape[1])
+        if dense:
+            _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups,
+                                 which=dense, out=y)
+        if not bool(ticket_sparse.any()):
+            return y
+        perm, offsets = _sparse_images(perm, offsets, ticket_sparse)
         for chunk in _image_chunks(perm, offsets, ho * wo, w2d.shape[1]):
             cols = _columns(x, chunk.images, weight.shape[2:], stride, padding, dilation, ho * wo)
             torch.ops.rtl_kernels._cpu_conv_spmm(
                 w2d, w2d.shape[1], 1, layout.csr_ptr, layout.csr_chunk_ptr, layout.csr_idx, cols, chunk.local,
                 bias, chunk.img_offsets, ticket_sparse, y, chunk.images,
             )
-            for t in dense:
-                lo, hi = chunk.span(t)
-                if hi > lo:
-                    y_t = torch.matmul(_masked(w2d, layout, m2d, t), cols[lo:hi])
-                    if bias is not None:
-                        y_t += bias.view(1, -1, 1)
-                    y.index_copy_(0, chunk.images[lo:hi], y_t.view(hi - lo, -1, ho, wo))
         return y
 
     def conv2d_grad_input(self, grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups):
@@ -487,7 +521,13 @@ class CpuBackend(Backend):
         w2d, m2d, layout = _conv_as_linear(weight, masks)
         pixels = grad_y.shape[2] * grad_y.shape[3]
         dx = grad_y.new_empty(input_shape)
-        ticket_sparse, dense = _conv_paths(layout, offsets, pixels)
+        ticket_sparse, dense = _conv_paths(layout, offsets, pixels, w2d.shape[1])
+        if dense:
+            _direct_conv_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation,
+                                    groups, which=dense, out=dx)
+        if not bool(ticket_sparse.any()):
+            return dx
+        perm, offsets = _sparse_images(perm, offsets, ticket_sparse)
         dy = grad_y.view(grad_y.shape[0], grad_y.shape[1], pixels)
         for chunk in _image_chunks(perm, offsets, pixels, w2d.shape[1]):
             dcols = _scratch_columns("dcols", chunk.count, w2d.shape[1], pixels, grad_y.dtype)
@@ -496,11 +536,6 @@ class CpuBackend(Backend):
                 w2d, 1, w2d.shape[1], layout.csc_ptr, layout.csc_chunk_ptr, layout.csc_idx, dy, chunk.images,
                 None, chunk.img_offsets, ticket_sparse, dcols, chunk.local,
             )
-            for t in dense:
-                lo, hi = chunk.span(t)
-                if hi > lo:
-                    torch.matmul(_masked(w2d, layout, m2d, t).t(), dy.index_select(0, chunk.images[lo:hi]),
-                                 out=dcols[lo:hi])
             dx.index_copy_(0, chunk.images, F.fold(dcols, tuple(input_shape[2:]), tuple(weight.shape[2:]),
                                                    dilation=dilation, padding=padding, stride=stride))
         return dx
@@ -514,8 +549,15 @@ class CpuBackend(Backend):
             return _direct_conv_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups)
         _, m2d, layout = _conv_as_linear(None, masks)
         pixels = grad_y.shape[2] * grad_y.shape[3]
-        dw = grad_y.new_zeros(m2d.shape[1:])
-        ticket_sparse, dense = _conv_paths(layout, offsets, pixels)
+        ticket_sparse, dense = _conv_paths(layout, offsets, pixels, m2d.shape[2])
+        if dense:
+            dw = _direct_conv_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups,
+                                          which=dense).view(m2d.shape[1:])
+        else:
+            dw = grad_y.new_zeros(m2d.shape[1:])
+        if not bool(ticket_sparse.any()):
+            return dw.view(masks.shape[1:])
+        perm, offsets = _sparse_images(perm, offsets, ticket_sparse)
         dy = grad_y.view(grad_y.shape[0], grad_y.shape[1], pixels)
         for chunk in _image_chunks(perm, offsets, pixels, dw.shape[1]):
             cols = _columns(x, chunk.images, masks.shape[-2:], stride, padding, dilation, pixels)
@@ -523,11 +565,6 @@ class CpuBackend(Backend):
             torch.ops.rtl_kernels._cpu_conv_grad_weight(
                 dy, chunk.images, cols, chunk.img_offsets, ticket_sparse, layout.csr_ptr, layout.csr_idx, dw
             )
-            for t in dense:
-                lo, hi = chunk.span(t)
-                if hi > lo:
-                    product = torch.einsum("bol,bkl->ok", dy.index_select(0, chunk.images[lo:hi]), cols[lo:hi])
-                    dw += _apply_mask(product, layout.float_masks, m2d, t, out=product)
         return dw.view(masks.shape[1:])
 
 

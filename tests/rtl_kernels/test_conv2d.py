@@ -32,6 +32,8 @@ def run_case(backend, batch, c, o, h, w, k, tickets, density, groups=1, transpos
     wshape = (c, o // groups, *k) if transposed else (o, c // groups, *k)
     weight = torch.randn(*wshape, generator=gen, requires_grad=True)
     bias = torch.randn(o, generator=gen, requires_grad=True)
+    # density: one for every ticket, or a sequence of T per-ticket densities
+    density = torch.as_tensor(density, dtype=torch.float32).reshape(-1, *([1] * len(wshape)))
     masks = torch.rand(tickets, *wshape, generator=gen) < density
     if route_kind == "random":
         route = torch.randint(0, tickets, (batch,), generator=gen)
@@ -71,14 +73,24 @@ CONV_CASES = [  # (batch, c, o, h, w, kernel, tickets, groups, geometry)
 ]
 
 
+def use_ticket_paths(monkeypatch):
+    """Send the cpu backend's small test convs through the per-ticket paths: the unfolded sparse kernels for
+    tickets indexed as sparse, torch's convolution per ticket for the others. By default these tiny layers take
+    the per-image-weight path, and their few inputs an output (C * kh * kw) would keep every ticket off the
+    sparse kernels."""
+    from rtl_kernels.backends import cpu
+
+    monkeypatch.setattr(cpu, "PER_IMAGE_WEIGHT_LIMIT", 0)
+    monkeypatch.setattr(cpu, "CONV_SPARSE_MIN_K", 0)
+    monkeypatch.setattr(cpu, "CONV_SPARSE_MAX_DENSITY", 1.0)
+    return cpu
+
+
 @pytest.fixture(params=["per_image_weights", "ticket_paths"])
 def cpu_conv_path(request, monkeypatch):
-    """Run the cpu backend's conv both ways: small test layers take the per-image-weight path by default; a zero
-    limit sends them through the unfolded sparse kernels and the per-ticket direct convs instead."""
+    """Run the cpu backend's conv both ways (see use_ticket_paths)."""
     if request.param == "ticket_paths" and HAS_CPU_EXT:
-        from rtl_kernels.backends import cpu
-
-        monkeypatch.setattr(cpu, "PER_IMAGE_WEIGHT_LIMIT", 0)
+        use_ticket_paths(monkeypatch)
     return request.param
 
 
@@ -98,8 +110,25 @@ def test_conv2d_spans_several_im2col_chunks(backend, monkeypatch):
     from rtl_kernels.backends import cpu
 
     monkeypatch.setattr(cpu, "IM2COL_CHUNK_BYTES", 4096)  # a few images a chunk
-    monkeypatch.setattr(cpu, "PER_IMAGE_WEIGHT_LIMIT", 0)
+    use_ticket_paths(monkeypatch)
     run_case(backend, 9, 3, 6, 10, 9, (3, 3), 3, 0.3, padding=1, seed=3)
+
+
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="the cpu extension is not built")
+@pytest.mark.parametrize("chunk_bytes", [32 << 20, 4096])
+def test_conv2d_mixes_dense_and_sparse_tickets_in_one_call(chunk_bytes, monkeypatch):
+    # Dense tickets run torch's convolution on their images, sparse ones the unfolded kernels, in the same call.
+    from rtl_kernels.backends import cpu
+
+    use_ticket_paths(monkeypatch)
+    monkeypatch.setattr(cpu, "IM2COL_CHUNK_BYTES", chunk_bytes)
+    densities = [0.05, 0.95, 0.3, 1.0, 0.0, 0.5]
+    seen = []
+    paths = cpu._conv_paths
+    monkeypatch.setattr(cpu, "_conv_paths", lambda *a: seen.append(paths(*a)) or seen[-1])
+    for seed in range(3):
+        run_case("cpu", 11, 4, 6, 9, 8, (3, 3), len(densities), densities, padding=1, seed=seed)
+    assert any(sparse.any() and dense for sparse, dense in seen), "no call took both paths"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -258,18 +287,19 @@ def test_conv_transpose2d_bad_input():
 
 @pytest.mark.skipif(not HAS_CPU_EXT, reason="rtl_kernels._C was not built")
 def test_conv_layout_is_cached_and_follows_mask_edits(monkeypatch):
-    from rtl_kernels.backends import cpu
-
-    monkeypatch.setattr(cpu, "PER_IMAGE_WEIGHT_LIMIT", 0)
+    use_ticket_paths(monkeypatch)
     args = _good()
     with rk.set_backend("cpu"):
+        before = rk.layout_cache_stats()["compiles"]
         y1 = rk.routed_masked_conv2d(**args, padding=1)
         compiles = rk.layout_cache_stats()["compiles"]
+        assert compiles > before
         rk.routed_masked_conv2d(**args, padding=1)
         assert rk.layout_cache_stats()["compiles"] == compiles
-        args["masks"][1].logical_not_()
+        # a new pattern at the same density: every ticket keeps its path, so the same layouts compile again
+        args["masks"][1].copy_(args["masks"][1].flip(0).clone())
         y2 = rk.routed_masked_conv2d(**args, padding=1)
-        assert rk.layout_cache_stats()["compiles"] == compiles + 1
+        assert rk.layout_cache_stats()["compiles"] == compiles + (compiles - before)
     ref, _ = oracle(args["x"], args["weight"], args["masks"], args["route"], None, padding=1)
     torch.testing.assert_close(y2.double(), ref, **TOL)
     assert not torch.allclose(y1, y2)
