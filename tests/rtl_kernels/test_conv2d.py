@@ -70,6 +70,7 @@ CONV_CASES = [  # (batch, c, o, h, w, kernel, tickets, groups, geometry)
     (5, 6, 6, 9, 8, (3, 3), 3, 6, dict(padding=1, stride=2)),  # depthwise
     (3, 4, 8, 9, 9, (5, 5), 2, 4, dict(padding=2)),  # depthwise with channel multiplier 2
     (7, 3, 5, 6, 6, (3, 3), 1, 1, dict(padding=1)),  # T = 1
+    (6, 5, 7, 3, 2, (1, 1), 3, 1, dict()),  # 1x1 on a 3x2 map: the cpu backend's pointwise "rows" path
 ]
 
 
@@ -83,6 +84,7 @@ def use_ticket_paths(monkeypatch):
     monkeypatch.setattr(cpu, "PER_IMAGE_WEIGHT_LIMIT", 0)
     monkeypatch.setattr(cpu, "CONV_SPARSE_MIN_K", 0)
     monkeypatch.setattr(cpu, "CONV_SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(cpu, "_pointwise_path", lambda *args: None)  # 1x1 convs too
     return cpu
 
 
@@ -129,6 +131,52 @@ def test_conv2d_mixes_dense_and_sparse_tickets_in_one_call(chunk_bytes, monkeypa
     for seed in range(3):
         run_case("cpu", 11, 4, 6, 9, 8, (3, 3), len(densities), densities, padding=1, seed=seed)
     assert any(sparse.any() and dense for sparse, dense in seen), "no call took both paths"
+
+
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="the cpu extension is not built")
+@pytest.mark.parametrize("path", ["bmm", "rows"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_pointwise_paths_match_float64(path, transposed, monkeypatch):
+    # 1x1 convs run as a batched matrix product per image ("bmm") or as a routed linear over pixel rows ("rows");
+    # each is forced here on mixed-density tickets (dense, sparse, empty), with plain and channels_last inputs.
+    from rtl_kernels.backends import cpu
+
+    chosen = []
+    original = cpu._pointwise_path
+
+    def force(*args):
+        chosen.append(original(*args) and path)
+        return chosen[-1]
+
+    monkeypatch.setattr(cpu, "_pointwise_path", force)
+    densities = [0.05, 0.95, 0.3, 1.0, 0.0]
+    for seed, (h, w) in enumerate([(5, 4), (1, 1), (6, 7)]):
+        run_case("cpu", 9, 6, 7, h, w, (1, 1), len(densities), densities, transposed=transposed, seed=seed)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 6, 4, 5, generator=gen).to(memory_format=torch.channels_last)
+    weight = torch.randn(6, 6, 1, 1, generator=gen)
+    masks = torch.rand(3, 6, 6, 1, 1, generator=gen) < 0.4
+    route = torch.tensor([2, 0, 2, 1, 0])
+    op = rk.routed_masked_conv_transpose2d if transposed else rk.routed_masked_conv2d
+    with rk.set_backend("cpu"):
+        y = op(x, weight, masks, route)
+    ref, _ = oracle(x, weight, masks, route, None, transposed)
+    torch.testing.assert_close(y.double(), ref, **TOL)
+    assert chosen and all(c == path for c in chosen)
+
+
+@pytest.mark.skipif(not HAS_CPU_EXT, reason="the cpu extension is not built")
+def test_pointwise_path_choice():
+    from rtl_kernels.backends import cpu
+
+    w = (8, 16, 1, 1)
+    assert cpu._pointwise_path(w, 320, 16 * 16, (1, 1), (0, 0), 1) == "bmm"
+    assert cpu._pointwise_path(w, 320, 2 * 2, (1, 1), (0, 0), 1) == "rows"
+    assert cpu._pointwise_path((2048, 512, 1, 1), 64, 7 * 7, (1, 1), (0, 0), 1) == "rows"  # weight copies too big
+    assert cpu._pointwise_path(w, 320, 256, (2, 2), (0, 0), 1) is None
+    assert cpu._pointwise_path(w, 320, 256, (1, 1), (1, 1), 1) is None
+    assert cpu._pointwise_path((8, 8, 1, 1), 320, 256, (1, 1), (0, 0), 2) is None
+    assert cpu._pointwise_path((8, 16, 3, 3), 320, 256, (1, 1), (0, 0), 1) is None
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
