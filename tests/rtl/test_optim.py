@@ -395,6 +395,22 @@ def test_presence_tensor_union_equals_ticket_id_union():
         assert torch.equal(TicketMaskedOptimizer._union(layer, presence), TicketMaskedOptimizer._union(layer, tickets))
 
 
+def test_union_is_the_or_of_the_chosen_masks():
+    # Against a plain loop of ORs, on a mask whose shape is odd in every dimension.
+    layer = RoutedSparseConv2d(5, 3, 3, 6)
+    with torch.no_grad():
+        layer.weight_masks.copy_(torch.rand(layer.weight_masks.shape) < 0.3)
+    masks = layer.weight_masks
+    for tickets in [(0,), (2, 5), (0, 1, 3, 4), tuple(range(6))]:
+        expected = torch.zeros(masks.shape[1:], dtype=torch.bool)
+        for t in tickets:
+            expected = expected | masks[t]
+        presence = torch.zeros(6, dtype=torch.bool)
+        presence[list(tickets)] = True
+        assert torch.equal(TicketMaskedOptimizer._union(layer, tickets), expected)
+        assert torch.equal(TicketMaskedOptimizer._union(layer, presence), expected)
+
+
 @pytest.mark.parametrize("name", ["adam", "sgd_momentum"])
 def test_device_side_ticket_path_steps_bit_identically(name, monkeypatch):
     # On a GPU the recorded tickets stay on the device (no host sync): force that path on CPU and compare.
