@@ -561,10 +561,11 @@ class CpuBackend(Backend):
     def linear_grad_weight(self, grad_y, x, masks, perm, offsets):
         return _linear_grad_weight(grad_y, x, masks, _layout(masks), perm, offsets)
 
-    # -- conv2d: small layers as one grouped convolution with a masked weight per image; otherwise standard
-    # convs through the sparse kernels on unfolded columns of chunks of the routed images, and grouped and
-    # depthwise convs as torch's direct convolution per ticket (their weights are tiny: nothing for sparsity to
-    # skip).
+    # -- conv2d, in this order: one ticket in the batch as one torch convolution; pointwise (1x1) convs as a
+    # batched matmul or as routed linear rows; small layers as one grouped convolution with a masked weight per
+    # image; grouped and depthwise convs as torch's direct convolution per ticket (their weights are tiny: nothing
+    # for sparsity to skip); otherwise each ticket by its density: torch's convolution on W * M_t, or the sparse
+    # kernels on unfolded columns of chunks of its images.
     def conv2d_forward(self, x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
         if _single_ticket(offsets) is not None:
             return _direct_conv_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups)
