@@ -140,11 +140,21 @@ def _cpu_model() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name for CUDA devices, the CPU model (from /proc/cpuinfo) otherwise."""
+    """The GPU's name for CUDA devices; otherwise the CPU model (from /proc/cpuinfo) and, in brackets, the vector
+    ISA torch's CPU kernels use ('AMD EPYC (AVX512)').
+
+    The ISA is part of the name because a VM's model name hides the host: two 2-core "AMD EPYC" VMs, one with
+    AVX2 and one with AVX-512, ran the dense resnet18 baseline at 260 and 75 ms (bench/results/models_cpu.csv),
+    while rtl's CPU kernels use AVX2 on both, so their ratios to dense are not comparable across the two.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return _cpu_model()
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):  # older torch
+        isa = ""
+    return f"{_cpu_model()} ({isa})" if isa else _cpu_model()
 
 
 def package_version(name: str) -> str:
