@@ -66,6 +66,15 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma")
+#define RTL_TILE_LANES 16
+namespace avx512 {
+#include "routed_linear_tiles.inc"
+}  // namespace avx512
+#undef RTL_TILE_LANES
+#pragma GCC pop_options
+
 struct Isa {
   void (*spmm_tile)(const SpmmTile&);
   void (*sddmm_row)(const SddmmRow&);
@@ -76,11 +85,17 @@ struct Isa {
 const Isa& isa() {
   static const Isa chosen = [] {
     __builtin_cpu_init();
-    // RTL_CPU_ISA=generic forces the portable kernels (tests run both paths on AVX2 machines).
+    // The widest ISA the CPU has. RTL_CPU_ISA=avx2 or =generic caps it (tests run every path the machine has;
+    // a user can opt out of 512-bit vectors where they lower the clock); a cap above the CPU is ignored.
     const char* forced = std::getenv("RTL_CPU_ISA");
-    const bool want_generic = forced != nullptr && std::strcmp(forced, "generic") == 0;
-    if (!want_generic && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return Isa{avx2::spmm_tile, avx2::sddmm_row, avx2::transpose_rows8, "avx2"};
+    const int cap = forced == nullptr                      ? 2
+                    : std::strcmp(forced, "generic") == 0 ? 0
+                    : std::strcmp(forced, "avx2") == 0    ? 1
+                                                          : 2;
+    const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (cap >= 2 && has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+      return Isa{avx512::spmm_tile, avx512::sddmm_row, avx512::transpose_rows8, "avx512"};
+    if (cap >= 1 && has_avx2) return Isa{avx2::spmm_tile, avx2::sddmm_row, avx2::transpose_rows8, "avx2"};
     return Isa{generic::spmm_tile, generic::sddmm_row, generic::transpose_rows8, "generic"};
   }();
   return chosen;

@@ -66,7 +66,8 @@ void routed_conv_grad_weight(const ConvChunk& chunk, int64_t n_out, int64_t k_in
                              const int64_t* dy_index, const float* cols, const int64_t* csr_ptr,
                              const int32_t* csr_idx, float* dw);
 
-// Which instruction set the kernels run with: "avx2" or "generic".
+// Which instruction set the kernels run with: "avx512", "avx2" or "generic" (the widest the CPU has, capped by
+// the environment variable RTL_CPU_ISA=avx2 or =generic).
 const char* kernel_isa();
 
 }  // namespace rtl_cpu

@@ -306,26 +306,77 @@ def test_cpu_kernels_write_every_routed_row():
     torch.testing.assert_close(dx.double(), ref_dx, **tol(torch.float32))
 
 
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_FLAGS = _cpu_flags()
+_ISA_NEEDS = {"generic": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx2", "fma", "avx512f", "avx512vl"}}
+
+# Run in a fresh process per ISA (the kernels pick theirs once per process). Every tile width (1 to 64 rows: the
+# 512-bit build pairs 8-row vectors and keeps an 8-row tail for odd counts), both walks of a tile (whole rows at
+# 10 %; input chunks at 40 % over 130 inputs), and the conv kernels on unfolded columns (tile stride = pixels of
+# an image, not the tile width), each against float64.
+_ISA_SCRIPT = """
+import sys, torch, torch.nn.functional as F, rtl_kernels as rk
+import rtl_kernels.backends.cpu as cpu
+torch.manual_seed(0)
+rk.set_backend("cpu")
+worst = 0.0
+def check(got, ref, scale):
+    global worst
+    err = (got.double() - ref).abs().max().item() / scale
+    worst = max(worst, err)
+for rows in [1, 7, 8, 9, 16, 23, 33, 40, 57, 64, 71, 150]:
+    for density in [0.1, 0.4]:
+        x = torch.randn(rows, 130, requires_grad=True); w = torch.randn(45, 130, requires_grad=True)
+        b = torch.randn(45)
+        m = torch.rand(2, 45, 130) < density; r = torch.randint(0, 2, (rows,))
+        y = rk.routed_masked_linear(x, w, m, r, b)
+        gy = torch.randn_like(y)
+        dx, dw = torch.autograd.grad(y, (x, w), gy)
+        wm = w.detach().double()[None] * m[r].double()
+        check(y, torch.einsum("bk,bnk->bn", x.detach().double(), wm) + b.double(), 130 ** 0.5)
+        check(dx, torch.einsum("bn,bnk->bk", gy.double(), wm), 45 ** 0.5)
+        check(dw, torch.einsum("bn,bk,bnk->nk", gy.double(), x.detach().double(), m[r].double()), rows ** 0.5)
+cpu.PER_IMAGE_WEIGHT_LIMIT = 0; cpu.CONV_SPARSE_MIN_K = 0; cpu.CONV_SPARSE_MAX_DENSITY = 1.0
+for hw in [(3, 3), (5, 7), (9, 9)]:
+    x = torch.randn(5, 20, *hw, requires_grad=True); w = torch.randn(16, 20, 3, 3, requires_grad=True)
+    m = torch.rand(2, 16, 20, 3, 3) < 0.3; r = torch.tensor([0, 1, 1, 0, 1])
+    y = rk.routed_masked_conv2d(x, w, m, r, padding=1)
+    gy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), gy)
+    xd, wd, gd = x.detach().double(), w.detach().double(), gy.double()
+    ref_y = torch.cat([F.conv2d(xd[i:i + 1], wd * m[r[i]], padding=1) for i in range(5)])
+    ref_dx = torch.cat([torch.nn.grad.conv2d_input(xd[i:i + 1].shape, wd * m[r[i]], gd[i:i + 1], padding=1)
+                        for i in range(5)])
+    ref_dw = sum(torch.nn.grad.conv2d_weight(xd[i:i + 1], wd.shape, gd[i:i + 1], padding=1) * m[r[i]]
+                 for i in range(5))
+    check(y, ref_y, 180 ** 0.5); check(dx, ref_dx, 16 ** 0.5); check(dw, ref_dw, 5 ** 0.5)
+print(torch.ops.rtl_kernels._cpu_kernel_isa(), worst)  # the extension loads on the first call
+assert worst < 1e-5, worst
+"""
+
+
 @needs_cpu_ext
-def test_generic_isa_kernels_match(tmp_path):
-    """The portable (non-AVX2) kernels, forced with RTL_CPU_ISA=generic, give the same results."""
-    script = tmp_path / "generic.py"
-    script.write_text(
-        "import torch, rtl_kernels as rk\n"
-        "torch.manual_seed(0)\n"
-        "x = torch.randn(70, 40, requires_grad=True); w = torch.randn(30, 40, requires_grad=True)\n"
-        "m = torch.rand(3, 30, 40) < 0.3; r = torch.randint(0, 3, (70,))\n"
-        "rk.set_backend('cpu')\n"
-        "y = rk.routed_masked_linear(x, w, m, r); dx, dw = torch.autograd.grad(y.square().sum(), (x, w))\n"
-        "assert torch.ops.rtl_kernels._cpu_kernel_isa() == 'generic'\n"
-        "wm = w.detach().double()[None] * m[r].double()\n"
-        "ref = torch.einsum('bk,bnk->bn', x.detach().double(), wm)\n"
-        "assert torch.allclose(y.double(), ref, atol=1e-4), (y.double() - ref).abs().max()\n"
-        "print('ok')\n"
-    )
-    env = dict(os.environ, RTL_CPU_ISA="generic")
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_kernel_isa_matches_float64(isa, tmp_path):
+    """Each build of the CPU kernels (RTL_CPU_ISA caps the choice) gives the float64 results on every tile width."""
+    if not _ISA_NEEDS[isa] <= _FLAGS:
+        pytest.skip(f"this CPU lacks {sorted(_ISA_NEEDS[isa] - _FLAGS)}")
+    script = tmp_path / "isa.py"
+    script.write_text(_ISA_SCRIPT)
+    env = dict(os.environ, RTL_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split()[0] == isa, out.stdout
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
