@@ -531,6 +531,17 @@ def case_table(title: str, headers: Sequence[str], table: Sequence[Sequence[str]
 
 
 # ------------------------------------------------------------------------------------------------------- run driver
+def _unused_path(path: Path) -> Path:
+    """``path``, or ``<stem>_2<suffix>``, ``<stem>_3<suffix>``... if it exists: a second run of the same commit
+    keeps the first run's table (the CSV keeps every run's rows anyway)."""
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 def run_cases(bench: str, fields: Sequence[str], cases: Sequence, measure_case: Callable, markdown: Callable,
               args, argv: Sequence[str], device: torch.device, note: str = "") -> int:
     """Measure every case, appending its rows to ``<bench>_<device>.csv`` and rewriting the markdown as it goes.
@@ -543,7 +554,7 @@ def run_cases(bench: str, fields: Sequence[str], cases: Sequence, measure_case: 
     check_csv_header(csv_path, fields)  # fail now, not after the run
     env = environment(device, results_dir)
     run_id = uuid.uuid4().hex[:10]
-    md_path = results_dir / f"{bench}_{device.type}_{env['git_rev']}.md"
+    md_path = _unused_path(results_dir / f"{bench}_{device.type}_{env['git_rev']}.md")
     print(
         f"bench_{bench}: {env['device']} ({env['threads']} threads), torch {env['torch']}, triton {env['triton']}, "
         f"git {env['git_rev']}, {len(cases)} case(s){' [quick]' if args.quick else ''}{note}",

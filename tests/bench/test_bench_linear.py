@@ -119,6 +119,11 @@ def test_quick_run_records_every_provider_and_appends(tmp_path):
     assert {r["provider"] for r in added} == PROVIDERS
     assert len({r["run_id"] for r in rows}) == 1 and added[0]["run_id"] != rows[0]["run_id"]
     assert second_text.count("run_id,") == 1  # one header line
+    # ...and the second run's table goes beside the first one's, which stays as it was.
+    assert md[0].read_text() == text
+    md2 = sorted(set(tmp_path.glob("linear_cpu_*.md")) - set(md))
+    assert [p.name for p in md2] == [md[0].stem + "_2.md"]
+    assert "### b_1024_u90" in md2[0].read_text()
 
 
 def test_unknown_case_is_refused(tmp_path):
