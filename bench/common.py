@@ -144,8 +144,8 @@ def device_name(device: torch.device) -> str:
     ISA torch's CPU kernels use ('AMD EPYC (AVX512)').
 
     The ISA is part of the name because a VM's model name hides the host: two 2-core "AMD EPYC" VMs, one with
-    AVX2 and one with AVX-512, ran the dense resnet18 baseline at 260 and 75 ms (bench/results/models_cpu.csv),
-    while rtl's CPU kernels use AVX2 on both, so their ratios to dense are not comparable across the two.
+    AVX2 and one with AVX-512, ran the dense resnet18 baseline at 260 and 75 ms (bench/results/models_cpu.csv), so
+    ratios to dense are not comparable across the two (rtl's CPU kernels also pick their build by the CPU).
     """
     device = torch.device(device)
     if device.type == "cuda":
