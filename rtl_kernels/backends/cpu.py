@@ -530,14 +530,16 @@ def _pointwise_grad_input(path, grad_y, weight, masks, perm, offsets, input_shap
 def _pointwise_grad_weight(path, grad_y, x, masks, perm, offsets):
     b, o, h, w = grad_y.shape
     c = x.shape[1]
-    _, m2d, layout = _conv_as_linear(None, masks)
     if path == "bmm":
+        # the (T, O, C) masks only: the sparse layout (compiled on first use) is for the rows path
+        m2d = masks.reshape(masks.shape[0], o, c)
         per_image = torch.bmm(grad_y.reshape(b, o, h * w), x.reshape(b, c, h * w).transpose(1, 2))
         # summed per ticket in batch order (deterministic), then each ticket's sum masked by its own mask (where:
         # exact zeros even for inf/NaN)
         per_ticket = per_image.new_zeros(m2d.shape).index_add_(0, _image_routes(perm, offsets), per_image)
         dw = torch.where(m2d, per_ticket, torch.zeros((), dtype=per_ticket.dtype)).sum(0)
         return dw.view(masks.shape[1:])
+    _, m2d, layout = _conv_as_linear(None, masks)
     rows, row_offsets = _row_grouping(perm, offsets, h * w)
     dw = _linear_grad_weight(_pixel_rows(grad_y), _pixel_rows(x), m2d, layout, rows, row_offsets)
     return dw.view(masks.shape[1:])
