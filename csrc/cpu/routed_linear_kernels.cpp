@@ -46,6 +46,7 @@ struct SpmmTile {
 
 struct SddmmRow {
   const float* dyt_row;  // (width) dy of one output over the tile's rows
+  int64_t dyt_next;      // the next output's dy row starts at dyt_row + dyt_next (prefetched)
   const float* xt;       // input i of tile row j at xt[i * xt_stride + j]
   int64_t xt_stride;
   int width;
@@ -329,6 +330,7 @@ void routed_linear_grad_weight(const RoutedRows& rows, int64_t n_out, int64_t k_
                   [&](int64_t b, int64_t o, SddmmRow& a) {
                     const Tile& tile = tiles[b];
                     a.dyt_row = dyt + dy_off[b] + o * tile.width;
+                    a.dyt_next = tile.width;
                     a.xt = xt + x_off[b];
                     a.xt_stride = tile.width;
                   });
@@ -422,6 +424,7 @@ void routed_conv_grad_weight(const ConvChunk& c, int64_t n_out, int64_t k_in, co
                   [&](int64_t b, int64_t o, SddmmRow& a) {
                     const ConvTile& tile = tiles[b];
                     a.dyt_row = dy + (dy_index[tile.image] * n_out + o) * c.pixels + tile.first;
+                    a.dyt_next = c.pixels;
                     a.xt = cols + tile.image * k_in * c.pixels + tile.first;
                     a.xt_stride = c.pixels;
                   });

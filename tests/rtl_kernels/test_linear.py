@@ -360,6 +360,24 @@ for hw in [(3, 3), (5, 7), (9, 9)]:
     ref_dw = sum(torch.nn.grad.conv2d_weight(xd[i:i + 1], wd.shape, gd[i:i + 1], padding=1) * m[r[i]]
                  for i in range(5))
     check(y, ref_y, 180 ** 0.5); check(dx, ref_dx, 16 ** 0.5); check(dw, ref_dw, 5 ** 0.5)
+# An inf at x[:, 3, 0, 0] is the first pixel of unfolded row (3, 0, 0); the lanes past the last tile of row (2, 2, 2)
+# read it. They must be selected away, not multiplied by zero: only gradients that truly see the inf may be
+# non-finite. 35 and 12 output pixels: a last tile with an odd and an even number of 8-row vectors. Every ticket
+# takes the sparse kernel and keeps weight (2, 2, 2) of every output.
+cpu.SMALL_GROUP_MAX_DENSITY = 1.0
+for hw in [(7, 9), (5, 6)]:
+    x = torch.randn(3, 5, *hw); x[:, 3, 0, 0] = float("inf")
+    w = torch.randn(8, 5, 3, 3, requires_grad=True); m = torch.rand(2, 8, 5, 3, 3) < 0.3; r = torch.tensor([0, 1, 1])
+    m[:, :, 2, 2, 2] = True
+    y = rk.routed_masked_conv2d(x, w, m, r)
+    gy = torch.randn_like(y)
+    dw, = torch.autograd.grad(y, (w,), gy)
+    ref_dw = sum(torch.where(m[r[i]], torch.nn.grad.conv2d_weight(x[i:i + 1].double(), w.shape, gy[i:i + 1].double()),
+                             torch.zeros((), dtype=torch.float64)) for i in range(3))
+    finite = torch.isfinite(ref_dw)
+    assert finite[:, 2].all() and not finite.all()
+    assert torch.isfinite(dw[finite]).all(), "a dead lane leaked the next row's inf"
+    check(dw[finite], ref_dw[finite], 3 ** 0.5)
 print(torch.ops.rtl_kernels._cpu_kernel_isa(), worst)  # the extension loads on the first call
 assert worst < 1e-5, worst
 """
