@@ -96,10 +96,10 @@ def main() -> None:
         dist.barrier()  # both processes leave together
     finally:
         dist.destroy_process_group()
-    # Skip the interpreter's teardown. Two of four full-suite runs had one process abort with "terminate called
-    # without an active exception" (a C++ std::thread destroyed unjoined); run alone, about one in 20 did. Where
-    # caught under faulthandler it was after the results were saved and the group destroyed, with no Python frame:
-    # in the teardown, which is torch's, not what this test checks.
+    # Skip the interpreter's teardown. In two of the four fresh-clone CI runs before this, one process aborted with
+    # "terminate called without an active exception" (a C++ std::thread destroyed unjoined); run alone, the test
+    # did so twice in about 55 runs. Where caught under faulthandler, it was after the results were saved and the
+    # group destroyed, with no Python frame: in the teardown, which is torch's and not what this test checks.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
