@@ -34,6 +34,21 @@ SPARSE_MAX_DENSITY = float(os.environ.get("RTL_CPU_SPARSE_MAX_DENSITY", "0.6"))
 SMALL_GROUP_ROWS = 48
 SMALL_GROUP_MAX_DENSITY = float(os.environ.get("RTL_CPU_SMALL_GROUP_MAX_DENSITY", "0.2"))
 
+# RTL_CPU_ISA caps the instruction set the C++ kernels choose (the extension reads it once, when it first runs, and
+# would take a value it does not know as no cap): checked here, so that a misspelt cap fails instead.
+CPU_ISA_CAPS = ("generic", "avx2", "avx512")
+
+
+def _isa_cap_from_env() -> Optional[str]:
+    """RTL_CPU_ISA if set and not empty (one of CPU_ISA_CAPS, else ValueError), or None."""
+    cap = os.environ.get("RTL_CPU_ISA") or None
+    if cap is not None and cap not in CPU_ISA_CAPS:
+        raise ValueError(f"RTL_CPU_ISA must be one of {', '.join(CPU_ISA_CAPS)} (or unset), got {cap!r}")
+    return cap
+
+
+_isa_cap_from_env()  # a misspelt cap fails this module's import: the backend is unavailable, with this reason
+
 
 @dataclass(frozen=True)
 class CpuLinearLayout:

@@ -397,6 +397,29 @@ def test_every_kernel_isa_matches_float64(isa, tmp_path):
     assert out.stdout.split()[0] == isa, out.stdout
 
 
+@pytest.mark.parametrize("value", ["generic", "avx2", "avx512", ""])
+def test_rtl_cpu_isa_accepts_the_known_caps(monkeypatch, value):
+    from rtl_kernels.backends import cpu
+
+    monkeypatch.setenv("RTL_CPU_ISA", value)
+    assert cpu._isa_cap_from_env() == (value or None)
+
+
+@needs_cpu_ext
+def test_a_misspelt_rtl_cpu_isa_makes_the_cpu_backend_fail_clearly():
+    script = (
+        "import torch, rtl_kernels as rk\n"
+        "x, w = torch.randn(4, 3), torch.randn(2, 3)\n"
+        "m, r = torch.ones(1, 2, 3, dtype=torch.bool), torch.zeros(4, dtype=torch.int64)\n"
+        "with rk.set_backend('cpu'):\n"
+        "    rk.routed_masked_linear(x, w, m, r)\n"
+    )
+    env = dict(os.environ, RTL_CPU_ISA="avx-2")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "RTL_CPU_ISA must be one of generic, avx2, avx512 (or unset), got 'avx-2'" in out.stderr, out.stderr
+
+
 # -- bad input -------------------------------------------------------------------------------------------------
 
 def _good():
