@@ -515,12 +515,16 @@ def _row_grouping(perm: Tensor, offsets: Tensor, pixels: int):
     return rows, offsets * pixels
 
 
+def _pointwise_image_weights(weight: Tensor, masks: Tensor, perm: Tensor, offsets: Tensor) -> Tensor:
+    """(B, O, C): each image's masked 1x1 weight, for the bmm path."""
+    return _per_image_weights(weight, masks, _image_routes(perm, offsets)).view(-1, *weight.shape[:2])
+
+
 def _pointwise_forward(path, x, weight, masks, bias, perm, offsets):
     b, c, h, w = x.shape
     o = weight.shape[0]
     if path == "bmm":
-        w_img = _per_image_weights(weight, masks, _image_routes(perm, offsets)).view(b, o, c)
-        y = torch.bmm(w_img, x.reshape(b, c, h * w))
+        y = torch.bmm(_pointwise_image_weights(weight, masks, perm, offsets), x.reshape(b, c, h * w))
         if bias is not None:
             y += bias.view(1, -1, 1)
         return y.view(b, o, h, w)
@@ -532,9 +536,8 @@ def _pointwise_forward(path, x, weight, masks, bias, perm, offsets):
 
 def _pointwise_grad_input(path, grad_y, weight, masks, perm, offsets, input_shape):
     b, o, h, w = grad_y.shape
-    c = weight.shape[1]
     if path == "bmm":
-        w_img = _per_image_weights(weight, masks, _image_routes(perm, offsets)).view(b, o, c)
+        w_img = _pointwise_image_weights(weight, masks, perm, offsets)
         return torch.bmm(w_img.transpose(1, 2), grad_y.reshape(b, o, h * w)).view(input_shape)
     w2d, m2d, layout = _conv_as_linear(weight, masks)
     rows, row_offsets = _row_grouping(perm, offsets, h * w)
