@@ -41,7 +41,12 @@ def _extensions():
         exts.append(
             cpp_extension.CppExtension(
                 "rtl_kernels._C",
-                sources=["csrc/cpu_ops.cpp", "csrc/cpu/routed_linear_kernels.cpp"],
+                sources=[
+                    "csrc/cpu_ops.cpp",
+                    "csrc/cpu/tile_kernels.cpp",
+                    "csrc/cpu/routed_linear_kernels.cpp",
+                    "csrc/cpu/routed_conv_kernels.cpp",
+                ],
                 extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=fast", "-Wno-psabi"]},
                 extra_link_args=["-fopenmp"],
             )

@@ -8,6 +8,7 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include "cpu/routed_conv_kernels.h"
 #include "cpu/routed_linear_kernels.h"
 
 #include <sys/mman.h>
@@ -120,78 +121,151 @@ void linear_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at:
                                      csr_ptr.data_ptr<int64_t>(), csr_idx.data_ptr<int32_t>(), out.data_ptr<float>());
 }
 
-rtl_cpu::ConvChunk conv_chunk(const at::Tensor& img_offsets, const at::Tensor& ticket_sparse, int64_t pixels) {
-  TORCH_CHECK(img_offsets.scalar_type() == at::kLong && img_offsets.is_contiguous(), "img_offsets must be int64");
-  TORCH_CHECK(ticket_sparse.scalar_type() == at::kByte && ticket_sparse.numel() + 1 == img_offsets.numel(),
-              "ticket_sparse must be uint8 (T)");
-  rtl_cpu::ConvChunk c;
-  c.num_tickets = ticket_sparse.numel();
-  c.img_offsets = img_offsets.data_ptr<int64_t>();
-  c.ticket_sparse = ticket_sparse.data_ptr<uint8_t>();
-  c.pixels = pixels;
-  c.num_threads = at::get_num_threads();
-  return c;
+// ---- direct sparse convolution ----
+void check_images(const at::Tensor& t, const char* name, int64_t n, int64_t c, int64_t h, int64_t w) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4, name,
+              " must be a 4-D float32 CPU tensor");
+  TORCH_CHECK(t.size(0) == n && t.size(1) == c && t.size(2) == h && t.size(3) == w, name, " must have shape (", n,
+              ", ", c, ", ", h, ", ", w, "), got ", t.sizes());
 }
 
-// (images, channels, pixels...) float32 tensor: channels and pixels per image.
-std::pair<int64_t, int64_t> planes(const at::Tensor& t, const char* name) {
-  check_f32(t, name);
-  TORCH_CHECK(t.dim() >= 3, name, " must be (images, channels, pixels...)");
-  const int64_t ch = t.size(1);
-  return {ch, t.numel() / std::max<int64_t>(1, t.size(0) * ch)};
+rtl_cpu::Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// Output tensors are written through their strides: they must not overlap themselves (a broadcast view would).
+void check_writable(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), name, " must be a dense tensor without overlapping elements");
 }
 
-void check_image_index(const at::Tensor& index, const at::Tensor& images, int64_t count, const char* name) {
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.numel() == count, name,
-              " must be contiguous int64 of ", count, " entries");
-  const int64_t* p = index.data_ptr<int64_t>();
-  for (int64_t i = 0; i < count; ++i)
-    TORCH_CHECK(p[i] >= 0 && p[i] < images.size(0), name, " holds image ", p[i], " outside [0, ", images.size(0), ")");
+rtl_cpu::ConvShape conv_shape(const at::Tensor& x, int64_t out_channels, at::IntArrayRef out_hw, at::IntArrayRef kernel,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups) {
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 &&
+                  out_hw.size() == 2, "kernel, stride, padding, dilation and the output size must be pairs");
+  TORCH_CHECK(kernel[0] >= 1 && kernel[1] >= 1 && stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 &&
+                  padding[1] >= 0 && dilation[0] >= 1 && dilation[1] >= 1 && groups >= 1,
+              "invalid conv geometry");
+  TORCH_CHECK(x.size(1) % groups == 0 && out_channels % groups == 0, "channels must divide by groups");
+  rtl_cpu::ConvShape s;
+  s.channels = x.size(1);
+  s.height = x.size(2);
+  s.width = x.size(3);
+  s.out_channels = out_channels;
+  s.kernel_h = kernel[0];
+  s.kernel_w = kernel[1];
+  s.stride_h = stride[0];
+  s.stride_w = stride[1];
+  s.pad_h = padding[0];
+  s.pad_w = padding[1];
+  s.dil_h = dilation[0];
+  s.dil_w = dilation[1];
+  s.groups = groups;
+  s.out_height = (s.height + 2 * s.pad_h - s.dil_h * (s.kernel_h - 1) - 1) / s.stride_h + 1;
+  s.out_width = (s.width + 2 * s.pad_w - s.dil_w * (s.kernel_w - 1) - 1) / s.stride_w + 1;
+  TORCH_CHECK(s.height + 2 * s.pad_h >= s.dil_h * (s.kernel_h - 1) + 1 &&
+                  s.width + 2 * s.pad_w >= s.dil_w * (s.kernel_w - 1) + 1,
+              "the input is smaller than the dilated kernel");
+  TORCH_CHECK(out_hw[0] == s.out_height && out_hw[1] == s.out_width, "the output size must be (", s.out_height, ", ",
+              s.out_width, ") for this geometry, got ", out_hw);
+  return s;
 }
 
-void conv_spmm(const at::Tensor& weight, int64_t w_out_stride, int64_t w_in_stride, const at::Tensor& ptr,
-               const at::Tensor& chunk_ptr, const at::Tensor& idx, const at::Tensor& src, const at::Tensor& src_index,
-               const c10::optional<at::Tensor>& bias, const at::Tensor& img_offsets, const at::Tensor& ticket_sparse,
-               at::Tensor& out, const at::Tensor& out_index) {
+rtl_cpu::TicketImages ticket_images(const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& computed,
+                                    int64_t batch) {
+  TORCH_CHECK(perm.scalar_type() == at::kLong && perm.is_contiguous() && perm.dim() == 1 && perm.numel() == batch,
+              "perm must be contiguous int64 with one entry per image");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.dim() == 1,
+              "offsets must be contiguous int64 (T + 1)");
+  TORCH_CHECK(computed.scalar_type() == at::kByte && computed.is_contiguous() && computed.numel() + 1 == offsets.numel(),
+              "computed must be uint8 (T)");
+  rtl_cpu::TicketImages g;
+  g.batch = batch;
+  g.num_tickets = computed.numel();
+  g.perm = perm.data_ptr<int64_t>();
+  g.offsets = offsets.data_ptr<int64_t>();
+  g.computed = computed.data_ptr<uint8_t>();
+  g.num_threads = at::get_num_threads();
+  return g;
+}
+
+void check_conv_index(const at::Tensor& ptr, const at::Tensor& idx, int64_t rows) {
+  TORCH_CHECK(ptr.scalar_type() == at::kLong && ptr.is_contiguous() && ptr.dim() == 1 && ptr.numel() == rows + 1,
+              "the conv index's row pointer must be contiguous int64 of ", rows + 1, " entries, got ", ptr.numel());
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.dim() == 1,
+              "the conv index's entries must be contiguous int32");
+}
+
+void check_weight(const at::Tensor& weight, const rtl_cpu::ConvShape& s) {
   check_f32(weight, "weight");
-  const auto [n_in, pixels] = planes(src, "src");
-  const auto [n_out, out_pixels] = planes(out, "out");
-  TORCH_CHECK(pixels == out_pixels, "src and out must have the same pixels per image");
-  auto c = conv_chunk(img_offsets, ticket_sparse, pixels);
-  const int64_t count = img_offsets.data_ptr<int64_t>()[c.num_tickets];
-  check_image_index(src_index, src, count, "src_index");
-  check_image_index(out_index, out, count, "out_index");
-  check_index(ptr, idx, c.num_tickets * n_out + 1);
-  const int64_t n_chunks = check_chunks(chunk_ptr, c.num_tickets * n_out);
-  TORCH_CHECK(weight.numel() == n_out * n_in, "weight must hold n_out * n_in values");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    check_f32(*bias, "bias");
-    TORCH_CHECK(bias->numel() == n_out, "bias must have n_out entries");
-    b = bias->data_ptr<float>();
-  }
-  rtl_cpu::routed_conv_spmm(c, n_out, n_in, weight.data_ptr<float>(), w_out_stride, w_in_stride,
-                            ptr.data_ptr<int64_t>(), chunk_ptr.data_ptr<int64_t>(), n_chunks, idx.data_ptr<int32_t>(),
-                            src.data_ptr<float>(), src_index.data_ptr<int64_t>(), b, out.data_ptr<float>(),
-                            out_index.data_ptr<int64_t>());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == s.out_channels && weight.size(1) == s.channels / s.groups &&
+                  weight.size(2) == s.kernel_h && weight.size(3) == s.kernel_w,
+              "weight must have shape (O, C / groups, kh, kw)");
 }
 
-void conv_grad_weight(const at::Tensor& dy, const at::Tensor& dy_index, const at::Tensor& cols,
-                      const at::Tensor& img_offsets, const at::Tensor& ticket_sparse, const at::Tensor& csr_ptr,
-                      const at::Tensor& csr_idx, at::Tensor& dw) {
-  const auto [n_out, pixels] = planes(dy, "dy");
-  const auto [k_in, col_pixels] = planes(cols, "cols");
-  TORCH_CHECK(pixels == col_pixels, "dy and cols must have the same pixels per image");
+void conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& computed,
+                    const at::Tensor& csr_ptr, const at::Tensor& csr_idx, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 4 && out.dim() == 4 && weight.dim() == 4, "x, weight and out must be 4-D");
+  const auto s = conv_shape(x, weight.size(0), out.sizes().slice(2), weight.sizes().slice(2), stride, padding,
+                            dilation, groups);
+  check_images(x, "x", x.size(0), s.channels, s.height, s.width);
+  check_images(out, "out", x.size(0), s.out_channels, s.out_height, s.out_width);
+  check_writable(out, "out");
+  check_weight(weight, s);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->numel() == s.out_channels, "bias must be a float32 CPU tensor of ", s.out_channels,
+                " entries");
+  }
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const float* b = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+  const auto g = ticket_images(perm, offsets, computed, x.size(0));
+  check_conv_index(csr_ptr, csr_idx, g.num_tickets * s.out_channels);
+  const char* error = rtl_cpu::routed_conv2d_forward(s, g, x.data_ptr<float>(), strides_of(x), weight.data_ptr<float>(),
+                                                     b, csr_ptr.data_ptr<int64_t>(), csr_idx.data_ptr<int32_t>(),
+                                                     csr_idx.numel(), out.data_ptr<float>(), strides_of(out));
+  TORCH_CHECK(error == nullptr, "routed conv2d forward: ", error);
+}
+
+void conv2d_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& perm,
+                       const at::Tensor& offsets, const at::Tensor& computed, const at::Tensor& in_ptr,
+                       const at::Tensor& in_idx, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, at::Tensor& dx) {
+  TORCH_CHECK(grad_y.dim() == 4 && dx.dim() == 4 && weight.dim() == 4, "grad_y, weight and dx must be 4-D");
+  const auto s = conv_shape(dx, weight.size(0), grad_y.sizes().slice(2), weight.sizes().slice(2), stride, padding,
+                            dilation, groups);
+  check_images(grad_y, "grad_y", dx.size(0), s.out_channels, s.out_height, s.out_width);
+  check_images(dx, "dx", dx.size(0), s.channels, s.height, s.width);
+  check_writable(dx, "dx");
+  check_weight(weight, s);
+  const auto g = ticket_images(perm, offsets, computed, dx.size(0));
+  // depthwise convs (one input channel per group) read the forward's index; others the input-gradient index
+  const bool depthwise = s.channels == s.groups;
+  check_conv_index(in_ptr, in_idx,
+                   g.num_tickets * (depthwise ? s.out_channels : s.stride_h * s.stride_w * s.channels));
+  const char* error = rtl_cpu::routed_conv2d_grad_input(
+      s, g, grad_y.data_ptr<float>(), strides_of(grad_y), weight.data_ptr<float>(), in_ptr.data_ptr<int64_t>(),
+      in_idx.data_ptr<int32_t>(), in_idx.numel(), dx.data_ptr<float>(), strides_of(dx));
+  TORCH_CHECK(error == nullptr, "routed conv2d input gradient: ", error);
+}
+
+void conv2d_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& perm,
+                        const at::Tensor& offsets, const at::Tensor& computed, const at::Tensor& csr_ptr,
+                        const at::Tensor& csr_idx, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, at::Tensor& dw) {
+  TORCH_CHECK(grad_y.dim() == 4 && x.dim() == 4 && dw.dim() == 4, "grad_y, x and dw must be 4-D");
   check_f32(dw, "dw");
-  TORCH_CHECK(dw.numel() == n_out * k_in, "dw must hold n_out * k_in values");
-  auto c = conv_chunk(img_offsets, ticket_sparse, pixels);
-  const int64_t count = img_offsets.data_ptr<int64_t>()[c.num_tickets];
-  TORCH_CHECK(cols.size(0) >= count, "cols must hold every image of the chunk");
-  check_image_index(dy_index, dy, count, "dy_index");
-  check_index(csr_ptr, csr_idx, c.num_tickets * n_out + 1);
-  rtl_cpu::routed_conv_grad_weight(c, n_out, k_in, dy.data_ptr<float>(), dy_index.data_ptr<int64_t>(),
-                                   cols.data_ptr<float>(), csr_ptr.data_ptr<int64_t>(), csr_idx.data_ptr<int32_t>(),
-                                   dw.data_ptr<float>());
+  const auto s = conv_shape(x, dw.size(0), grad_y.sizes().slice(2), dw.sizes().slice(2), stride, padding, dilation,
+                            groups);
+  TORCH_CHECK(dw.size(1) == s.channels / s.groups, "dw must have shape (O, C / groups, kh, kw)");
+  check_images(x, "x", x.size(0), s.channels, s.height, s.width);
+  check_images(grad_y, "grad_y", x.size(0), s.out_channels, s.out_height, s.out_width);
+  const auto g = ticket_images(perm, offsets, computed, x.size(0));
+  check_conv_index(csr_ptr, csr_idx, g.num_tickets * s.out_channels);
+  const char* error = rtl_cpu::routed_conv2d_grad_weight(
+      s, g, grad_y.data_ptr<float>(), strides_of(grad_y), x.data_ptr<float>(), strides_of(x),
+      csr_ptr.data_ptr<int64_t>(), csr_idx.data_ptr<int32_t>(), csr_idx.numel(), dw.data_ptr<float>());
+  TORCH_CHECK(error == nullptr, "routed conv2d weight gradient: ", error);
 }
 
 std::string kernel_isa() { return rtl_cpu::kernel_isa(); }
@@ -205,11 +279,15 @@ TORCH_LIBRARY_FRAGMENT(rtl_kernels, m) {
         "Tensor ticket_sparse, Tensor csc_ptr, Tensor csc_chunk_ptr, Tensor csc_idx, Tensor(a!) out) -> ()");
   m.def("_cpu_linear_grad_weight(Tensor grad_y, Tensor x, Tensor perm, Tensor offsets, "
         "Tensor ticket_sparse, Tensor csr_ptr, Tensor csr_idx, Tensor(a!) out) -> ()");
-  m.def("_cpu_conv_spmm(Tensor weight, int w_out_stride, int w_in_stride, Tensor ptr, Tensor chunk_ptr, "
-        "Tensor idx, Tensor src, Tensor src_index, Tensor? bias, Tensor img_offsets, Tensor ticket_sparse, "
-        "Tensor(a!) out, Tensor out_index) -> ()");
-  m.def("_cpu_conv_grad_weight(Tensor dy, Tensor dy_index, Tensor cols, Tensor img_offsets, "
-        "Tensor ticket_sparse, Tensor csr_ptr, Tensor csr_idx, Tensor(a!) dw) -> ()");
+  m.def("_cpu_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, Tensor perm, Tensor offsets, Tensor computed, "
+        "Tensor csr_ptr, Tensor csr_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+        "Tensor(a!) out) -> ()");
+  m.def("_cpu_conv2d_grad_input(Tensor grad_y, Tensor weight, Tensor perm, Tensor offsets, Tensor computed, "
+        "Tensor in_ptr, Tensor in_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+        "Tensor(a!) dx) -> ()");
+  m.def("_cpu_conv2d_grad_weight(Tensor grad_y, Tensor x, Tensor perm, Tensor offsets, Tensor computed, "
+        "Tensor csr_ptr, Tensor csr_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+        "Tensor(a!) dw) -> ()");
   m.def("_cpu_kernel_isa() -> str");
 }
 
@@ -217,8 +295,9 @@ TORCH_LIBRARY_IMPL(rtl_kernels, CPU, m) {
   m.impl("_cpu_linear_forward", &linear_forward);
   m.impl("_cpu_linear_grad_input", &linear_grad_input);
   m.impl("_cpu_linear_grad_weight", &linear_grad_weight);
-  m.impl("_cpu_conv_spmm", &conv_spmm);
-  m.impl("_cpu_conv_grad_weight", &conv_grad_weight);
+  m.impl("_cpu_conv2d_forward", &conv2d_forward);
+  m.impl("_cpu_conv2d_grad_input", &conv2d_grad_input);
+  m.impl("_cpu_conv2d_grad_weight", &conv2d_grad_weight);
 }
 
 TORCH_LIBRARY_IMPL(rtl_kernels, CompositeExplicitAutograd, m) { m.impl("_cpu_kernel_isa", &kernel_isa); }

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -40,6 +41,25 @@ def check_route_values(route: Tensor, num_tickets: int) -> None:
         raise ValueError(
             f"route holds ticket id {bad}, outside [0, {num_tickets}) (num_tickets = masks.shape[0] = {num_tickets})"
         )
+
+
+def eager_call_ok(*tensors: Optional[Tensor]) -> bool:
+    """True when an op may run its implementation directly, without the dispatcher: eager mode (no compile, no
+    dispatch mode such as a fake-tensor or flop-counting one), plain tensors, and no autograd to record. The
+    dispatcher's round trip costs about as much as a small layer's dense convolution on a CPU (see
+    docs/cpu_backend.md)."""
+    if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN or (grad and t.requires_grad):
+            return False
+    return True
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def check_same_device(**tensors: Optional[Tensor]) -> None:

@@ -103,16 +103,14 @@ def _t(v) -> tuple:
     return (int(v[0]), int(v[1]))
 
 
+def _images(backend, t: Tensor) -> Tensor:
+    """Images as the backend takes them: in their own memory format where it reads any, else contiguous."""
+    return t if backend.accepts_strided_images else t.contiguous()
+
+
 # -- conv2d ----------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op(
-    "rtl_kernels::routed_masked_conv2d",
-    mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor masks, Tensor route, Tensor? bias=None, int[2] stride=[1, 1], "
-    "int[2] padding=[0, 0], int[2] dilation=[1, 1], int groups=1, Tensor? ticket_perm=None, "
-    "Tensor? ticket_offsets=None) -> Tensor",
-)
-def _routed_masked_conv2d(
+def _conv2d_impl(
     x: Tensor,
     weight: Tensor,
     masks: Tensor,
@@ -128,15 +126,25 @@ def _routed_masked_conv2d(
     num_tickets = _check_conv_args(x, weight, masks, route, bias, groups, transposed=False)
     ho, wo = _check_geometry(x, weight, stride, padding, dilation)
     _checks.check_grouping(ticket_perm, ticket_offsets, x.shape[0], num_tickets)
-    _checks.check_route_values(route, num_tickets)
+    if ticket_perm is None:  # a given grouping was made (and its route checked) by group_by_ticket
+        _checks.check_route_values(route, num_tickets)
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0], ho, wo))
     perm, offsets = _grouping(route, num_tickets, ticket_perm, ticket_offsets)
     backend = select_backend(x.device, x.dtype)
     return backend.conv2d_forward(
-        x.contiguous(), weight.contiguous(), masks.contiguous(), bias, perm, offsets,
+        _images(backend, x), weight.contiguous(), masks.contiguous(), bias, perm, offsets,
         _t(stride), _t(padding), _t(dilation), groups,
     )
+
+
+_routed_masked_conv2d = torch.library.custom_op(
+    "rtl_kernels::routed_masked_conv2d",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor masks, Tensor route, Tensor? bias=None, int[2] stride=[1, 1], "
+    "int[2] padding=[0, 0], int[2] dilation=[1, 1], int groups=1, Tensor? ticket_perm=None, "
+    "Tensor? ticket_offsets=None) -> Tensor",
+)(_conv2d_impl)
 
 
 @_routed_masked_conv2d.register_fake
@@ -157,7 +165,7 @@ def _conv2d_grad_input(
         return grad_y.new_zeros(tuple(input_shape))
     backend = select_backend(grad_y.device, grad_y.dtype)
     return backend.conv2d_grad_input(
-        grad_y.contiguous(), weight.contiguous(), masks.contiguous(), ticket_perm, ticket_offsets,
+        _images(backend, grad_y), weight.contiguous(), masks.contiguous(), ticket_perm, ticket_offsets,
         tuple(int(s) for s in input_shape), _t(stride), _t(padding), _t(dilation), groups,
     )
 
@@ -176,7 +184,7 @@ def _conv2d_grad_weight(
         return grad_y.new_zeros(tuple(masks.shape[1:]))
     backend = select_backend(grad_y.device, grad_y.dtype)
     return backend.conv2d_grad_weight(
-        grad_y.contiguous(), x.contiguous(), masks.contiguous(), ticket_perm, ticket_offsets,
+        _images(backend, grad_y), _images(backend, x), masks.contiguous(), ticket_perm, ticket_offsets,
         _t(stride), _t(padding), _t(dilation), groups,
     )
 
@@ -204,7 +212,6 @@ def _conv2d_backward(ctx, grad_y):
     x, weight, masks, route, perm, offsets = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
     needs_x, needs_w, _, _, needs_b = _needs(ctx, 5)
-    grad_y = grad_y.contiguous()
     perm, offsets = _grouping(route, masks.shape[0], perm, offsets)
     dx = dw = db = None
     if needs_x:
@@ -290,6 +297,8 @@ def routed_masked_conv2d(
     perm = offsets = None
     if grouping is not None:
         perm, offsets = grouping.perm, grouping.offsets
+    if _checks.eager_call_ok(x, weight, masks, route, bias, perm, offsets):
+        return _conv2d_impl(x, weight, masks, route, bias, stride, padding, dilation, groups, perm, offsets)
     return torch.ops.rtl_kernels.routed_masked_conv2d(
         x, weight, masks, route, bias, stride, padding, dilation, groups, perm, offsets
     )
@@ -311,14 +320,7 @@ def _transposed_shape(x, weight, stride, padding, output_padding, dilation, grou
     return [x.shape[0], weight.shape[1] * groups, ho, wo]
 
 
-@torch.library.custom_op(
-    "rtl_kernels::routed_masked_conv_transpose2d",
-    mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor masks, Tensor route, Tensor? bias=None, int[2] stride=[1, 1], "
-    "int[2] padding=[0, 0], int[2] output_padding=[0, 0], int groups=1, int[2] dilation=[1, 1], "
-    "Tensor? ticket_perm=None, Tensor? ticket_offsets=None) -> Tensor",
-)
-def _routed_masked_conv_transpose2d(
+def _conv_transpose2d_impl(
     x: Tensor,
     weight: Tensor,
     masks: Tensor,
@@ -335,7 +337,8 @@ def _routed_masked_conv_transpose2d(
     num_tickets = _check_conv_args(x, weight, masks, route, bias, groups, transposed=True)
     out_shape = _transposed_shape(x, weight, stride, padding, output_padding, dilation, groups)
     _checks.check_grouping(ticket_perm, ticket_offsets, x.shape[0], num_tickets)
-    _checks.check_route_values(route, num_tickets)
+    if ticket_perm is None:
+        _checks.check_route_values(route, num_tickets)
     if x.shape[0] == 0:
         return x.new_empty(out_shape)
     perm, offsets = _grouping(route, num_tickets, ticket_perm, ticket_offsets)
@@ -343,12 +346,21 @@ def _routed_masked_conv_transpose2d(
     # The transposed conv is the input gradient of the conv2d whose weight (C_in, C_out/g, kh, kw) maps the
     # output's C_out channels to x's C_in channels.
     y = backend.conv2d_grad_input(
-        x.contiguous(), weight.contiguous(), masks.contiguous(), perm, offsets, tuple(out_shape),
+        _images(backend, x), weight.contiguous(), masks.contiguous(), perm, offsets, tuple(out_shape),
         _t(stride), _t(padding), _t(dilation), groups,
     )
     if bias is not None:
         y += bias.view(1, -1, 1, 1)
     return y
+
+
+_routed_masked_conv_transpose2d = torch.library.custom_op(
+    "rtl_kernels::routed_masked_conv_transpose2d",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor masks, Tensor route, Tensor? bias=None, int[2] stride=[1, 1], "
+    "int[2] padding=[0, 0], int[2] output_padding=[0, 0], int groups=1, int[2] dilation=[1, 1], "
+    "Tensor? ticket_perm=None, Tensor? ticket_offsets=None) -> Tensor",
+)(_conv_transpose2d_impl)
 
 
 @_routed_masked_conv_transpose2d.register_fake
@@ -372,7 +384,6 @@ def _transpose_backward(ctx, grad_y):
     x, weight, masks, route, perm, offsets = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.geometry
     needs_x, needs_w, _, _, needs_b = _needs(ctx, 5)
-    grad_y = grad_y.contiguous()
     perm, offsets = _grouping(route, masks.shape[0], perm, offsets)
     dx = dw = db = None
     if needs_x:  # adjoint of the conv2d input gradient: the conv2d itself
@@ -437,6 +448,9 @@ def routed_masked_conv_transpose2d(
     perm = offsets = None
     if grouping is not None:
         perm, offsets = grouping.perm, grouping.offsets
+    if _checks.eager_call_ok(x, weight, masks, route, bias, perm, offsets):
+        return _conv_transpose2d_impl(x, weight, masks, route, bias, stride, padding, output_padding, groups,
+                                      dilation, perm, offsets)
     return torch.ops.rtl_kernels.routed_masked_conv_transpose2d(
         x, weight, masks, route, bias, stride, padding, output_padding, groups, dilation, perm, offsets
     )

@@ -22,8 +22,7 @@ def _grouping(route: Tensor, num_tickets: int, perm: Optional[Tensor], offsets: 
     return perm, offsets
 
 
-@torch.library.custom_op("rtl_kernels::routed_masked_linear", mutates_args=())
-def _routed_masked_linear(
+def _linear_impl(
     x: Tensor,
     weight: Tensor,
     masks: Tensor,
@@ -34,12 +33,16 @@ def _routed_masked_linear(
 ) -> Tensor:
     num_tickets = _checks.check_linear_args(x, weight, masks, route, bias)
     _checks.check_grouping(ticket_perm, ticket_offsets, x.shape[0], num_tickets)
-    _checks.check_route_values(route, num_tickets)
+    if ticket_perm is None:  # a given grouping was made (and its route checked) by group_by_ticket
+        _checks.check_route_values(route, num_tickets)
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0]))
     perm, offsets = _grouping(route, num_tickets, ticket_perm, ticket_offsets)
     backend = select_backend(x.device, x.dtype)
     return backend.linear_forward(x.contiguous(), weight.contiguous(), masks.contiguous(), bias, perm, offsets)
+
+
+_routed_masked_linear = torch.library.custom_op("rtl_kernels::routed_masked_linear", mutates_args=())(_linear_impl)
 
 
 @_routed_masked_linear.register_fake
@@ -153,4 +156,6 @@ def routed_masked_linear(
     perm = offsets = None
     if grouping is not None:
         perm, offsets = grouping.perm, grouping.offsets
+    if _checks.eager_call_ok(x, weight, masks, route, bias, perm, offsets):
+        return _linear_impl(x, weight, masks, route, bias, perm, offsets)
     return torch.ops.rtl_kernels.routed_masked_linear(x, weight, masks, route, bias, perm, offsets)

@@ -41,31 +41,6 @@ void routed_linear_grad_input(const RoutedRows& rows, int64_t n_out, int64_t k_i
 void routed_linear_grad_weight(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* dy,
                                const float* x, const int64_t* csr_ptr, const int32_t* csr_idx, float* dw);
 
-// One chunk of images for the conv kernels, in ticket order: images img_offsets[t] .. img_offsets[t + 1] of the
-// chunk belong to ticket t. Image data are (channels, pixels) blocks: unfolded columns (C * kh * kw, pixels) on
-// the input side, NCHW planes (O, pixels) on the output side.
-struct ConvChunk {
-  int64_t num_tickets;
-  const int64_t* img_offsets;    // (T + 1)
-  const uint8_t* ticket_sparse;  // (T)
-  int64_t pixels;
-  int num_threads;
-};
-
-// out[out_index[i]] (n_out, pixels) = (w * mask_t) applied to src[src_index[i]] (n_in, pixels) (+ bias), for the
-// images i of sparse tickets. Weight (o, i) = w[o * w_out_stride + i * w_in_stride]; ptr/idx index the kept
-// inputs of each output (CSR for the forward, CSC for the input gradient), as in routed_linear_forward.
-void routed_conv_spmm(const ConvChunk& chunk, int64_t n_out, int64_t n_in, const float* w, int64_t w_out_stride,
-                      int64_t w_in_stride, const int64_t* ptr, const int64_t* chunk_ptr, int64_t n_chunks,
-                      const int32_t* idx, const float* src, const int64_t* src_index, const float* bias,
-                      float* out, const int64_t* out_index);
-
-// dw[o, k] += sum over sparse tickets keeping (o, k) and their images i of dy[dy_index[i]][o] . cols[i][k]
-// (dot over pixels). Deterministic, nothing written outside the kept entries.
-void routed_conv_grad_weight(const ConvChunk& chunk, int64_t n_out, int64_t k_in, const float* dy,
-                             const int64_t* dy_index, const float* cols, const int64_t* csr_ptr,
-                             const int32_t* csr_idx, float* dw);
-
 // Which instruction set the kernels run with: "avx512", "avx2" or "generic" (the widest the CPU has, capped by
 // the environment variable RTL_CPU_ISA=avx2 or =generic).
 const char* kernel_isa();

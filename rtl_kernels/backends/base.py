@@ -16,6 +16,8 @@ class Backend:
     """Base class of the routed-op backends (reference, cpu, triton, cuda)."""
 
     name: str = "?"
+    # True when the conv methods take images (x, grad_y) in any memory format; else the ops pass contiguous ones.
+    accepts_strided_images: bool = False
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         """None when this backend can run on (device, dtype); else a one-line reason."""

@@ -1,1 +1,2 @@
-"""Compiled mask layouts shared by the GPU backends (block-CSR over the weight's block grid)."""
+"""Compiled mask layouts: block-CSR over the weight's block grid (GPU backends), row-compressed indices of linear
+and conv masks (cpu backend)."""

@@ -74,109 +74,83 @@ CONV_CASES = [  # (batch, c, o, h, w, kernel, tickets, groups, geometry)
 ]
 
 
-def use_ticket_paths(monkeypatch):
-    """Send the cpu backend's small test convs through the per-ticket paths: the unfolded sparse kernels for
-    tickets indexed as sparse, torch's convolution per ticket for the others. By default these tiny layers take
-    the per-image-weight path, and their few inputs an output (C * kh * kw) would keep every ticket off the
-    sparse kernels."""
-    from rtl_kernels.backends import cpu
+# The cpu backend's conv paths (rtl_kernels.backends.cpu.policy), each forced through the public policy override:
+# "auto" chooses as in use; "dense" runs torch's convolution per mask class; "image" a masked weight per image;
+# "sparse" the direct sparse kernel for every ticket; "split" the sparse kernel for tickets under half density and
+# torch's convolution for the others, in the same call.
+CPU_CONV_PATHS = {
+    "auto": {},
+    "dense": dict(conv_path="dense"),
+    "image": dict(conv_path="image"),
+    "sparse": dict(conv_path="mixed", conv_sparse_max_density=1.01),
+    "split": dict(conv_path="mixed", conv_sparse_max_density=0.5),
+}
 
-    monkeypatch.setattr(cpu, "PER_IMAGE_WEIGHT_LIMIT", 0)
-    monkeypatch.setattr(cpu, "CONV_SPARSE_MIN_K", 0)
-    monkeypatch.setattr(cpu, "CONV_SPARSE_MAX_DENSITY", 1.0)
-    monkeypatch.setattr(cpu, "_pointwise_path", lambda *args: None)  # 1x1 convs too
-    return cpu
+
+def cpu_policy(path: str):
+    """A context that forces the cpu backend's conv path (see CPU_CONV_PATHS)."""
+    from rtl_kernels.backends.cpu import policy
+
+    return policy.use_policy(**CPU_CONV_PATHS[path])
 
 
-@pytest.fixture(params=["per_image_weights", "ticket_paths"])
-def cpu_conv_path(request, monkeypatch):
-    """Run the cpu backend's conv both ways (see use_ticket_paths)."""
-    if request.param == "ticket_paths" and HAS_CPU_EXT:
-        use_ticket_paths(monkeypatch)
-    return request.param
+@pytest.fixture(params=list(CPU_CONV_PATHS))
+def cpu_conv_path(request):
+    """Run the cpu backend's conv with each path forced (the reference backend ignores it)."""
+    if request.param != "auto" and not HAS_CPU_EXT:
+        pytest.skip("the cpu extension is not built")
+    if request.param == "auto":
+        yield request.param
+        return
+    with cpu_policy(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"b{c[0]}c{c[1]}o{c[2]}k{c[5][0]}x{c[5][1]}g{c[7]}")
 @pytest.mark.parametrize("density", [0.0, 0.3, 0.9])
 def test_conv2d_matches_float64(backend, case, density, cpu_conv_path):
-    if backend == "reference" and cpu_conv_path == "ticket_paths":
+    if backend == "reference" and cpu_conv_path != "auto":
         pytest.skip("the path switch is the cpu backend's")
     batch, c, o, h, w, k, tickets, groups, geometry = case
     for route_kind in ("random", "empty_tickets", "one_ticket"):
         run_case(backend, batch, c, o, h, w, k, tickets, density, groups, route_kind=route_kind, seed=batch, **geometry)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_conv2d_spans_several_im2col_chunks(backend, monkeypatch):
-    from rtl_kernels.backends import cpu
-
-    monkeypatch.setattr(cpu, "IM2COL_CHUNK_BYTES", 4096)  # a few images a chunk
-    use_ticket_paths(monkeypatch)
-    run_case(backend, 9, 3, 6, 10, 9, (3, 3), 3, 0.3, padding=1, seed=3)
-
-
 @pytest.mark.skipif(not HAS_CPU_EXT, reason="the cpu extension is not built")
-@pytest.mark.parametrize("chunk_bytes", [32 << 20, 4096])
-def test_conv2d_mixes_dense_and_sparse_tickets_in_one_call(chunk_bytes, monkeypatch):
-    # Dense tickets run torch's convolution on their images, sparse ones the unfolded kernels, in the same call.
-    from rtl_kernels.backends import cpu
+def test_conv2d_mixes_dense_and_sparse_tickets_in_one_call():
+    # Sparse tickets take the direct kernel and dense ones torch's convolution, in the same call.
+    from rtl_kernels.backends.cpu import trace
 
-    use_ticket_paths(monkeypatch)
-    monkeypatch.setattr(cpu, "IM2COL_CHUNK_BYTES", chunk_bytes)
     densities = [0.05, 0.95, 0.3, 1.0, 0.0, 0.5]
-    seen = []
-    paths = cpu._conv_paths
-    monkeypatch.setattr(cpu, "_conv_paths", lambda *a: seen.append(paths(*a)) or seen[-1])
-    for seed in range(3):
-        run_case("cpu", 11, 4, 6, 9, 8, (3, 3), len(densities), densities, padding=1, seed=seed)
-    assert any(sparse.any() and dense for sparse, dense in seen), "no call took both paths"
+    with cpu_policy("split"), trace.record_calls() as calls:
+        for seed in range(3):
+            run_case("cpu", 11, 4, 6, 9, 8, (3, 3), len(densities), densities, padding=1, seed=seed)
+    assert calls and all(c["path"] == "mixed" for c in calls)
+    assert any(c["sparse_tickets"] and c["dense_classes"] for c in calls), "no call took both paths"
 
 
 @pytest.mark.skipif(not HAS_CPU_EXT, reason="the cpu extension is not built")
-@pytest.mark.parametrize("path", ["bmm", "rows"])
+@pytest.mark.parametrize("path", ["image", "sparse", "dense"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
-def test_pointwise_paths_match_float64(path, transposed, monkeypatch):
-    # 1x1 convs run as a batched matrix product per image ("bmm") or as a routed linear over pixel rows ("rows");
-    # each is forced here on mixed-density tickets (dense, sparse, empty), with plain and channels_last inputs.
-    from rtl_kernels.backends import cpu
-
-    chosen = []
-    original = cpu._pointwise_path
-
-    def force(*args):
-        chosen.append(original(*args) and path)
-        return chosen[-1]
-
-    monkeypatch.setattr(cpu, "_pointwise_path", force)
+def test_pointwise_paths_match_float64(path, transposed):
+    # 1x1 convs: one batched matrix product per image ("image"), the direct kernel, reading the images in place when
+    # their planes are whole vectors (4x4) and packed otherwise ("sparse"), torch's convolution per class ("dense");
+    # on mixed-density tickets (dense, sparse, empty), with plain and channels_last inputs.
     densities = [0.05, 0.95, 0.3, 1.0, 0.0]
-    for seed, (h, w) in enumerate([(5, 4), (1, 1), (6, 7)]):
-        run_case("cpu", 9, 6, 7, h, w, (1, 1), len(densities), densities, transposed=transposed, seed=seed)
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(5, 6, 4, 5, generator=gen).to(memory_format=torch.channels_last)
-    weight = torch.randn(6, 6, 1, 1, generator=gen)
-    masks = torch.rand(3, 6, 6, 1, 1, generator=gen) < 0.4
-    route = torch.tensor([2, 0, 2, 1, 0])
-    op = rk.routed_masked_conv_transpose2d if transposed else rk.routed_masked_conv2d
-    with rk.set_backend("cpu"):
-        y = op(x, weight, masks, route)
+    with cpu_policy(path):
+        for seed, (h, w) in enumerate([(5, 4), (1, 1), (6, 7), (4, 4)]):
+            run_case("cpu", 9, 6, 7, h, w, (1, 1), len(densities), densities, transposed=transposed, seed=seed)
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(5, 6, 4, 4, generator=gen).to(memory_format=torch.channels_last)
+        weight = torch.randn(6, 6, 1, 1, generator=gen)
+        masks = torch.rand(3, 6, 6, 1, 1, generator=gen) < 0.4
+        route = torch.tensor([2, 0, 2, 1, 0])
+        op = rk.routed_masked_conv_transpose2d if transposed else rk.routed_masked_conv2d
+        with rk.set_backend("cpu"):
+            y = op(x, weight, masks, route)
     ref, _ = oracle(x, weight, masks, route, None, transposed)
     torch.testing.assert_close(y.double(), ref, **TOL)
-    assert chosen and all(c == path for c in chosen)
-
-
-@pytest.mark.skipif(not HAS_CPU_EXT, reason="the cpu extension is not built")
-def test_pointwise_path_choice():
-    from rtl_kernels.backends import cpu
-
-    w = (8, 16, 1, 1)
-    assert cpu._pointwise_path(w, 320, 16 * 16, (1, 1), (0, 0), 1) == "bmm"
-    assert cpu._pointwise_path(w, 320, 2 * 2, (1, 1), (0, 0), 1) == "rows"
-    assert cpu._pointwise_path((2048, 512, 1, 1), 64, 7 * 7, (1, 1), (0, 0), 1) == "rows"  # weight copies too big
-    assert cpu._pointwise_path(w, 320, 256, (2, 2), (0, 0), 1) is None
-    assert cpu._pointwise_path(w, 320, 256, (1, 1), (1, 1), 1) is None
-    assert cpu._pointwise_path((8, 8, 1, 1), 320, 256, (1, 1), (0, 0), 2) is None
-    assert cpu._pointwise_path((8, 16, 3, 3), 320, 256, (1, 1), (0, 0), 1) is None
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -200,7 +174,7 @@ TRANSPOSED_CASES = [  # the speech U-Net decoder's shapes in miniature: 3x3 and 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", TRANSPOSED_CASES, ids=lambda c: f"k{c[5][0]}x{c[5][1]}g{c[7]}")
 def test_conv_transpose2d_matches_float64(backend, case, cpu_conv_path):
-    if backend == "reference" and cpu_conv_path == "ticket_paths":
+    if backend == "reference" and cpu_conv_path != "auto":
         pytest.skip("the path switch is the cpu backend's")
     batch, c, o, h, w, k, tickets, groups, geometry = case
     run_case(backend, batch, c, o, h, w, k, tickets, 0.4, groups, transposed=True, seed=7, **geometry)
@@ -334,10 +308,9 @@ def test_conv_transpose2d_bad_input():
 
 
 @pytest.mark.skipif(not HAS_CPU_EXT, reason="rtl_kernels._C was not built")
-def test_conv_layout_is_cached_and_follows_mask_edits(monkeypatch):
-    use_ticket_paths(monkeypatch)
+def test_conv_layout_is_cached_and_follows_mask_edits():
     args = _good()
-    with rk.set_backend("cpu"):
+    with rk.set_backend("cpu"), cpu_policy("sparse"):
         before = rk.layout_cache_stats()["compiles"]
         y1 = rk.routed_masked_conv2d(**args, padding=1)
         compiles = rk.layout_cache_stats()["compiles"]

@@ -267,13 +267,15 @@ def test_nonfinite_input_propagates_through_kept_weights(backend, density):
 def test_layout_cache_follows_in_place_mask_edits():
     x, w, masks, route, b = make_case(40, 10, 12, 2, 0.3, "random", seed=31)
     with rk.set_backend("cpu"):
+        before = rk.layout_cache_stats()["compiles"]
         y1 = rk.routed_masked_linear(x, w, masks, route, b)
         compiles = rk.layout_cache_stats()["compiles"]
+        assert compiles > before
         rk.routed_masked_linear(x, w, masks, route, b)
         assert rk.layout_cache_stats()["compiles"] == compiles, "an unchanged mask must hit the cache"
-        masks[0, 3, :] = ~masks[0, 3, :]  # in-place edit
+        masks[0, 3, :] = ~masks[0, 3, :]  # in-place edit: every layout of these masks compiles again
         y2 = rk.routed_masked_linear(x, w, masks, route, b)
-        assert rk.layout_cache_stats()["compiles"] == compiles + 1
+        assert rk.layout_cache_stats()["compiles"] == compiles + (compiles - before)
     torch.testing.assert_close(y2.double(), oracle(x, w, masks, route, b), **tol(torch.float32))
     assert not torch.allclose(y1, y2)
     # weights are read through the layout, never copied: an in-place weight update is seen at once
@@ -287,7 +289,7 @@ def test_layout_cache_follows_in_place_mask_edits():
 @needs_cpu_ext
 def test_cpu_kernels_write_every_routed_row():
     """Poison the output: every row of a sparse ticket must be overwritten (the op allocates with empty)."""
-    from rtl_kernels.backends.cpu import compile_cpu_layout
+    from rtl_kernels.formats.cpu_csr import compile_cpu_layout
 
     x, w, masks, route, b = make_case(150, 70, 33, 3, 0.3, "random", seed=37)
     g = rk.group_by_ticket(route, 3)
@@ -322,11 +324,11 @@ _ISA_NEEDS = {"generic": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx2", "fma
 
 # Run in a fresh process per ISA (the kernels pick theirs once per process). Every tile width (1 to 64 rows: the
 # 512-bit build pairs 8-row vectors and keeps an 8-row tail for odd counts), both walks of a tile (whole rows at
-# 10 %; input chunks at 40 % over 130 inputs), and the conv kernels on unfolded columns (tile stride = pixels of
-# an image, not the tile width), each against float64.
+# 10 %; input chunks at 40 % over 130 inputs), and the direct conv kernels in table mode over conv grids (every
+# geometry family), each against float64.
 _ISA_SCRIPT = """
 import sys, torch, torch.nn.functional as F, rtl_kernels as rk
-import rtl_kernels.backends.cpu as cpu
+from rtl_kernels.backends.cpu import policy
 torch.manual_seed(0)
 rk.set_backend("cpu")
 worst = 0.0
@@ -346,38 +348,43 @@ for rows in [1, 7, 8, 9, 16, 23, 33, 40, 57, 64, 71, 150]:
         check(y, torch.einsum("bk,bnk->bn", x.detach().double(), wm) + b.double(), 130 ** 0.5)
         check(dx, torch.einsum("bn,bnk->bk", gy.double(), wm), 45 ** 0.5)
         check(dw, torch.einsum("bn,bk,bnk->nk", gy.double(), x.detach().double(), m[r].double()), rows ** 0.5)
-cpu.PER_IMAGE_WEIGHT_LIMIT = 0; cpu.CONV_SPARSE_MIN_K = 0; cpu.CONV_SPARSE_MAX_DENSITY = 1.0
-for hw in [(3, 3), (5, 7), (9, 9)]:
-    x = torch.randn(5, 20, *hw, requires_grad=True); w = torch.randn(16, 20, 3, 3, requires_grad=True)
-    m = torch.rand(2, 16, 20, 3, 3) < 0.3; r = torch.tensor([0, 1, 1, 0, 1])
-    y = rk.routed_masked_conv2d(x, w, m, r, padding=1)
-    gy = torch.randn_like(y)
-    dx, dw = torch.autograd.grad(y, (x, w), gy)
-    xd, wd, gd = x.detach().double(), w.detach().double(), gy.double()
-    ref_y = torch.cat([F.conv2d(xd[i:i + 1], wd * m[r[i]], padding=1) for i in range(5)])
-    ref_dx = torch.cat([torch.nn.grad.conv2d_input(xd[i:i + 1].shape, wd * m[r[i]], gd[i:i + 1], padding=1)
-                        for i in range(5)])
-    ref_dw = sum(torch.nn.grad.conv2d_weight(xd[i:i + 1], wd.shape, gd[i:i + 1], padding=1) * m[r[i]]
-                 for i in range(5))
-    check(y, ref_y, 180 ** 0.5); check(dx, ref_dx, 16 ** 0.5); check(dw, ref_dw, 5 ** 0.5)
-# An inf at x[:, 3, 0, 0] is the first pixel of unfolded row (3, 0, 0); the lanes past the last tile of row (2, 2, 2)
-# read it. They must be selected away, not multiplied by zero: only gradients that truly see the inf may be
-# non-finite. 35 and 12 output pixels: a last tile with an odd and an even number of 8-row vectors. Every ticket
-# takes the sparse kernel and keeps weight (2, 2, 2) of every output.
-cpu.SMALL_GROUP_MAX_DENSITY = 1.0
-for hw in [(7, 9), (5, 6)]:
-    x = torch.randn(3, 5, *hw); x[:, 3, 0, 0] = float("inf")
-    w = torch.randn(8, 5, 3, 3, requires_grad=True); m = torch.rand(2, 8, 5, 3, 3) < 0.3; r = torch.tensor([0, 1, 1])
-    m[:, :, 2, 2, 2] = True
-    y = rk.routed_masked_conv2d(x, w, m, r)
-    gy = torch.randn_like(y)
-    dw, = torch.autograd.grad(y, (w,), gy)
-    ref_dw = sum(torch.where(m[r[i]], torch.nn.grad.conv2d_weight(x[i:i + 1].double(), w.shape, gy[i:i + 1].double()),
-                             torch.zeros((), dtype=torch.float64)) for i in range(3))
-    finite = torch.isfinite(ref_dw)
-    assert finite[:, 2].all() and not finite.all()
-    assert torch.isfinite(dw[finite]).all(), "a dead lane leaked the next row's inf"
-    check(dw[finite], ref_dw[finite], 3 ** 0.5)
+# The direct sparse conv on every ticket: plain, strided, grouped, depthwise, pointwise in place (4x4) and packed,
+# on maps whose grids end in partial tiles of every width.
+conv_cases = [(20, 16, (3, 3), 1, 1, 1), (20, 16, (3, 3), 2, 1, 1), (8, 12, (3, 3), 1, 1, 4), (12, 12, (5, 5), 2, 2, 12),
+              (12, 12, (3, 3), 1, 1, 12), (20, 16, (1, 1), 1, 0, 1)]
+with policy.use_policy(conv_path="mixed", conv_sparse_max_density=1.01):
+    for c, o, k, s, p, g in conv_cases:
+        for hw in [(3, 3), (5, 7), (9, 9), (4, 4)]:
+            x = torch.randn(5, c, *hw, requires_grad=True); w = torch.randn(o, c // g, *k, requires_grad=True)
+            m = torch.rand(2, o, c // g, *k) < 0.3; r = torch.tensor([0, 1, 1, 0, 1])
+            y = rk.routed_masked_conv2d(x, w, m, r, stride=s, padding=p, groups=g)
+            gy = torch.randn_like(y)
+            dx, dw = torch.autograd.grad(y, (x, w), gy)
+            xd, wd, gd = x.detach().double(), w.detach().double(), gy.double()
+            ref_y = torch.cat([F.conv2d(xd[i:i + 1], wd * m[r[i]], None, s, p, 1, g) for i in range(5)])
+            ref_dx = torch.cat([torch.nn.grad.conv2d_input(xd[i:i + 1].shape, wd * m[r[i]], gd[i:i + 1], s, p, 1, g)
+                                for i in range(5)])
+            ref_dw = sum(torch.nn.grad.conv2d_weight(xd[i:i + 1], wd.shape, gd[i:i + 1], s, p, 1, g) * m[r[i]]
+                         for i in range(5))
+            fan = c // g * k[0] * k[1]
+            check(y, ref_y, fan ** 0.5); check(dx, ref_dx, o ** 0.5); check(dw, ref_dw, 5 ** 0.5)
+    # An inf in x must make non-finite only the gradients of the weights that truly see it: positions of a grid that
+    # are not outputs are never multiplied into a weight's gradient (0 * inf would be NaN there).
+    for c, o, k, s, p, g in conv_cases:
+        for hw, at in [((7, 9), (0, 8)), ((5, 6), (4, 0)), ((6, 6), (2, 5))]:
+            x = torch.randn(3, c, *hw); x[:, 1, at[0], at[1]] = float("inf")
+            w = torch.randn(o, c // g, *k, requires_grad=True)
+            m = torch.rand(2, o, c // g, *k) < 0.5; r = torch.tensor([0, 1, 1])
+            y = rk.routed_masked_conv2d(x, w, m, r, stride=s, padding=p, groups=g)
+            gy = torch.randn_like(y)
+            dw, = torch.autograd.grad(y, (w,), gy)
+            ref_dw = sum(torch.where(m[r[i]], torch.nn.grad.conv2d_weight(x[i:i + 1].double(), w.shape,
+                                                                         gy[i:i + 1].double(), s, p, 1, g),
+                                     torch.zeros((), dtype=torch.float64)) for i in range(3))
+            finite = torch.isfinite(ref_dw)
+            assert not finite.all(), "the inf must reach some kept weight"
+            assert torch.isfinite(dw[finite]).all(), "a position that is no output leaked an inf"
+            check(dw[finite], ref_dw[finite], 3 ** 0.5)
 print(torch.ops.rtl_kernels._cpu_kernel_isa(), worst)  # the extension loads on the first call
 assert worst < 1e-5, worst
 """
@@ -402,7 +409,7 @@ def test_rtl_cpu_isa_accepts_the_known_caps(monkeypatch, value):
     from rtl_kernels.backends import cpu
 
     monkeypatch.setenv("RTL_CPU_ISA", value)
-    assert cpu._isa_cap_from_env() == (value or None)
+    assert cpu.isa_cap_from_env() == (value or None)
 
 
 @needs_cpu_ext

@@ -1,0 +1,795 @@
+// Routed direct sparse convolution for the CPU. See routed_conv_kernels.h for the method and the contract.
+#include "routed_conv_kernels.h"
+
+#include "tile_kernels.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace rtl_cpu {
+namespace {
+
+using namespace tile;
+
+// Rounding divisions for a possibly negative numerator and a positive divisor.
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+constexpr int64_t kMaxOffset = std::numeric_limits<int32_t>::max();
+
+int64_t images_of(const TicketImages& g, int64_t t) { return g.offsets[t + 1] - g.offsets[t]; }
+
+const char* check_grouping(const TicketImages& g) {
+  if (g.offsets[0] != 0 || g.offsets[g.num_tickets] != g.batch) return "ticket offsets must run from 0 to the batch";
+  for (int64_t t = 0; t < g.num_tickets; ++t)
+    if (g.offsets[t] > g.offsets[t + 1]) return "ticket offsets must be non-decreasing";
+  for (int64_t i = 0; i < g.batch; ++i)
+    if (g.perm[i] < 0 || g.perm[i] >= g.batch) return "ticket perm holds an image index outside the batch";
+  return nullptr;
+}
+
+// ---- packed images ----------------------------------------------------------------------------------------------
+// A packed copy of some images: dst[c][ph][j][hq][i][wq] = src[img_i][c][hq * sh + ph - top][wq * sw + delta_j - left],
+// zero where that falls outside the source. Rows are split by stride phase ph; columns either by stride phase too
+// (delta_j = j for j < sw: every tap then reads its plane at a shift of whole columns, and grid columns past the
+// last output are computed and dropped), or by kernel column (delta_j = j * dilation for j < kw: one copy per kernel
+// column, so the grid holds the outputs only). Row hq of every image in turn: the images of a ticket share each
+// shifted run of the grid, and every row is one contiguous copy in (and, on the output side, out).
+struct Packing {
+  int64_t channels = 0, height = 0, width = 0;  // of the source
+  int64_t sh = 1, sw = 1;                       // row phases; column step
+  std::vector<int64_t> col_delta{0};            // source column offset of each column copy
+  int64_t top = 0, left = 0;                    // zero border before the source
+  int64_t hq = 0, wq = 0;                       // rows and columns of one plane
+  int64_t copies() const { return static_cast<int64_t>(col_delta.size()); }
+  int64_t phases() const { return sh * copies(); }  // planes per channel
+  int64_t plane() const { return hq * wq; }
+  int64_t per_image() const { return channels * phases() * plane(); }
+};
+
+// An unsplit copy with a zero border: channels planes of hq x wq, the source at (top, left).
+Packing bordered(int64_t channels, int64_t height, int64_t width, int64_t top, int64_t left, int64_t hq, int64_t wq) {
+  Packing p;
+  p.channels = channels;
+  p.height = height;
+  p.width = width;
+  p.top = top;
+  p.left = left;
+  p.hq = hq;
+  p.wq = wq;
+  return p;
+}
+
+// Packs channel c of the n images imgs[0 .. n) of src into dst (the ticket's packed block). Each packed row is
+// either a border row (zeros) or one source row read through a per-column offset table (a column of the border
+// reads as zero), so strided phases and tiny maps cost no per-row set-up.
+void pack_channel(const Packing& p, const float* src, Strides4 ss, const int64_t* imgs, int64_t n, int64_t c,
+                  float* dst) {
+  const int64_t wq = p.wq, copies = p.copies();
+  // source column of (copy j, wq) as an element offset, -1 in the border
+  int64_t col_stack[512];
+  std::vector<int64_t> col_heap;
+  int64_t* col_off = col_stack;
+  if (copies * wq > 512) {
+    col_heap.resize(copies * wq);
+    col_off = col_heap.data();
+  }
+  for (int64_t j = 0; j < copies; ++j)
+    for (int64_t k = 0; k < wq; ++k) {
+      const int64_t col = k * p.sw + p.col_delta[j] - p.left;
+      col_off[j * wq + k] = col >= 0 && col < p.width ? col * ss.w : -1;
+    }
+  float* d_c = dst + c * p.phases() * p.plane() * n;
+  const float* s_c = src + c * ss.c;
+  for (int64_t ph = 0; ph < p.sh; ++ph)
+    for (int64_t j = 0; j < copies; ++j) {
+      const int64_t* co = col_off + j * wq;
+      for (int64_t hq = 0; hq < p.hq; ++hq) {
+        float* d = d_c + ((ph * copies + j) * p.hq + hq) * n * wq;
+        const int64_t r = hq * p.sh + ph - p.top;
+        if (r < 0 || r >= p.height) {
+          std::fill(d, d + n * wq, 0.f);
+          continue;
+        }
+        for (int64_t i = 0; i < n; ++i, d += wq) {
+          const float* s_row = s_c + imgs[i] * ss.n + r * ss.h;
+          for (int64_t k = 0; k < wq; ++k) d[k] = co[k] >= 0 ? s_row[co[k]] : 0.f;
+        }
+      }
+    }
+}
+
+// Where the tiles of a grid read their operand (x for the forward and weight gradient, dy for the input gradient).
+// Packed: each run ticket's images copied into one block (tap offsets then depend on the ticket's image count n).
+// In place: pointwise convs over dense row-major planes read the tensor itself, one image per grid (n = 1).
+struct Operand {
+  bool in_place = false;
+  const float* data = nullptr;
+  std::vector<int64_t> base;  // packed: (T + 1) float offset of each ticket's block (empty for tickets not run)
+  Strides4 strides{};         // in place: the tensor's
+};
+
+// Tickets run here: computed ones with images.
+std::vector<int64_t> run_tickets(const TicketImages& g) {
+  std::vector<int64_t> run;
+  for (int64_t t = 0; t < g.num_tickets; ++t)
+    if (g.computed[t] && images_of(g, t) > 0) run.push_back(t);
+  return run;
+}
+
+// Packs the images of every run ticket into scratch slot `slot`; `slack` zeros follow the last block, for reads
+// of dropped grid positions and of partial tiles past it.
+Operand pack(const Packing& p, const TicketImages& g, const std::vector<int64_t>& run, const float* src,
+             Strides4 ss, int slot, int64_t slack) {
+  Operand op;
+  op.base.assign(g.num_tickets + 1, 0);
+  for (int64_t t = 0; t < g.num_tickets; ++t)
+    op.base[t + 1] = op.base[t] + (g.computed[t] ? p.per_image() * images_of(g, t) : 0);
+  float* buf = scratch_of<float>(slot, static_cast<size_t>(op.base.back() + slack));
+  std::fill(buf + op.base.back(), buf + op.base.back() + slack, 0.f);
+  const int64_t n_items = static_cast<int64_t>(run.size()) * p.channels;
+#pragma omp parallel for num_threads(g.num_threads) schedule(dynamic, 1)
+  for (int64_t item = 0; item < n_items; ++item) {
+    const int64_t t = run[item / p.channels], c = item % p.channels;
+    pack_channel(p, src, ss, g.perm + g.offsets[t], images_of(g, t), c, buf + op.base[t]);
+  }
+  op.data = buf;
+  return op;
+}
+
+Operand in_place(const float* data, Strides4 s) {
+  Operand op;
+  op.in_place = true;
+  op.data = data;
+  op.strides = s;
+  return op;
+}
+
+// A pointwise conv (1x1, stride 1, no padding) over planes of h x w floats stored row after row, whose size is a
+// whole number of 8-float vectors (a partial tile would read past the last plane), reads its operand in place.
+bool reads_in_place(const ConvShape& s, Strides4 st, int64_t h, int64_t w) {
+  return s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 &&
+         s.pad_w == 0 && st.w == 1 && st.h == w && (h * w) % 8 == 0;
+}
+
+// ---- grids and tiles --------------------------------------------------------------------------------------------
+// A run of up to 64 consecutive positions of one grid: `rows` rows of `cols` columns for each of n images,
+// position q = (row * n + i) * cols + col (n = 1 for an operand read in place: one grid per image).
+struct GridTile {
+  int64_t ticket;
+  int64_t phase;
+  const float* src;   // the operand at the tile's first position
+  const float* src2;  // the weight gradient's dy grid at the tile's first position (output channel 0)
+  int nrows;
+  int width;
+};
+
+struct Grid {
+  int64_t phase = 0;
+  int64_t first_row = 0, rows = 0, cols = 0;
+  int64_t operand_cols = 0;  // packed operand: columns of its rows (the grid starts first_row rows in)
+};
+
+// Appends the tiles of grid `gr` over every run ticket, and (with_dest) for each tile the output offset of each
+// position: dest(first_row + row, col, image), or -1 for a position that is not an output. op2, when given, is
+// laid out like the grid itself (packed with the grid's columns, or in place like op).
+template <bool with_dest, typename Dest>
+void grid_tiles(const TicketImages& g, const std::vector<int64_t>& run, const Operand& op, const Operand* op2,
+                const Grid& gr, Dest dest, std::vector<GridTile>& tiles, std::vector<int64_t>& out_rows) {
+  auto emit = [&](int64_t t, const float* base, const float* base2, const int64_t* imgs, int64_t n) {
+    const int64_t len = gr.rows * gr.cols * n;
+    for (int64_t q0 = 0; q0 < len; q0 += kTileRows) {
+      const int nrows = static_cast<int>(std::min<int64_t>(kTileRows, len - q0));
+      tiles.push_back(GridTile{t, gr.phase, base + q0, base2 ? base2 + q0 : nullptr, nrows, (nrows + 7) / 8 * 8});
+      if (!with_dest) continue;
+      const size_t at = out_rows.size();
+      out_rows.resize(at + kTileRows, -1);
+      int64_t col = q0 % gr.cols, i = (q0 / gr.cols) % n, row = gr.first_row + q0 / gr.cols / n;
+      for (int j = 0; j < nrows; ++j) {
+        out_rows[at + j] = dest(row, col, imgs[i]);
+        if (++col == gr.cols) {
+          col = 0;
+          if (++i == n) {
+            i = 0;
+            ++row;
+          }
+        }
+      }
+    }
+  };
+  for (int64_t t : run) {
+    const int64_t n = images_of(g, t);
+    const int64_t* imgs = g.perm + g.offsets[t];
+    if (op.in_place) {
+      for (int64_t i = 0; i < n; ++i)
+        emit(t, op.data + imgs[i] * op.strides.n, op2 ? op2->data + imgs[i] * op2->strides.n : nullptr, imgs + i, 1);
+    } else {
+      emit(t, op.data + op.base[t] + gr.first_row * n * gr.operand_cols, op2 ? op2->data + op2->base[t] : nullptr,
+           imgs, n);
+    }
+  }
+}
+
+// ---- kept weights -------------------------------------------------------------------------------------------------
+// Checks the rows (t * rows + r) of the run tickets in an index as the kernels will read them: pointers
+// non-decreasing inside [0, nnz], entries in [0, limit). Every call checks (a few percent of a call): a bad index
+// must never make a kernel read outside its buffers.
+const char* check_index(const TicketImages& g, const std::vector<int64_t>& run, int64_t rows, const int64_t* ptr,
+                        const int32_t* idx, int64_t nnz, int64_t limit) {
+  if (ptr[0] != 0 || ptr[g.num_tickets * rows] != nnz) return "the index's row pointer must run from 0 to nnz";
+  int bad_ptr = 0, bad_entry = 0;
+  const int64_t n_items = static_cast<int64_t>(run.size()) * rows;
+#pragma omp parallel for num_threads(g.num_threads) schedule(static) reduction(| : bad_ptr, bad_entry)
+  for (int64_t item = 0; item < n_items; ++item) {
+    const int64_t row = run[item / rows] * rows + item % rows;
+    const int64_t e0 = ptr[row], e1 = ptr[row + 1];
+    if (e0 < 0 || e0 > e1 || e1 > nnz) {
+      bad_ptr = 1;
+      continue;
+    }
+    int32_t lo = 0, hi = 0;
+    for (int64_t e = e0; e < e1; ++e) {
+      lo = std::min(lo, idx[e]);
+      hi = std::max(hi, idx[e]);
+    }
+    bad_entry |= lo < 0 || hi >= limit;
+  }
+  if (bad_ptr) return "the index's row pointer must be non-decreasing";
+  if (bad_entry) return "the conv index holds a position outside the kernel";
+  return nullptr;
+}
+
+// Runs every (tile, block of outputs) through the spmm kernel in table mode: out at the tiles' positions =
+// w . operand. ptr_rows(t, phase) is the index row pointer of the ticket's outputs in that phase, lut(t) its table.
+template <typename PtrRows, typename Lut>
+void run_spmm(const std::vector<GridTile>& tiles, const std::vector<int64_t>& out_rows, int64_t n_out,
+              PtrRows ptr_rows, const int32_t* idx, Lut lut, const float* w, int64_t w_stride, int64_t rows_per_group,
+              const std::vector<int64_t>& group_stride, const float* bias, float* out, int64_t out_o_stride,
+              int num_threads) {
+  const int64_t n_blocks = (n_out + kOutBlock - 1) / kOutBlock;
+  const int64_t n_items = static_cast<int64_t>(tiles.size()) * n_blocks;
+  const Isa& kernels = isa();
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+  for (int64_t item = 0; item < n_items; ++item) {
+    const int64_t b = item / n_blocks, blk = item % n_blocks;
+    const GridTile& tile = tiles[b];
+    SpmmTile a;
+    a.vals = nullptr;
+    a.ptr = ptr_rows(tile.ticket, tile.phase);
+    a.chunk_ptr = nullptr;
+    a.n_chunks = 1;
+    a.idx = idx;
+    a.xt = tile.src;
+    a.xt_stride = 1;
+    a.width = tile.width;
+    a.nrows = tile.nrows;
+    a.out_rows = out_rows.data() + b * kTileRows;
+    a.out = out;
+    a.out_o_stride = out_o_stride;
+    a.bias = bias;
+    a.o_begin = blk * kOutBlock;
+    a.o_end = std::min(n_out, a.o_begin + kOutBlock);
+    a.w = w;
+    a.w_stride = w_stride;
+    a.lut = lut(tile.ticket);
+    a.rows_per_group = rows_per_group;
+    a.group_stride = group_stride[tile.ticket];
+    a.prefetch = false;
+    kernels.spmm_tile(a);
+  }
+}
+
+// ---- the forward's grid ---------------------------------------------------------------------------------------
+// x packed with the conv's row phases and padding, its columns split by stride phase or, `shifted`, by kernel column
+// (see Packing), and the plane, row and column shift of each tap within its channel.
+struct ForwardLayout {
+  Packing in;
+  std::vector<int64_t> tap_plane, tap_row, tap_col;  // (kh * kw)
+};
+
+ForwardLayout forward_layout(const ConvShape& s, bool shifted) {
+  ForwardLayout f;
+  const int64_t dh_max = (s.kernel_h - 1) * s.dil_h / s.stride_h;
+  const int64_t dw_max = (s.kernel_w - 1) * s.dil_w / s.stride_w;
+  Packing& p = f.in;
+  p.channels = s.channels;
+  p.height = s.height;
+  p.width = s.width;
+  p.sh = s.stride_h;
+  p.sw = s.stride_w;
+  p.top = s.pad_h;
+  p.left = s.pad_w;
+  p.col_delta.clear();
+  for (int64_t j = 0; j < (shifted ? s.kernel_w : s.stride_w); ++j) p.col_delta.push_back(shifted ? j * s.dil_w : j);
+  // Every valid output reads inside its own row: wo + dw <= Wo - 1 + dw_max < wq; rows likewise.
+  p.hq = std::max(ceil_div(s.height + 2 * s.pad_h, s.stride_h), s.out_height + dh_max);
+  p.wq = shifted ? s.out_width : std::max(ceil_div(s.width + 2 * s.pad_w, s.stride_w), s.out_width + dw_max);
+  for (int64_t i = 0; i < s.kernel_h; ++i)
+    for (int64_t j = 0; j < s.kernel_w; ++j) {
+      const int64_t rh = i * s.dil_h, rw = j * s.dil_w;
+      f.tap_plane.push_back((rh % s.stride_h) * p.copies() + (shifted ? j : rw % s.stride_w));
+      f.tap_row.push_back(rh / s.stride_h);
+      f.tap_col.push_back(shifted ? 0 : rw / s.stride_w);
+    }
+  return f;
+}
+
+// Whether the forward packs x by kernel column: when more than a fifth of a stride-phase grid's columns would be
+// computed and dropped (ResNet-18's 3x3 convs on 2x2 and 4x4 maps at 64x64 inputs: half and a third), kw copies
+// of x cost less than the dropped FMAs.
+bool forward_shifted(const ConvShape& s) {
+  const int64_t dw_max = (s.kernel_w - 1) * s.dil_w / s.stride_w;
+  const int64_t wq = std::max(ceil_div(s.width + 2 * s.pad_w, s.stride_w), s.out_width + dw_max);
+  return s.kernel_w > 1 && 5 * (wq - s.out_width) > wq;
+}
+
+// Operand offsets of the kept positions k = c_local * taps + tap of every run ticket, for output channel 0's group
+// (others add group * (C / groups) channel strides): lut[t][k].
+std::vector<std::vector<int32_t>> forward_luts(const ConvShape& s, const ForwardLayout& f, const TicketImages& g,
+                                               const std::vector<int64_t>& run, const Operand& op) {
+  const int64_t taps = s.kernel_h * s.kernel_w, in_per_group = s.channels / s.groups;
+  std::vector<std::vector<int32_t>> lut(g.num_tickets);
+  for (int64_t t : run) {
+    const int64_t n = op.in_place ? 1 : images_of(g, t);
+    lut[t].resize(in_per_group * taps);
+    // offsets are 32-bit: check_offsets bounds every ticket's packed block
+    for (int64_t cl = 0; cl < in_per_group; ++cl)
+      for (int64_t tap = 0; tap < taps; ++tap)
+        lut[t][cl * taps + tap] = static_cast<int32_t>(
+            op.in_place ? cl * op.strides.c
+                        : ((cl * f.in.phases() + f.tap_plane[tap]) * f.in.hq + f.tap_row[tap]) * n * f.in.wq +
+                              f.tap_col[tap]);
+  }
+  return lut;
+}
+
+// Channel stride of the operand, in the units of the offsets of a ticket with n images.
+int64_t channel_stride(const Operand& op, const Packing& p, int64_t n) {
+  return op.in_place ? op.strides.c : p.phases() * p.plane() * n;
+}
+
+const char* check_offsets(const Operand& op, const Packing& p, const TicketImages& g, const std::vector<int64_t>& run) {
+  if (op.in_place)
+    return op.strides.c * (p.channels - 1) + p.height * p.width > kMaxOffset
+               ? "the images are too large for 32-bit offsets"
+               : nullptr;
+  for (int64_t t : run)
+    if (p.per_image() * images_of(g, t) > kMaxOffset) return "a ticket's packed images are too large for 32-bit offsets";
+  return nullptr;
+}
+
+// ---- depthwise convs ------------------------------------------------------------------------------------------
+// Convs with one input channel per group (depthwise, with any channel multiplier m = O / C): each output channel
+// reads one input channel, so the work splits into (ticket, channel) items, each packing the ticket's images of
+// that one channel into a buffer of its thread right before use. One read of x and one write of y, as a dense
+// depthwise conv, where packing whole tickets up front would add two passes over memory for a few FMAs a value.
+
+// The tiles of one ticket's grid (gr.rows rows of gr.cols columns for each of its n images), each tile's first
+// position and, per position, its output offset within one channel plane (dest(row, col, image) or -1).
+struct TicketGrid {
+  std::vector<int64_t> q0;
+  std::vector<int> nrows;
+  std::vector<int64_t> out_rows;  // kTileRows per tile
+};
+
+template <typename Dest>
+TicketGrid ticket_grid(const int64_t* imgs, int64_t n, const Grid& gr, Dest dest) {
+  TicketGrid tg;
+  const int64_t len = gr.rows * gr.cols * n;
+  for (int64_t q0 = 0; q0 < len; q0 += kTileRows) {
+    const int nrows = static_cast<int>(std::min<int64_t>(kTileRows, len - q0));
+    tg.q0.push_back(q0);
+    tg.nrows.push_back(nrows);
+    int64_t col = q0 % gr.cols, i = (q0 / gr.cols) % n, row = gr.first_row + q0 / gr.cols / n;
+    for (int j = 0; j < kTileRows; ++j) {
+      tg.out_rows.push_back(j < nrows ? dest(row, col, imgs[i]) : -1);
+      if (++col == gr.cols) {
+        col = 0;
+        if (++i == n) {
+          i = 0;
+          ++row;
+        }
+      }
+    }
+  }
+  return tg;
+}
+
+// out at a ticket grid's positions (one output channel) = the kept entries (vals, offs) over buf (the grid's
+// operand, shifted to the grid's first position).
+void grid_spmm(const Isa& kernels, const TicketGrid& tg, const float* vals, const int32_t* offs, int64_t count,
+               const float* buf, float bias, float* out) {
+  const int64_t ptr[2] = {0, count};
+  for (size_t b = 0; b < tg.q0.size(); ++b) {
+    SpmmTile a;
+    a.vals = vals;
+    a.ptr = ptr;
+    a.chunk_ptr = nullptr;
+    a.n_chunks = 1;
+    a.idx = offs;
+    a.xt = buf + tg.q0[b];
+    a.xt_stride = 1;
+    a.width = (tg.nrows[b] + 7) / 8 * 8;
+    a.nrows = tg.nrows[b];
+    a.out_rows = tg.out_rows.data() + b * kTileRows;
+    a.out = out;
+    a.out_o_stride = 1;
+    a.bias = &bias;
+    a.o_begin = 0;
+    a.o_end = 1;
+    a.prefetch = false;
+    kernels.spmm_tile(a);
+  }
+}
+
+const char* check_taps(const int64_t* ptr, const int32_t* idx, int64_t nnz, int64_t rows_total, int64_t taps) {
+  if (ptr[0] != 0 || ptr[rows_total] != nnz) return "the index's row pointer must run from 0 to nnz";
+  for (int64_t r = 0; r < rows_total; ++r)
+    if (ptr[r] > ptr[r + 1]) return "the index's row pointer must be non-decreasing";
+  for (int64_t e = 0; e < nnz; ++e)
+    if (idx[e] < 0 || idx[e] >= taps) return "the conv index holds a position outside the kernel";
+  return nullptr;
+}
+
+int64_t max_run_images(const TicketImages& g, const std::vector<int64_t>& run) {
+  int64_t n = 0;
+  for (int64_t t : run) n = std::max(n, images_of(g, t));
+  return n;
+}
+
+const char* depthwise_forward(const ConvShape& s, const TicketImages& g, const std::vector<int64_t>& run,
+                              const float* x, Strides4 xs, const float* w, const float* bias, const int64_t* ptr,
+                              const int32_t* idx, int64_t nnz, float* y, Strides4 ys) {
+  const int64_t taps = s.kernel_h * s.kernel_w, m = s.out_channels / s.channels;
+  if (const char* bad = check_taps(ptr, idx, nnz, g.num_tickets * s.out_channels, taps)) return bad;
+  const ForwardLayout f = forward_layout(s, forward_shifted(s));
+  Packing one = f.in;  // one channel
+  one.channels = 1;
+  Grid gr;
+  gr.rows = s.out_height;
+  gr.cols = f.in.wq;
+  std::vector<TicketGrid> grids(g.num_tickets);
+  for (int64_t t : run)
+    grids[t] = ticket_grid(g.perm + g.offsets[t], images_of(g, t), gr, [&](int64_t ho, int64_t wo, int64_t img) {
+      return wo < s.out_width ? img * ys.n + ho * ys.h + wo * ys.w : int64_t{-1};
+    });
+  const int64_t buf_size = one.per_image() * max_run_images(g, run) + f.in.wq + kTileRows;
+  const int64_t n_items = static_cast<int64_t>(run.size()) * s.channels;
+  const Isa& kernels = isa();
+#pragma omp parallel num_threads(g.num_threads)
+  {
+    std::vector<float> buf(buf_size, 0.f), vals(taps);
+    std::vector<int32_t> offs(taps);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < n_items; ++item) {
+      const int64_t t = run[item / s.channels], c = item % s.channels, n = images_of(g, t);
+      pack_channel(one, x + c * xs.c, xs, g.perm + g.offsets[t], n, 0, buf.data());
+      for (int64_t o = c * m; o < (c + 1) * m; ++o) {
+        const int64_t row = t * s.out_channels + o, count = ptr[row + 1] - ptr[row];
+        for (int64_t e = 0; e < count; ++e) {
+          const int64_t tap = idx[ptr[row] + e];
+          vals[e] = w[o * taps + tap];
+          offs[e] = static_cast<int32_t>((f.tap_plane[tap] * f.in.hq + f.tap_row[tap]) * n * f.in.wq +
+                                         f.tap_col[tap]);
+        }
+        grid_spmm(kernels, grids[t], vals.data(), offs.data(), count, buf.data(), bias ? bias[o] : 0.f,
+                  y + o * ys.c);
+      }
+    }
+  }
+  return nullptr;
+}
+
+const char* depthwise_grad_weight(const ConvShape& s, const TicketImages& g, const std::vector<int64_t>& run,
+                                  const float* dy, Strides4 dys, const float* x, Strides4 xs, const int64_t* ptr,
+                                  const int32_t* idx, int64_t nnz, float* dw) {
+  const int64_t taps = s.kernel_h * s.kernel_w, m = s.out_channels / s.channels;
+  if (const char* bad = check_taps(ptr, idx, nnz, g.num_tickets * s.out_channels, taps)) return bad;
+  // x split by kernel column: the grid holds the outputs only, so no dropped position multiplies a zero dy by an
+  // x that may be inf (a gradient must be non-finite only where its weight truly sees a non-finite value)
+  const ForwardLayout f = forward_layout(s, true);
+  Packing one = f.in;
+  one.channels = 1;
+  const Packing dyp = bordered(1, s.out_height, s.out_width, 0, 0, s.out_height, s.out_width);
+  Grid gr;
+  gr.rows = s.out_height;
+  gr.cols = f.in.wq;
+  std::vector<TicketGrid> grids(g.num_tickets);
+  for (int64_t t : run)
+    grids[t] = ticket_grid(g.perm + g.offsets[t], images_of(g, t), gr,
+                           [](int64_t, int64_t, int64_t) { return int64_t{-1}; });
+  const int64_t n_max = max_run_images(g, run);
+  const Isa& kernels = isa();
+  // Each output channel is one thread's: its tickets in order (deterministic).
+#pragma omp parallel num_threads(g.num_threads)
+  {
+    std::vector<float> buf(one.per_image() * n_max + f.in.wq + kTileRows, 0.f);
+    std::vector<float> dyg(dyp.per_image() * n_max + kTileRows, 0.f), sums(taps);
+    std::vector<int32_t> offs(taps);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t o = 0; o < s.out_channels; ++o) {
+      for (int64_t t : run) {
+        const int64_t row = t * s.out_channels + o, count = ptr[row + 1] - ptr[row], n = images_of(g, t);
+        if (count == 0) continue;
+        for (int64_t e = 0; e < count; ++e) {
+          const int64_t tap = idx[ptr[row] + e];
+          offs[e] = static_cast<int32_t>((f.tap_plane[tap] * f.in.hq + f.tap_row[tap]) * n * f.in.wq +
+                                         f.tap_col[tap]);
+        }
+        pack_channel(one, x + (o / m) * xs.c, xs, g.perm + g.offsets[t], n, 0, buf.data());
+        pack_channel(dyp, dy + o * dys.c, dys, g.perm + g.offsets[t], n, 0, dyg.data());
+        std::fill(sums.begin(), sums.end(), 0.f);
+        const TicketGrid& tg = grids[t];
+        for (size_t b = 0; b < tg.q0.size(); ++b) {
+          SddmmRow a;
+          a.dyt_row = dyg.data() + tg.q0[b];
+          a.dyt_next = 0;
+          a.xt = buf.data() + tg.q0[b];
+          a.xt_stride = 1;
+          a.width = (tg.nrows[b] + 7) / 8 * 8;
+          a.nrows = tg.nrows[b];
+          a.idx = offs.data();
+          a.e_begin = 0;
+          a.e_end = count;
+          a.acc = sums.data();
+          kernels.sddmm_row(a);
+        }
+        for (int64_t e = 0; e < count; ++e) dw[o * taps + idx[ptr[row] + e]] += sums[e];
+      }
+    }
+  }
+  return nullptr;
+}
+
+const char* depthwise_grad_input(const ConvShape& s, const TicketImages& g, const std::vector<int64_t>& run,
+                                 const float* dy, Strides4 dys, const float* w, const int64_t* ptr,
+                                 const int32_t* idx, int64_t nnz, float* dx, Strides4 dxs) {
+  const int64_t taps = s.kernel_h * s.kernel_w, m = s.out_channels / s.channels;
+  if (const char* bad = check_taps(ptr, idx, nnz, g.num_tickets * s.out_channels, taps)) return bad;
+  const int64_t sh = s.stride_h, sw = s.stride_w, phases = sh * sw;
+  const int64_t hm = (s.kernel_h - 1) * s.dil_h / sh, wm = (s.kernel_w - 1) * s.dil_w / sw;
+  const int64_t a_max = (s.height - 1 + s.pad_h) / sh, b_max = (s.width - 1 + s.pad_w) / sw;
+  // the m dy channels of one input channel, zero-bordered as in routed_conv2d_grad_input
+  const Packing p = bordered(m, s.out_height, s.out_width, hm, wm, hm + std::max(a_max + 2, s.out_height + 1),
+                             std::max(b_max + 1, wm + s.out_width));
+  std::vector<int64_t> tap_phase(taps), tap_row(taps), tap_col(taps);
+  for (int64_t tap = 0; tap < taps; ++tap) {
+    const int64_t rh = (tap / s.kernel_w) * s.dil_h, rw = (tap % s.kernel_w) * s.dil_w;
+    tap_phase[tap] = (rh % sh) * sw + rw % sw;
+    tap_row[tap] = hm - rh / sh;
+    tap_col[tap] = wm - rw / sw;
+  }
+  // per (ticket, phase): the grid of rows [a_lo, a_hi], its tiles and their dx offsets within a channel plane
+  std::vector<TicketGrid> grids(g.num_tickets * phases);
+  std::vector<int64_t> first_row(phases, 0);
+  for (int64_t ph = 0; ph < sh; ++ph)
+    for (int64_t pw = 0; pw < sw; ++pw) {
+      const int64_t phase = ph * sw + pw;
+      Grid gr;
+      gr.first_row = std::max<int64_t>(0, ceil_div(s.pad_h - ph, sh));
+      const int64_t a_hi = floor_div(s.height - 1 + s.pad_h - ph, sh);
+      first_row[phase] = gr.first_row;
+      if (a_hi < gr.first_row) continue;
+      gr.rows = a_hi - gr.first_row + 1;
+      gr.cols = p.wq;
+      for (int64_t t : run)
+        grids[t * phases + phase] =
+            ticket_grid(g.perm + g.offsets[t], images_of(g, t), gr, [&](int64_t a, int64_t bb, int64_t img) {
+              const int64_t h = a * sh + ph - s.pad_h, wcol = bb * sw + pw - s.pad_w;
+              const bool inside = h >= 0 && h < s.height && wcol >= 0 && wcol < s.width;
+              return inside ? img * dxs.n + h * dxs.h + wcol * dxs.w : int64_t{-1};
+            });
+    }
+  const int64_t n_items = static_cast<int64_t>(run.size()) * s.channels;
+  const Isa& kernels = isa();
+#pragma omp parallel num_threads(g.num_threads)
+  {
+    std::vector<float> buf(p.per_image() * max_run_images(g, run) + kTileRows, 0.f), vals(m * taps);
+    std::vector<int32_t> offs(m * taps);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < n_items; ++item) {
+      const int64_t t = run[item / s.channels], c = item % s.channels, n = images_of(g, t);
+      const int64_t* imgs = g.perm + g.offsets[t];
+      for (int64_t om = 0; om < m; ++om) pack_channel(p, dy + c * m * dys.c, dys, imgs, n, om, buf.data());
+      for (int64_t phase = 0; phase < phases; ++phase) {
+        const TicketGrid& tg = grids[t * phases + phase];
+        if (tg.q0.empty()) continue;
+        int64_t count = 0;
+        for (int64_t om = 0; om < m; ++om) {
+          const int64_t o = c * m + om, row = t * s.out_channels + o;
+          for (int64_t e = ptr[row]; e < ptr[row + 1]; ++e) {
+            const int64_t tap = idx[e];
+            if (tap_phase[tap] != phase) continue;
+            vals[count] = w[o * taps + tap];
+            offs[count] = static_cast<int32_t>(((om * p.hq + tap_row[tap]) * n) * p.wq + tap_col[tap]);
+            ++count;
+          }
+        }
+        grid_spmm(kernels, tg, vals.data(), offs.data(), count, buf.data() + first_row[phase] * n * p.wq, 0.f,
+                  dx + c * dxs.c);
+      }
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+const char* routed_conv2d_forward(const ConvShape& s, const TicketImages& g, const float* x, Strides4 xs,
+                                  const float* w, const float* bias, const int64_t* csr_ptr, const int32_t* csr_idx,
+                                  int64_t nnz, float* y, Strides4 ys) {
+  if (const char* bad = check_grouping(g)) return bad;
+  const std::vector<int64_t> run = run_tickets(g);
+  if (run.empty()) return nullptr;
+  if (s.channels == s.groups) return depthwise_forward(s, g, run, x, xs, w, bias, csr_ptr, csr_idx, nnz, y, ys);
+  const ForwardLayout f = forward_layout(s, forward_shifted(s));
+  const bool direct = reads_in_place(s, xs, s.height, s.width);
+  Operand probe;
+  probe.in_place = direct;
+  probe.strides = xs;
+  if (const char* bad = check_offsets(probe, f.in, g, run)) return bad;
+  const int64_t out_per_group = s.out_channels / s.groups, in_per_group = s.channels / s.groups;
+  const int64_t k_in = in_per_group * s.kernel_h * s.kernel_w;
+  if (const char* bad = check_index(g, run, s.out_channels, csr_ptr, csr_idx, nnz, k_in)) return bad;
+
+  const auto lut = forward_luts(s, f, g, run, probe);
+  std::vector<int64_t> group_stride(g.num_tickets, 0);
+  for (int64_t t : run) group_stride[t] = in_per_group * channel_stride(probe, f.in, images_of(g, t));
+  const Operand op = direct ? in_place(x, xs) : pack(f.in, g, run, x, xs, kSlotA, f.in.wq + kTileRows);
+  std::vector<GridTile> tiles;
+  std::vector<int64_t> out_rows;
+  Grid gr;
+  gr.rows = s.out_height;
+  gr.cols = direct ? s.out_width : f.in.wq;
+  gr.operand_cols = f.in.wq;
+  grid_tiles<true>(g, run, op, nullptr, gr,
+                   [&](int64_t ho, int64_t wo, int64_t img) -> int64_t {
+                     return wo < s.out_width ? img * ys.n + ho * ys.h + wo * ys.w : -1;
+                   },
+                   tiles, out_rows);
+  run_spmm(tiles, out_rows, s.out_channels, [&](int64_t t, int64_t) { return csr_ptr + t * s.out_channels; },
+           csr_idx, [&](int64_t t) { return lut[t].data(); }, w, k_in, out_per_group, group_stride, bias, y, ys.c,
+           g.num_threads);
+  return nullptr;
+}
+
+const char* routed_conv2d_grad_input(const ConvShape& s, const TicketImages& g, const float* dy, Strides4 dys,
+                                     const float* w, const int64_t* in_ptr, const int32_t* in_idx, int64_t nnz,
+                                     float* dx, Strides4 dxs) {
+  if (const char* bad = check_grouping(g)) return bad;
+  const std::vector<int64_t> run = run_tickets(g);
+  if (run.empty()) return nullptr;
+  if (s.channels == s.groups) return depthwise_grad_input(s, g, run, dy, dys, w, in_ptr, in_idx, nnz, dx, dxs);
+  const int64_t sh = s.stride_h, sw = s.stride_w, phases = sh * sw;
+  const int64_t hm = (s.kernel_h - 1) * s.dil_h / sh, wm = (s.kernel_w - 1) * s.dil_w / sw;
+  // Phase-plane rows / columns that hold x positions: a in [a_lo(ph), a_hi(ph)] with h = a * sh + ph - pad_h.
+  const int64_t a_max = (s.height - 1 + s.pad_h) / sh, b_max = (s.width - 1 + s.pad_w) / sw;
+  // dy, zero-bordered: hm rows above, wm columns left, and zeros right / below far enough that every read of a
+  // kept position lands in dy or in zeros (a read past a row's end lands in the next row's left border).
+  const Packing p = bordered(s.out_channels, s.out_height, s.out_width, hm, wm,
+                             hm + std::max(a_max + 2, s.out_height + 1), std::max(b_max + 1, wm + s.out_width));
+  const bool direct = reads_in_place(s, dys, s.out_height, s.out_width);
+  Operand probe;
+  probe.in_place = direct;
+  probe.strides = dys;
+  if (const char* bad = check_offsets(probe, p, g, run)) return bad;
+  const int64_t out_per_group = s.out_channels / s.groups, in_per_group = s.channels / s.groups;
+  const int64_t taps = s.kernel_h * s.kernel_w, k_in = in_per_group * taps;
+  const int64_t entries = out_per_group * taps;  // an entry is og * taps + tap, og the output within the group
+  const int64_t rows = phases * s.channels;      // index rows of one ticket: (phase, c)
+  if (const char* bad = check_index(g, run, rows, in_ptr, in_idx, nnz, entries)) return bad;
+
+  // per run ticket, the operand offset of each entry (output 0 of the group: groups add group_stride)
+  std::vector<std::vector<int32_t>> lut(g.num_tickets);
+  std::vector<int64_t> group_stride(g.num_tickets, 0);
+  for (int64_t t : run) {
+    const int64_t n = direct ? 1 : images_of(g, t);
+    group_stride[t] = out_per_group * (direct ? dys.c : p.plane() * n);
+    lut[t].resize(entries);
+    for (int64_t og = 0; og < out_per_group; ++og)
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const int64_t rh = (tap / s.kernel_w) * s.dil_h, rw = (tap % s.kernel_w) * s.dil_w;
+        lut[t][og * taps + tap] = static_cast<int32_t>(
+            direct ? og * dys.c : ((og * p.hq + hm - rh / sh) * n) * p.wq + wm - rw / sw);
+      }
+  }
+  // The weight by input channel, wt[c][og][tap]: an input channel's entries read it in order (reading w itself
+  // there took a cache miss an entry, k_in floats apart: 40 % of the call on ResNet's 512-channel convs).
+  float* wt = scratch_of<float>(kSlotF, static_cast<size_t>(s.channels * entries));
+#pragma omp parallel for num_threads(g.num_threads) schedule(static)
+  for (int64_t c = 0; c < s.channels; ++c) {
+    const float* src = w + (c / in_per_group) * out_per_group * k_in + (c % in_per_group) * taps;
+    float* dst = wt + c * entries;
+    for (int64_t og = 0; og < out_per_group; ++og)
+      for (int64_t tap = 0; tap < taps; ++tap) dst[og * taps + tap] = src[og * k_in + tap];
+  }
+
+  const Operand op = direct ? in_place(dy, dys) : pack(p, g, run, dy, dys, kSlotA, kTileRows);
+  std::vector<GridTile> tiles;
+  std::vector<int64_t> out_rows;
+  for (int64_t ph = 0; ph < sh; ++ph)
+    for (int64_t pw = 0; pw < sw; ++pw) {
+      Grid gr;
+      gr.phase = ph * sw + pw;
+      gr.first_row = std::max<int64_t>(0, ceil_div(s.pad_h - ph, sh));
+      const int64_t a_hi = floor_div(s.height - 1 + s.pad_h - ph, sh);
+      if (a_hi < gr.first_row) continue;
+      gr.rows = a_hi - gr.first_row + 1;
+      gr.cols = direct ? s.width : p.wq;
+      gr.operand_cols = p.wq;
+      grid_tiles<true>(g, run, op, nullptr, gr,
+                       [&](int64_t a, int64_t bb, int64_t img) -> int64_t {
+                         const int64_t h = a * sh + ph - s.pad_h, wcol = bb * sw + pw - s.pad_w;
+                         const bool inside = h >= 0 && h < s.height && wcol >= 0 && wcol < s.width;
+                         return inside ? img * dxs.n + h * dxs.h + wcol * dxs.w : -1;
+                       },
+                       tiles, out_rows);
+    }
+  // Every x position is a * sh + ph - pad_h (and likewise for columns) for exactly one phase and one grid position:
+  // every (c, h, w) of a run image is written exactly once, zero where no kept weight reaches it.
+  run_spmm(tiles, out_rows, s.channels,
+           [&](int64_t t, int64_t phase) { return in_ptr + (t * phases + phase) * s.channels; }, in_idx,
+           [&](int64_t t) { return lut[t].data(); }, wt, entries, in_per_group, group_stride, nullptr, dx, dxs.c,
+           g.num_threads);
+  return nullptr;
+}
+
+const char* routed_conv2d_grad_weight(const ConvShape& s, const TicketImages& g, const float* dy, Strides4 dys,
+                                      const float* x, Strides4 xs, const int64_t* csr_ptr, const int32_t* csr_idx,
+                                      int64_t nnz, float* dw) {
+  if (const char* bad = check_grouping(g)) return bad;
+  const std::vector<int64_t> run = run_tickets(g);
+  if (run.empty()) return nullptr;
+  if (s.channels == s.groups) return depthwise_grad_weight(s, g, run, dy, dys, x, xs, csr_ptr, csr_idx, nnz, dw);
+  // x split by kernel column: the grid holds the outputs only, so no dropped position multiplies a zero dy by an
+  // x that may be inf (a gradient must be non-finite only where its weight truly sees a non-finite value)
+  const ForwardLayout f = forward_layout(s, true);
+  const bool direct = reads_in_place(s, xs, s.height, s.width) && reads_in_place(s, dys, s.out_height, s.out_width);
+  Operand probe;
+  probe.in_place = direct;
+  probe.strides = xs;
+  if (const char* bad = check_offsets(probe, f.in, g, run)) return bad;
+  const int64_t out_per_group = s.out_channels / s.groups, in_per_group = s.channels / s.groups;
+  const int64_t k_in = in_per_group * s.kernel_h * s.kernel_w;
+  if (const char* bad = check_index(g, run, s.out_channels, csr_ptr, csr_idx, nnz, k_in)) return bad;
+  const auto lut = forward_luts(s, f, g, run, probe);
+
+  Grid gr;
+  gr.rows = s.out_height;
+  gr.cols = direct ? s.out_width : f.in.wq;
+  gr.operand_cols = f.in.wq;
+  Operand op, dyg;
+  if (direct) {
+    op = in_place(x, xs);
+    dyg = in_place(dy, dys);
+  } else {
+    op = pack(f.in, g, run, x, xs, kSlotA, f.in.wq + kTileRows);
+    // dy on the forward's grid: rows Ho, each image's row in turn
+    dyg = pack(bordered(s.out_channels, s.out_height, s.out_width, 0, 0, gr.rows, gr.cols), g, run, dy, dys, kSlotD,
+               kTileRows);
+  }
+  std::vector<GridTile> tiles;
+  std::vector<int64_t> unused;
+  grid_tiles<false>(g, run, op, &dyg, gr, [](int64_t, int64_t, int64_t) -> int64_t { return -1; }, tiles, unused);
+  float* acc = scratch_of<float>(kSlotE, static_cast<size_t>(nnz) + 1);
+  weight_gradient(tiles, g.num_tickets, s.out_channels, k_in, csr_ptr, csr_idx, csr_idx, acc, dw, g.num_threads,
+                  [&](int64_t bt, int64_t o, SddmmRow& a) {
+                    const GridTile& tile = tiles[bt];
+                    const int64_t n = images_of(g, tile.ticket);
+                    // dy of output o: its channel plane in place, else its grid in the ticket's packed block
+                    const int64_t o_stride = direct ? dys.c : gr.rows * gr.cols * n;
+                    a.dyt_row = tile.src2 + o * o_stride;
+                    a.dyt_next = o_stride;
+                    a.xt = tile.src + (o / out_per_group) * in_per_group * channel_stride(probe, f.in, n);
+                    a.xt_stride = 1;
+                    a.lut = lut[tile.ticket].data();
+                  });
+  return nullptr;
+}
+
+}  // namespace rtl_cpu
