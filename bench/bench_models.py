@@ -863,6 +863,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="comma-separated backends for the 'ours' providers: auto (default: what rtl picks), cpu, triton, cuda",
     )  # fmt: skip
     ap.add_argument("--full", action="store_true", help="CPU: ResNet-18 at 224x224 (default 64x64 on CPU)")
+    ap.add_argument(
+        "--profile", action="store_true",
+        help="instead of the timing table: per routed layer, the path taken, its inference time against the\n"
+        "same layer of the dense model and its share of the model's time (printed and written to\n"
+        "<out>/models_profile_<device>_<git rev>.md; nothing is appended to the CSV)",
+    )  # fmt: skip
     args = common.parse_run_arguments(ap, argv)
     choices = [c.strip().lower() for c in args.backend.split(",") if c.strip()]
     bad = [c for c in choices if c not in OURS_CHOICES]
@@ -889,8 +895,62 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = common.run_device(args)
     cases = select_cases(device.type, args.cases, args.quick, full=args.full)
-
+    if args.profile:
+        return profile_cases(cases, device, args, argv)
     return common.run_cases("models", FIELDS, cases, measure_case, run_markdown, args, argv, device, "")
+
+
+def profile_cases(cases: Sequence[Case], device: torch.device, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``--profile``: for each case, the per-layer inference profile of the routed model on the first ``--backend``
+    choice against the dense model (layer_profile.py), printed and written to one markdown file.
+
+    Returns:
+        0.
+    """
+    import layer_profile
+
+    results_dir = args.results_dir.resolve()
+    env = common.environment(device, results_dir)
+    md_path = common._unused_path(results_dir / f"models_profile_{device.type}_{env['git_rev']}.md")
+    repeats = args.repeats if args.repeats else (3 if args.quick else 7)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    parts = [
+        f"# per-layer inference profile of routed models, {env['device_kind']}",
+        "",
+        f"- device: {env['device']}; threads: {env['threads']}; torch {env['torch']}; git {env['git_rev']}, "
+        f"{env['timestamp']}",
+        f"- command: `python bench/bench_models.py {' '.join(argv)}`",
+        f"- ms: median of {repeats} calls per model after {warmup} warm-up calls, the dense and the routed model in "
+        "turn, timed by forward hooks on each layer; ours: the routed model on the backend "
+        f"{args.backend[0]!r}; dense: the same layer of the dense model. path: what the cpu backend ran (dense: "
+        "torch's convolution per mask class; image: a masked weight per image; mixed: the direct sparse kernel for "
+        "the sparse tickets and torch's convolution for the dense mask classes).",
+    ]
+    for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] profiling {case.name}", flush=True)
+        setup = make_setup(case, device)
+        dense, routed = setup.dense.eval(), setup.routed.eval()
+        wrapper = rtl.RoutedModel(routed)
+
+        def run_dense():
+            with torch.no_grad():
+                return dense(setup.x)
+
+        def run_routed():
+            with rk.set_backend(args.backend[0]), torch.no_grad():
+                return wrapper(setup.x, setup.route)
+
+        rows, totals = layer_profile.profile_inference(dense, routed, run_dense, run_routed, repeats, warmup)
+        text = layer_profile.profile_markdown(f"{case.name}: {_model_text(case)}, T={case.tickets}, "
+                                              f"{case.structure} {case.sparsity:.0%}", rows, totals)
+        print(text, flush=True)
+        parts += ["", text]
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+        del setup, dense, routed, wrapper
+        rk.clear_layout_cache()
+    print(f"wrote {md_path}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -114,6 +114,20 @@ class RoutedSparseModule:
     def num_tickets(self) -> int:
         return self.weight_masks.shape[0]
 
+    def _keeps_everything(self) -> bool:
+        """Whether every ticket keeps every weight, checked once per mask version: the layer is then the torch layer
+        it replaced (a converted model before pruning, a layer no ticket pruned) and runs as that, one dense call.
+        Not while compiling: the check reads the masks."""
+        if torch.compiler.is_compiling():
+            return False
+        m = self.weight_masks
+        key = (id(m), m._version, m.data_ptr())
+        cached = self.__dict__.get("_all_ones")
+        if cached is None or cached[0] != key:
+            cached = (key, bool(m.all()))
+            self.__dict__["_all_ones"] = cached
+        return cached[1]
+
     def ticket_density(self) -> Tensor:
         """(T,) float64: the fraction of the weight each ticket keeps."""
         return self.weight_masks.flatten(1).double().mean(1)
@@ -247,7 +261,7 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 def _copy_layer_attributes(src: nn.Module, dst: nn.Module) -> None:
     """Copy a layer's configuration (in_features, stride, padding_mode...) but not its tensors or hooks."""
     for key, value in vars(src).items():
-        if key in _MODULE_INTERNALS or key in ("weight", "bias", "weight_masks", "_route_state"):
+        if key in _MODULE_INTERNALS or key in ("weight", "bias", "weight_masks", "_route_state", "_all_ones"):
             continue
         if isinstance(value, Tensor):
             continue
@@ -295,6 +309,8 @@ class RoutedSparseLinear(RoutedSparseModule, nn.Linear):
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         route, grouping = self._resolve_route(route, rows.shape[0], x.device)
+        if self._keeps_everything():
+            return F.linear(x, self.weight, self.bias)
         y = rtl_kernels.routed_masked_linear(rows, self.weight, self.weight_masks, route, self.bias,
                                              grouping=grouping)
         return y.reshape(*lead, self.out_features)
@@ -341,6 +357,9 @@ class RoutedSparseConv2d(RoutedSparseModule, nn.Conv2d):
         if x.dim() != 4:
             raise ValueError(f"x must be (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
         route, grouping = self._resolve_route(route, x.shape[0], x.device)
+        if self._keeps_everything():
+            y = self._conv_forward(x, self.weight, self.bias)
+            return y.squeeze(0) if unbatched else y
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -390,6 +409,9 @@ class RoutedSparseConvTranspose2d(RoutedSparseModule, nn.ConvTranspose2d):
         if x.dim() != 4:
             raise ValueError(f"x must be (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
         route, grouping = self._resolve_route(route, x.shape[0], x.device)
+        if self._keeps_everything():
+            y = nn.ConvTranspose2d.forward(self, x, output_size)
+            return y.squeeze(0) if unbatched else y
         output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),
                                               list(self.kernel_size), 2, list(self.dilation))
         y = rtl_kernels.routed_masked_conv_transpose2d(x, self.weight, self.weight_masks, route, self.bias,

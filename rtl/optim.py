@@ -305,7 +305,9 @@ class TicketMaskedOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         for param, frozen, old_value, had_state, old_state in saved:
-            param.copy_(torch.where(frozen, old_value, param))
+            # where() into the tensor itself: each element reads and writes its own position only, so no
+            # weight-sized temporary is made and copied back
+            torch.where(frozen, old_value, param.detach(), out=param.detach())
             state = self.optimizer.state.get(param)
             if not state:
                 continue
@@ -313,7 +315,7 @@ class TicketMaskedOptimizer(torch.optim.Optimizer):
                 if not isinstance(value, Tensor) or value.shape != param.shape:
                     continue
                 if key in old_state:
-                    value.copy_(torch.where(frozen, old_state[key], value))
+                    torch.where(frozen, old_state[key], value, out=value)
                 elif not had_state:
                     # State the inner optimizer just created: the frozen positions start from zero, as they would
                     # had their gradient been zero on this step with no weight decay.

@@ -365,120 +365,133 @@ const char* check_offsets(const Operand& op, const Packing& p, const TicketImage
 
 // ---- depthwise convs ------------------------------------------------------------------------------------------
 // Convs with one input channel per group (depthwise, with any channel multiplier m = O / C): each output channel
-// reads one input channel, so the work splits into (ticket, channel) items, each packing the ticket's images of
-// that one channel into a buffer of its thread right before use. One read of x and one write of y, as a dense
-// depthwise conv, where packing whole tickets up front would add two passes over memory for a few FMAs a value.
+// reads one input plane, so the work is one (image, channel) plane at a time, through the plane loops of
+// tile_loops.inc: one read of x and one write of y, as a dense depthwise conv, whatever the density.
 
-// The tiles of one ticket's grid (gr.rows rows of gr.cols columns for each of its n images), each tile's first
-// position and, per position, its output offset within one channel plane (dest(row, col, image) or -1).
-struct TicketGrid {
-  std::vector<int64_t> q0;
-  std::vector<int> nrows;
-  std::vector<int64_t> out_rows;  // kTileRows per tile
+const char* check_taps(const TicketImages& g, const std::vector<int64_t>& run, const int64_t* ptr, const int32_t* idx,
+                       int64_t nnz, int64_t out_channels, int64_t taps) {
+  return check_index(g, run, out_channels, ptr, idx, nnz, taps);
+}
+
+// The ticket of each image of the run tickets (-1: not run here).
+std::vector<int64_t> ticket_of_image(const TicketImages& g, const std::vector<int64_t>& run) {
+  std::vector<int64_t> ticket(g.batch, -1);
+  for (int64_t t : run)
+    for (int64_t p = g.offsets[t]; p < g.offsets[t + 1]; ++p) ticket[g.perm[p]] = t;
+  return ticket;
+}
+
+// A plane's geometry and its bordered buffer (the input plane for the forward and the weight gradient, the
+// accumulated input gradient for the input gradient): pad rows and columns around it, 8 strides of slack after.
+struct PlaneLayout {
+  int64_t hp, wp, size;
+  std::vector<int64_t> tap_offset;  // (kh * kw) tap (kh, kw) at kh * dil_h * wp + kw * dil_w
 };
 
-template <typename Dest>
-TicketGrid ticket_grid(const int64_t* imgs, int64_t n, const Grid& gr, Dest dest) {
-  TicketGrid tg;
-  const int64_t len = gr.rows * gr.cols * n;
-  for (int64_t q0 = 0; q0 < len; q0 += kTileRows) {
-    const int nrows = static_cast<int>(std::min<int64_t>(kTileRows, len - q0));
-    tg.q0.push_back(q0);
-    tg.nrows.push_back(nrows);
-    int64_t col = q0 % gr.cols, i = (q0 / gr.cols) % n, row = gr.first_row + q0 / gr.cols / n;
-    for (int j = 0; j < kTileRows; ++j) {
-      tg.out_rows.push_back(j < nrows ? dest(row, col, imgs[i]) : -1);
-      if (++col == gr.cols) {
-        col = 0;
-        if (++i == n) {
-          i = 0;
-          ++row;
-        }
-      }
-    }
-  }
-  return tg;
+PlaneLayout plane_layout(const ConvShape& s) {
+  PlaneLayout l;
+  l.hp = std::max(s.height + 2 * s.pad_h, (s.out_height - 1) * s.stride_h + (s.kernel_h - 1) * s.dil_h + 1);
+  l.wp = std::max(s.width + 2 * s.pad_w, (s.out_width - 1) * s.stride_w + (s.kernel_w - 1) * s.dil_w + 1);
+  l.size = l.hp * l.wp + 8 * s.stride_w + 8;
+  for (int64_t i = 0; i < s.kernel_h; ++i)
+    for (int64_t j = 0; j < s.kernel_w; ++j) l.tap_offset.push_back(i * s.dil_h * l.wp + j * s.dil_w);
+  return l;
 }
 
-// out at a ticket grid's positions (one output channel) = the kept entries (vals, offs) over buf (the grid's
-// operand, shifted to the grid's first position).
-void grid_spmm(const Isa& kernels, const TicketGrid& tg, const float* vals, const int32_t* offs, int64_t count,
-               const float* buf, float bias, float* out) {
-  const int64_t ptr[2] = {0, count};
-  for (size_t b = 0; b < tg.q0.size(); ++b) {
-    SpmmTile a;
-    a.vals = vals;
-    a.ptr = ptr;
-    a.chunk_ptr = nullptr;
-    a.n_chunks = 1;
-    a.idx = offs;
-    a.xt = buf + tg.q0[b];
-    a.xt_stride = 1;
-    a.width = (tg.nrows[b] + 7) / 8 * 8;
-    a.nrows = tg.nrows[b];
-    a.out_rows = tg.out_rows.data() + b * kTileRows;
-    a.out = out;
-    a.out_o_stride = 1;
-    a.bias = &bias;
-    a.o_begin = 0;
-    a.o_end = 1;
-    a.prefetch = false;
-    kernels.spmm_tile(a);
-  }
-}
-
-const char* check_taps(const int64_t* ptr, const int32_t* idx, int64_t nnz, int64_t rows_total, int64_t taps) {
-  if (ptr[0] != 0 || ptr[rows_total] != nnz) return "the index's row pointer must run from 0 to nnz";
-  for (int64_t r = 0; r < rows_total; ++r)
-    if (ptr[r] > ptr[r + 1]) return "the index's row pointer must be non-decreasing";
-  for (int64_t e = 0; e < nnz; ++e)
-    if (idx[e] < 0 || idx[e] >= taps) return "the conv index holds a position outside the kernel";
-  return nullptr;
-}
-
-int64_t max_run_images(const TicketImages& g, const std::vector<int64_t>& run) {
-  int64_t n = 0;
-  for (int64_t t : run) n = std::max(n, images_of(g, t));
-  return n;
+DepthwisePlane plane_args(const ConvShape& s, const PlaneLayout& l, float* buf) {
+  DepthwisePlane a{};
+  a.h = s.height;
+  a.w = s.width;
+  a.ho = s.out_height;
+  a.wo = s.out_width;
+  a.stride_h = s.stride_h;
+  a.stride_w = s.stride_w;
+  a.pad_h = s.pad_h;
+  a.pad_w = s.pad_w;
+  a.wp = l.wp;
+  a.buf = buf;
+  return a;
 }
 
 const char* depthwise_forward(const ConvShape& s, const TicketImages& g, const std::vector<int64_t>& run,
                               const float* x, Strides4 xs, const float* w, const float* bias, const int64_t* ptr,
                               const int32_t* idx, int64_t nnz, float* y, Strides4 ys) {
   const int64_t taps = s.kernel_h * s.kernel_w, m = s.out_channels / s.channels;
-  if (const char* bad = check_taps(ptr, idx, nnz, g.num_tickets * s.out_channels, taps)) return bad;
-  const ForwardLayout f = forward_layout(s, forward_shifted(s));
-  Packing one = f.in;  // one channel
-  one.channels = 1;
-  Grid gr;
-  gr.rows = s.out_height;
-  gr.cols = f.in.wq;
-  std::vector<TicketGrid> grids(g.num_tickets);
-  for (int64_t t : run)
-    grids[t] = ticket_grid(g.perm + g.offsets[t], images_of(g, t), gr, [&](int64_t ho, int64_t wo, int64_t img) {
-      return wo < s.out_width ? img * ys.n + ho * ys.h + wo * ys.w : int64_t{-1};
-    });
-  const int64_t buf_size = one.per_image() * max_run_images(g, run) + f.in.wq + kTileRows;
-  const int64_t n_items = static_cast<int64_t>(run.size()) * s.channels;
+  if (const char* bad = check_taps(g, run, ptr, idx, nnz, s.out_channels, taps)) return bad;
+  const std::vector<int64_t> ticket = ticket_of_image(g, run);
+  const PlaneLayout l = plane_layout(s);
+  const int64_t n_items = g.batch * s.out_channels;
   const Isa& kernels = isa();
 #pragma omp parallel num_threads(g.num_threads)
   {
-    std::vector<float> buf(buf_size, 0.f), vals(taps);
-    std::vector<int32_t> offs(taps);
-#pragma omp for schedule(dynamic, 1)
+    std::vector<float> buf(l.size, 0.f), wts(taps);
+    std::vector<int64_t> offs(taps);
+    DepthwisePlane a = plane_args(s, l, buf.data());
+    a.wts = wts.data();
+    a.offs = offs.data();
+    a.x_h = xs.h;
+    a.x_w = xs.w;
+    a.y_h = ys.h;
+    a.y_w = ys.w;
+#pragma omp for schedule(static)
     for (int64_t item = 0; item < n_items; ++item) {
-      const int64_t t = run[item / s.channels], c = item % s.channels, n = images_of(g, t);
-      pack_channel(one, x + c * xs.c, xs, g.perm + g.offsets[t], n, 0, buf.data());
+      const int64_t img = item / s.out_channels, o = item % s.out_channels, t = ticket[img];
+      if (t < 0) continue;
+      const int64_t row = t * s.out_channels + o;
+      a.count = static_cast<int>(ptr[row + 1] - ptr[row]);
+      for (int e = 0; e < a.count; ++e) {
+        const int32_t tap = idx[ptr[row] + e];
+        wts[e] = w[o * taps + tap];
+        offs[e] = l.tap_offset[tap];
+      }
+      a.x = x + img * xs.n + (o / m) * xs.c;
+      a.y = y + img * ys.n + o * ys.c;
+      a.bias = bias ? bias[o] : 0.f;
+      kernels.depthwise_forward_plane(a);
+    }
+  }
+  return nullptr;
+}
+
+const char* depthwise_grad_input(const ConvShape& s, const TicketImages& g, const std::vector<int64_t>& run,
+                                 const float* dy, Strides4 dys, const float* w, const int64_t* ptr,
+                                 const int32_t* idx, int64_t nnz, float* dx, Strides4 dxs) {
+  const int64_t taps = s.kernel_h * s.kernel_w, m = s.out_channels / s.channels;
+  if (const char* bad = check_taps(g, run, ptr, idx, nnz, s.out_channels, taps)) return bad;
+  const std::vector<int64_t> ticket = ticket_of_image(g, run);
+  const PlaneLayout l = plane_layout(s);
+  const int64_t n_items = g.batch * s.channels;
+  const Isa& kernels = isa();
+#pragma omp parallel num_threads(g.num_threads)
+  {
+    std::vector<float> buf(l.size, 0.f), wts(taps);
+    std::vector<int64_t> offs(taps);
+    DepthwisePlane a = plane_args(s, l, buf.data());
+    a.wts = wts.data();
+    a.offs = offs.data();
+    a.x_h = dys.h;
+    a.x_w = dys.w;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < n_items; ++item) {
+      const int64_t img = item / s.channels, c = item % s.channels, t = ticket[img];
+      if (t < 0) continue;
+      std::fill(buf.begin(), buf.end(), 0.f);
       for (int64_t o = c * m; o < (c + 1) * m; ++o) {
-        const int64_t row = t * s.out_channels + o, count = ptr[row + 1] - ptr[row];
-        for (int64_t e = 0; e < count; ++e) {
-          const int64_t tap = idx[ptr[row] + e];
-          vals[e] = w[o * taps + tap];
-          offs[e] = static_cast<int32_t>((f.tap_plane[tap] * f.in.hq + f.tap_row[tap]) * n * f.in.wq +
-                                         f.tap_col[tap]);
+        const int64_t row = t * s.out_channels + o;
+        a.count = static_cast<int>(ptr[row + 1] - ptr[row]);
+        for (int e = 0; e < a.count; ++e) {
+          const int32_t tap = idx[ptr[row] + e];
+          wts[e] = w[o * taps + tap];
+          offs[e] = l.tap_offset[tap];
         }
-        grid_spmm(kernels, grids[t], vals.data(), offs.data(), count, buf.data(), bias ? bias[o] : 0.f,
-                  y + o * ys.c);
+        a.x = dy + img * dys.n + o * dys.c;
+        kernels.depthwise_grad_input_plane(a);
+      }
+      float* out = dx + img * dxs.n + c * dxs.c;
+      for (int64_t r = 0; r < s.height; ++r) {
+        const float* src = buf.data() + (r + s.pad_h) * l.wp + s.pad_w;
+        float* dst = out + r * dxs.h;
+        for (int64_t k = 0; k < s.width; ++k) dst[k * dxs.w] = src[k];
       }
     }
   }
@@ -489,129 +502,32 @@ const char* depthwise_grad_weight(const ConvShape& s, const TicketImages& g, con
                                   const float* dy, Strides4 dys, const float* x, Strides4 xs, const int64_t* ptr,
                                   const int32_t* idx, int64_t nnz, float* dw) {
   const int64_t taps = s.kernel_h * s.kernel_w, m = s.out_channels / s.channels;
-  if (const char* bad = check_taps(ptr, idx, nnz, g.num_tickets * s.out_channels, taps)) return bad;
-  // x split by kernel column: the grid holds the outputs only, so no dropped position multiplies a zero dy by an
-  // x that may be inf (a gradient must be non-finite only where its weight truly sees a non-finite value)
-  const ForwardLayout f = forward_layout(s, true);
-  Packing one = f.in;
-  one.channels = 1;
-  const Packing dyp = bordered(1, s.out_height, s.out_width, 0, 0, s.out_height, s.out_width);
-  Grid gr;
-  gr.rows = s.out_height;
-  gr.cols = f.in.wq;
-  std::vector<TicketGrid> grids(g.num_tickets);
-  for (int64_t t : run)
-    grids[t] = ticket_grid(g.perm + g.offsets[t], images_of(g, t), gr,
-                           [](int64_t, int64_t, int64_t) { return int64_t{-1}; });
-  const int64_t n_max = max_run_images(g, run);
+  if (const char* bad = check_taps(g, run, ptr, idx, nnz, s.out_channels, taps)) return bad;
+  const PlaneLayout l = plane_layout(s);
   const Isa& kernels = isa();
-  // Each output channel is one thread's: its tickets in order (deterministic).
+  // Each output channel is one thread's: its tickets in order, each ticket's images in order (deterministic).
 #pragma omp parallel num_threads(g.num_threads)
   {
-    std::vector<float> buf(one.per_image() * n_max + f.in.wq + kTileRows, 0.f);
-    std::vector<float> dyg(dyp.per_image() * n_max + kTileRows, 0.f), sums(taps);
-    std::vector<int32_t> offs(taps);
+    std::vector<float> buf(l.size, 0.f), sums(taps);
+    std::vector<int64_t> offs(taps);
+    DepthwisePlane a = plane_args(s, l, buf.data());
+    a.offs = offs.data();
+    a.x_h = xs.h;
+    a.x_w = xs.w;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t o = 0; o < s.out_channels; ++o) {
       for (int64_t t : run) {
-        const int64_t row = t * s.out_channels + o, count = ptr[row + 1] - ptr[row], n = images_of(g, t);
-        if (count == 0) continue;
-        for (int64_t e = 0; e < count; ++e) {
-          const int64_t tap = idx[ptr[row] + e];
-          offs[e] = static_cast<int32_t>((f.tap_plane[tap] * f.in.hq + f.tap_row[tap]) * n * f.in.wq +
-                                         f.tap_col[tap]);
-        }
-        pack_channel(one, x + (o / m) * xs.c, xs, g.perm + g.offsets[t], n, 0, buf.data());
-        pack_channel(dyp, dy + o * dys.c, dys, g.perm + g.offsets[t], n, 0, dyg.data());
+        const int64_t row = t * s.out_channels + o;
+        a.count = static_cast<int>(ptr[row + 1] - ptr[row]);
+        if (a.count == 0) continue;
+        for (int e = 0; e < a.count; ++e) offs[e] = l.tap_offset[idx[ptr[row] + e]];
         std::fill(sums.begin(), sums.end(), 0.f);
-        const TicketGrid& tg = grids[t];
-        for (size_t b = 0; b < tg.q0.size(); ++b) {
-          SddmmRow a;
-          a.dyt_row = dyg.data() + tg.q0[b];
-          a.dyt_next = 0;
-          a.xt = buf.data() + tg.q0[b];
-          a.xt_stride = 1;
-          a.width = (tg.nrows[b] + 7) / 8 * 8;
-          a.nrows = tg.nrows[b];
-          a.idx = offs.data();
-          a.e_begin = 0;
-          a.e_end = count;
-          a.acc = sums.data();
-          kernels.sddmm_row(a);
+        for (int64_t q = g.offsets[t]; q < g.offsets[t + 1]; ++q) {
+          const int64_t img = g.perm[q];
+          a.x = x + img * xs.n + (o / m) * xs.c;
+          kernels.depthwise_grad_weight_plane(a, dy + img * dys.n + o * dys.c, dys.h, dys.w, sums.data());
         }
-        for (int64_t e = 0; e < count; ++e) dw[o * taps + idx[ptr[row] + e]] += sums[e];
-      }
-    }
-  }
-  return nullptr;
-}
-
-const char* depthwise_grad_input(const ConvShape& s, const TicketImages& g, const std::vector<int64_t>& run,
-                                 const float* dy, Strides4 dys, const float* w, const int64_t* ptr,
-                                 const int32_t* idx, int64_t nnz, float* dx, Strides4 dxs) {
-  const int64_t taps = s.kernel_h * s.kernel_w, m = s.out_channels / s.channels;
-  if (const char* bad = check_taps(ptr, idx, nnz, g.num_tickets * s.out_channels, taps)) return bad;
-  const int64_t sh = s.stride_h, sw = s.stride_w, phases = sh * sw;
-  const int64_t hm = (s.kernel_h - 1) * s.dil_h / sh, wm = (s.kernel_w - 1) * s.dil_w / sw;
-  const int64_t a_max = (s.height - 1 + s.pad_h) / sh, b_max = (s.width - 1 + s.pad_w) / sw;
-  // the m dy channels of one input channel, zero-bordered as in routed_conv2d_grad_input
-  const Packing p = bordered(m, s.out_height, s.out_width, hm, wm, hm + std::max(a_max + 2, s.out_height + 1),
-                             std::max(b_max + 1, wm + s.out_width));
-  std::vector<int64_t> tap_phase(taps), tap_row(taps), tap_col(taps);
-  for (int64_t tap = 0; tap < taps; ++tap) {
-    const int64_t rh = (tap / s.kernel_w) * s.dil_h, rw = (tap % s.kernel_w) * s.dil_w;
-    tap_phase[tap] = (rh % sh) * sw + rw % sw;
-    tap_row[tap] = hm - rh / sh;
-    tap_col[tap] = wm - rw / sw;
-  }
-  // per (ticket, phase): the grid of rows [a_lo, a_hi], its tiles and their dx offsets within a channel plane
-  std::vector<TicketGrid> grids(g.num_tickets * phases);
-  std::vector<int64_t> first_row(phases, 0);
-  for (int64_t ph = 0; ph < sh; ++ph)
-    for (int64_t pw = 0; pw < sw; ++pw) {
-      const int64_t phase = ph * sw + pw;
-      Grid gr;
-      gr.first_row = std::max<int64_t>(0, ceil_div(s.pad_h - ph, sh));
-      const int64_t a_hi = floor_div(s.height - 1 + s.pad_h - ph, sh);
-      first_row[phase] = gr.first_row;
-      if (a_hi < gr.first_row) continue;
-      gr.rows = a_hi - gr.first_row + 1;
-      gr.cols = p.wq;
-      for (int64_t t : run)
-        grids[t * phases + phase] =
-            ticket_grid(g.perm + g.offsets[t], images_of(g, t), gr, [&](int64_t a, int64_t bb, int64_t img) {
-              const int64_t h = a * sh + ph - s.pad_h, wcol = bb * sw + pw - s.pad_w;
-              const bool inside = h >= 0 && h < s.height && wcol >= 0 && wcol < s.width;
-              return inside ? img * dxs.n + h * dxs.h + wcol * dxs.w : int64_t{-1};
-            });
-    }
-  const int64_t n_items = static_cast<int64_t>(run.size()) * s.channels;
-  const Isa& kernels = isa();
-#pragma omp parallel num_threads(g.num_threads)
-  {
-    std::vector<float> buf(p.per_image() * max_run_images(g, run) + kTileRows, 0.f), vals(m * taps);
-    std::vector<int32_t> offs(m * taps);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < n_items; ++item) {
-      const int64_t t = run[item / s.channels], c = item % s.channels, n = images_of(g, t);
-      const int64_t* imgs = g.perm + g.offsets[t];
-      for (int64_t om = 0; om < m; ++om) pack_channel(p, dy + c * m * dys.c, dys, imgs, n, om, buf.data());
-      for (int64_t phase = 0; phase < phases; ++phase) {
-        const TicketGrid& tg = grids[t * phases + phase];
-        if (tg.q0.empty()) continue;
-        int64_t count = 0;
-        for (int64_t om = 0; om < m; ++om) {
-          const int64_t o = c * m + om, row = t * s.out_channels + o;
-          for (int64_t e = ptr[row]; e < ptr[row + 1]; ++e) {
-            const int64_t tap = idx[e];
-            if (tap_phase[tap] != phase) continue;
-            vals[count] = w[o * taps + tap];
-            offs[count] = static_cast<int32_t>(((om * p.hq + tap_row[tap]) * n) * p.wq + tap_col[tap]);
-            ++count;
-          }
-        }
-        grid_spmm(kernels, tg, vals.data(), offs.data(), count, buf.data() + first_row[phase] * n * p.wq, 0.f,
-                  dx + c * dxs.c);
+        for (int e = 0; e < a.count; ++e) dw[o * taps + idx[ptr[row] + e]] += sums[e];
       }
     }
   }

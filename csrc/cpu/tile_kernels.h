@@ -60,10 +60,31 @@ struct SddmmRow {
   const int32_t* lut = nullptr;  // not null: entry e's tile row is xt + lut[idx[e]] (xt_stride unused)
 };
 
+// One (image, channel) plane of a depthwise conv: the kept taps of its ticket (weights, offsets in the bordered
+// buffer buf of wp columns) over the plane x (strides x_h, x_w), written to y (strides y_h, y_w). The input
+// gradient reads dy through x and accumulates into buf; the weight gradient reads x through x.
+struct DepthwisePlane {
+  const float* x;
+  int64_t x_h, x_w;
+  float* y;
+  int64_t y_h, y_w;
+  int64_t h, w, ho, wo;
+  int64_t stride_h, stride_w, pad_h, pad_w;
+  int64_t wp;          // columns of buf; its rows hold the bordered plane, then 8 floats of slack
+  float* buf;
+  const float* wts;    // (count) weights of the kept taps
+  const int64_t* offs; // (count) kh * dil_h * wp + kw * dil_w
+  int count;
+  float bias;
+};
+
 struct Isa {
   void (*spmm_tile)(const SpmmTile&);
   void (*sddmm_row)(const SddmmRow&);
   void (*transpose_rows8)(const float* const*, int64_t, float*, int);
+  void (*depthwise_forward_plane)(const DepthwisePlane&);
+  void (*depthwise_grad_input_plane)(const DepthwisePlane&);
+  void (*depthwise_grad_weight_plane)(const DepthwisePlane&, const float*, int64_t, int64_t, float*);
   const char* name;
 };
 
