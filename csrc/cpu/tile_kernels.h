@@ -32,6 +32,7 @@ struct SpmmTile {
   // 0: row-major output, outputs of row j contiguous at out + out_rows[j];
   // else scattered: output o of row j at out[out_rows[j] + o * out_o_stride].
   int64_t out_o_stride;
+  uint32_t out_runs = 0;  // scattered: bit g set when rows 8g .. 8g + 7 go to 8 consecutive floats
   const float* bias;     // (outputs) or nullptr
   int64_t o_begin, o_end;
   // Table mode (lut not null): idx holds weight positions k; entry k of output o weighs w[o * w_stride + k] and reads
@@ -78,6 +79,23 @@ struct DepthwisePlane {
   float bias;
 };
 
+// One image of a depthwise conv with one output channel per input channel, channels as the vector lanes: x and y
+// point at the image (channel, row and column strides), wmask (taps, c8) holds the image's ticket's masked weights,
+// buf (hp * wp * c8) the bordered image with channels innermost (border and lanes past `channels` zero).
+struct DepthwiseLanes {
+  const float* x;
+  int64_t x_c, x_h, x_w;
+  float* y;
+  int64_t y_c, y_h, y_w;
+  int64_t channels, c8, h, w, ho, wo;
+  int64_t stride_h, stride_w, pad_h, pad_w, wp;
+  const float* wmask;
+  const float* bias8;      // (c8) or nullptr
+  const int64_t* tap_offset;  // (taps) (kh * dil_h * wp + kw * dil_w) * c8
+  int64_t taps;
+  float* buf;
+};
+
 struct Isa {
   void (*spmm_tile)(const SpmmTile&);
   void (*sddmm_row)(const SddmmRow&);
@@ -85,6 +103,7 @@ struct Isa {
   void (*depthwise_forward_plane)(const DepthwisePlane&);
   void (*depthwise_grad_input_plane)(const DepthwisePlane&);
   void (*depthwise_grad_weight_plane)(const DepthwisePlane&, const float*, int64_t, int64_t, float*);
+  void (*depthwise_lanes_image)(const DepthwiseLanes&);
   const char* name;
 };
 

@@ -69,6 +69,8 @@ CONV_CASES = [  # (batch, c, o, h, w, kernel, tickets, groups, geometry)
     (1, 4, 6, 7, 7, (3, 3), 3, 2, dict(padding=1)),
     (5, 6, 6, 9, 8, (3, 3), 3, 6, dict(padding=1, stride=2)),  # depthwise
     (3, 4, 8, 9, 9, (5, 5), 2, 4, dict(padding=2)),  # depthwise with channel multiplier 2
+    (7, 11, 11, 4, 4, (3, 3), 3, 11, dict(padding=1)),  # depthwise on a tiny map: channels as vector lanes
+    (5, 9, 9, 5, 5, (3, 3), 2, 9, dict(padding=1, stride=2)),
     (7, 3, 5, 6, 6, (3, 3), 1, 1, dict(padding=1)),  # T = 1
     (6, 5, 7, 3, 2, (1, 1), 3, 1, dict()),  # 1x1 on a 3x2 map: the cpu backend's pointwise "rows" path
 ]

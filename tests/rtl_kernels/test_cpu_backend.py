@@ -33,13 +33,15 @@ def test_conv_path_choice():
     assert policy.conv_path(64, resnet, 1, False, [0.1] * 8, p) == "mixed"
     assert policy.conv_path(64, resnet, 1, False, [0.1, 0.6], p) == "mixed"  # big layer: per class, not per image
     small = 8 * 16
-    assert policy.conv_path(320, small, 1, False, [0.1, 0.6], p) == "image"  # small layer with a dense class
+    assert policy.conv_path(320, small, 1, False, [0.1, 0.7], p) == "image"  # small layer with a dense class
     assert policy.conv_path(320, small, 1, False, [0.1, 0.1], p) == "mixed"
+    assert policy.conv_path(320, small, 1, False, [0.5, 0.5], p) == "mixed"  # small: sparse up to 60 %
     assert policy.conv_path(320, 36 * 9, 36, True, [0.5, 0.5], p) == "mixed"  # depthwise: its own kernel
     assert policy.conv_path(320, 36 * 9, 36, True, [1.0], p) == "dense"
     assert policy.conv_path(320, 8 * 4 * 9, 2, False, [0.1, 0.1], p) == "image"  # grouped, small
     assert policy.conv_path(64, resnet, 1, False, [1.0], policy.CpuPolicy(conv_path="mixed")) == "mixed"
-    assert policy.conv_ticket_is_sparse(0.9, True, p) and not policy.conv_ticket_is_sparse(0.9, False, p)
+    assert policy.conv_ticket_is_sparse(0.9, True, False, p) and not policy.conv_ticket_is_sparse(0.9, False, False, p)
+    assert policy.conv_ticket_is_sparse(0.5, False, True, p) and not policy.conv_ticket_is_sparse(0.5, False, False, p)
 
 
 def test_policy_rejects_unknown_paths():

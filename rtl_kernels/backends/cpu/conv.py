@@ -55,7 +55,8 @@ class _Plan:
         indexed = index.indexed.tolist()
         sparse = [False] * len(density)
         if self.path == "mixed":
-            sparse = [indexed[t] and _policy.conv_ticket_is_sparse(density[t], depthwise, pol)
+            small = _policy.small_conv(self.bounds[-1], weight_numel, pol)
+            sparse = [indexed[t] and _policy.conv_ticket_is_sparse(density[t], depthwise, small, pol)
                       for t in range(len(density))]
             classes = present_classes(twin, self.bounds, skip=sparse)
         self.sparse = torch.tensor(sparse, dtype=torch.uint8)

@@ -45,6 +45,8 @@ class CpuPolicy:
             sparse kernel pays only under the lower density. Env RTL_CPU_SMALL_GROUP_MAX_DENSITY.
         conv_sparse_max_density: a conv ticket takes the direct sparse kernel under this density; denser tickets
             run torch's convolution with W * M_t. Env RTL_CPU_CONV_SPARSE_MAX_DENSITY.
+        small_conv_sparse_max_density: the same for small layers (see image_weight_limit), where torch's
+            convolution per ticket costs more in set-up than the sparse kernel loses to its arithmetic.
         image_weight_limit: small layers (batch x weight size up to this many values) whose tickets are not all
             sparse run as one grouped convolution (or one batched matmul for 1x1 convs) with a masked weight per
             image instead of one convolution per ticket; so do grouped and depthwise convs, where the sparse
@@ -58,6 +60,7 @@ class CpuPolicy:
     small_group_rows: int = 48
     small_group_max_density: float = _env_float("RTL_CPU_SMALL_GROUP_MAX_DENSITY", 0.2)
     conv_sparse_max_density: float = _env_float("RTL_CPU_CONV_SPARSE_MAX_DENSITY", 0.35)
+    small_conv_sparse_max_density: float = 0.6
     image_weight_limit: int = 1 << 20
     linear_path: Optional[str] = None
     conv_path: Optional[str] = None
@@ -73,7 +76,8 @@ class CpuPolicy:
         """Tickets at or above this density never take a sparse kernel: layouts leave them out."""
         if self.linear_path == "sparse" or self.conv_path == "mixed":
             return 1.01
-        return max(self.linear_sparse_max_density, self.small_group_max_density, self.conv_sparse_max_density)
+        return max(self.linear_sparse_max_density, self.small_group_max_density, self.conv_sparse_max_density,
+                   self.small_conv_sparse_max_density)
 
 
 _DEFAULT = CpuPolicy()
@@ -126,17 +130,27 @@ def linear_ticket_is_sparse(density: float, rows: int, policy: CpuPolicy) -> boo
 
 
 # -- conv ----------------------------------------------------------------------------------------------------------
-def conv_ticket_is_sparse(density: float, depthwise: bool, policy: CpuPolicy) -> bool:
+def small_conv(batch: int, weight_numel: int, policy: CpuPolicy) -> bool:
+    """Whether a conv call is small: batch x weight size up to ``image_weight_limit`` (GhostNet's layers at batch
+    320; ResNet-18's are not, from its first conv on)."""
+    return batch * weight_numel <= policy.image_weight_limit
+
+
+def conv_ticket_is_sparse(density: float, depthwise: bool, small: bool, policy: CpuPolicy) -> bool:
     """Whether a conv ticket keeping ``density`` of the weight takes the direct sparse kernel on the mixed path.
 
     Depthwise convs (one input channel per group) always do: their kernel reads x and writes y once, as a dense
     depthwise conv does, at any density.
 
     Example:
-        >>> conv_ticket_is_sparse(0.1, False, CpuPolicy()), conv_ticket_is_sparse(0.5, False, CpuPolicy())
+        >>> p = CpuPolicy()
+        >>> conv_ticket_is_sparse(0.1, False, False, p), conv_ticket_is_sparse(0.5, False, False, p)
         (True, False)
+        >>> conv_ticket_is_sparse(0.5, False, True, p)
+        True
     """
-    return depthwise or density < policy.conv_sparse_max_density
+    limit = policy.small_conv_sparse_max_density if small else policy.conv_sparse_max_density
+    return depthwise or density < limit
 
 
 def conv_path(batch: int, weight_numel: int, groups: int, depthwise: bool, class_densities: Sequence[float],
@@ -164,12 +178,12 @@ def conv_path(batch: int, weight_numel: int, groups: int, depthwise: bool, class
     """
     if policy.conv_path is not None:
         return policy.conv_path
-    if len(class_densities) == 1 and class_densities[0] >= policy.conv_sparse_max_density:
+    small = small_conv(batch, weight_numel, policy)
+    sparse = [conv_ticket_is_sparse(d, False, small, policy) for d in class_densities]
+    if len(class_densities) == 1 and not sparse[0]:  # one dense mask in the batch: one convolution, as dense
         return "dense"
     if depthwise:
         return "mixed"
-    sparse = [conv_ticket_is_sparse(d, False, policy) for d in class_densities]
-    small = batch * weight_numel <= policy.image_weight_limit
     if small and (groups > 1 or not all(sparse)):
         return "image"
     return "mixed"
