@@ -36,8 +36,9 @@ The cases (docs/paper.md 1.5 and 3.1) are the paper's models and a torchvision o
 
 Masks: ``rtl.prune.magnitude_prune_`` from all-ones masks, ticket by ticket, with a random importance drawn per
 ticket (so tickets differ, as separate IMP runs would make them) and ``scope="layer"`` (every routed layer at the
-nominal sparsity, so "90 %" means the same in every layer). Unstructured at 0, 50, 75, 90 and 95 %; structured at
-90 % with the pruning layer's groups: ("vector", 8) on both devices, and ("block", 16, 16) on CPU or
+nominal sparsity, so "90 %" means the same in every layer). Unstructured at 0, 50, 75, 90 and 95 %; overlapping
+tickets (``o50``, ``o90``: unstructured, mean Jaccard 0.8 between tickets, as RTL's own tickets overlap); structured
+at 90 % with the pruning layer's groups: ("vector", 8) on both devices, and ("block", 16, 16) on CPU or
 ("block", 64, 64) on GPU (64x64 blocks are the GPU kernels' tile; on the paper's small layers, 16x16 still leaves
 several blocks per weight). A structured request removes whole groups only while it stays within the request, so
 layers smaller than one group stay dense: the ``sparsity_measured`` column says what was pruned. The route is
@@ -75,6 +76,7 @@ import common  # noqa: E402
 import bench_linear as lin  # noqa: E402
 
 import rtl  # noqa: E402
+import rtl.diagnostics  # noqa: E402
 import rtl.optim  # noqa: E402
 import rtl.prune  # noqa: E402
 import rtl_kernels as rk  # noqa: E402
@@ -86,6 +88,11 @@ DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODES = ("infer", "train_step")
 FAMILIES = ("ghostnet", "inr", "resnet18")
 UNSTRUCTURED_SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
+# Tickets that share most of their kept weights, as RTL's tickets do (mean Jaccard 0.75-0.86 between the tickets of
+# the digits runs): unstructured masks at these sparsities synthesised with this mean Jaccard (see
+# overlapping_importance), beside the independent random masks above (mean Jaccard 0.05 at 90 %).
+OVERLAP_SPARSITIES = (0.5, 0.9)
+OVERLAP_JACCARD = 0.8
 STRUCTURED_SPARSITY = 0.9
 # Structured granularities per device type, as rtl.prune.magnitude_prune_ takes them.
 STRUCTURES = {"cpu": (("vector", 8), ("block", 16, 16)), "cuda": (("vector", 8), ("block", 64, 64))}
@@ -128,12 +135,15 @@ class Case:
 
     @property
     def structure(self) -> str:
-        """The mask structure as the tables print it: 'unstructured', 'vector8' or 'block16x16'."""
+        """The mask structure as the tables print it: 'unstructured', 'vector8', 'block16x16' or 'overlap0.8'
+        (unstructured tickets with that mean Jaccard)."""
         kind = self.granularity[0]
         if kind == "vector":
             return f"vector{self.granularity[1]}"
         if kind == "block":
             return f"block{self.granularity[1]}x{self.granularity[2]}"
+        if kind == "overlap":
+            return f"overlap{self.granularity[1]}"
         return kind
 
     @property
@@ -173,6 +183,7 @@ def _cases_for(device_type: str, dtype: torch.dtype, tag: str, full: bool) -> Li
     for gran in STRUCTURES[device_type]:
         label = f"v{gran[1]}" if gran[0] == "vector" else f"b{gran[1]}"
         masks.append((f"{label}_{_sparsity_tag(STRUCTURED_SPARSITY)}", STRUCTURED_SPARSITY, tuple(gran)))
+    masks += [(f"o{_sparsity_tag(sp)}", sp, ("overlap", OVERLAP_JACCARD)) for sp in OVERLAP_SPARSITIES]
     for kw in _family_cases(device_type, full):
         for suffix, sp, gran in masks:
             base = f"{kw['family']}_{suffix}"
@@ -321,9 +332,16 @@ def prune_tickets_(model: nn.Module, num_tickets: int, sparsity: float, granular
     """
     if sparsity == 0:
         return
-    gran = granularity[0] if granularity[0] == "unstructured" else granularity
     layers = list(rtl.routed_modules(model))
     g = torch.Generator().manual_seed(seed)
+    if granularity[0] == "overlap":
+        for name, m in layers:
+            importance = overlapping_importance(m.weight.shape, num_tickets, sparsity, granularity[1], g)
+            rtl.prune.magnitude_prune_(model, sparsity, scope="layer",
+                                       importance={name: importance.to(m.weight_masks.device)},
+                                       filter_fn=lambda n, _m, name=name: n == name)
+        return
+    gran = granularity[0] if granularity[0] == "unstructured" else granularity
     for t in range(num_tickets):
         # magnitude_prune_ reads only row t of an importance when it prunes ticket t: one weight-sized draw,
         # expanded to (T, *weight.shape) without copies, keeps ResNet-18's 11M x T scores out of memory.
@@ -332,6 +350,62 @@ def prune_tickets_(model: nn.Module, num_tickets: int, sparsity: float, granular
             for name, m in layers
         }
         rtl.prune.magnitude_prune_(model, sparsity, tickets=t, scope="layer", granularity=gran, importance=importance)
+
+
+def _mean_jaccard_of(mixing: float, sample: torch.Tensor, noise: torch.Tensor, keep: int) -> float:
+    """Mean Jaccard between the tickets' top-``keep`` sets of shared * (1 - mixing) + noise_t * mixing."""
+    scores = sample * (1 - mixing) + noise * mixing
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    kept.scatter_(1, scores.topk(keep, dim=1).indices, True)
+    inter = kept.float() @ kept.float().t()
+    union = 2 * keep - inter
+    t = kept.shape[0]
+    return float(((inter / union).sum() - t) / (t * (t - 1)))
+
+
+def overlapping_importance(shape, num_tickets: int, sparsity: float, jaccard: float,
+                           generator: torch.Generator) -> torch.Tensor:
+    """(T, *shape) importances whose top-(1 - sparsity) sets per ticket have about the given mean Jaccard.
+
+    Each ticket ranks ``shared * (1 - a) + noise_t * a`` (uniform draws): a = 0 gives identical tickets, a = 1
+    independent ones. ``a`` is found by bisection on a sample of the layer's positions.
+
+    Args:
+        shape: the weight's shape.
+        num_tickets: T (>= 2 for a Jaccard to mean anything; T = 1 returns the shared importance).
+        sparsity: the fraction each ticket drops.
+        jaccard: the wanted mean Jaccard between tickets, in (0, 1).
+        generator: the random source.
+
+    Returns:
+        (T, *shape) float32.
+
+    Example:
+        >>> imp = overlapping_importance((64, 64), 8, 0.9, 0.8, torch.Generator().manual_seed(0))
+    """
+    numel = 1
+    for d in shape:
+        numel *= d
+    shared = torch.rand(numel, generator=generator)
+    noise = torch.rand(num_tickets, numel, generator=generator)
+    if num_tickets < 2:
+        return shared.view(1, *shape)
+    n = min(numel, 20000)
+    keep = max(1, round(n * (1 - sparsity)))
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if _mean_jaccard_of(mid, shared[:n], noise[:, :n], keep) > jaccard:
+            lo = mid
+        else:
+            hi = mid
+    mixing = (lo + hi) / 2
+    return (shared * (1 - mixing) + noise * mixing).view(num_tickets, *shape)
+
+
+def mean_jaccard(model: nn.Module) -> float:
+    """The mean Jaccard between the tickets of a model's routed layers (the paper's S_k averaged over k)."""
+    return float(rtl.diagnostics.ticket_similarity_scores(model).mean())
 
 
 def block_occupancy(model: nn.Module, block: int = 64) -> Optional[float]:
@@ -380,6 +454,7 @@ class Setup:
     sparsity_measured: float
     prunable_weights: int
     block_occupancy: Optional[float]
+    jaccard: Optional[float] = None  # mean Jaccard between tickets, for overlapping masks
 
 
 def check_samples(route: torch.Tensor, num_tickets: int, limit: int) -> torch.Tensor:
@@ -453,6 +528,7 @@ def make_setup(case: Case, device: torch.device) -> Setup:
         sparsity_measured=float(rtl.prune.ticket_sparsity(routed).mean()),
         prunable_weights=rtl.prune.prunable_count(routed),
         block_occupancy=block_occupancy(routed),
+        jaccard=mean_jaccard(routed) if case.granularity[0] == "overlap" and case.tickets > 1 else None,
     )
 
 
@@ -695,7 +771,7 @@ def measure_case(
         "prunable_weights": setup.prunable_weights,
         "sparsity": case.sparsity,
         "sparsity_measured": setup.sparsity_measured,
-        "mask_structure": case.structure,
+        "mask_structure": case.structure + (f" (mean Jaccard {setup.jaccard:.2f})" if setup.jaccard else ""),
         "block_occupancy_64": setup.block_occupancy,
     }
 

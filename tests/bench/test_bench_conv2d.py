@@ -145,12 +145,14 @@ def test_cases_have_the_issue_shapes_and_targets():
     assert dec.out_size == (626, 64) and dec.weight_shape == (48, 12, 3, 3)
     resnet = [c for c in cases.values() if c.family == "resnet"]
     assert {(c.c_in, c.h, c.sparsity) for c in resnet} == {
-        (64, 56, 0.5), (64, 56, 0.9), (256, 14, 0.5), (256, 14, 0.9), (256, 56, 0.5), (256, 56, 0.9)
+        (64, 56, 0.5), (64, 56, 0.9), (256, 14, 0.5), (256, 14, 0.9), (256, 14, 0.95), (256, 56, 0.5), (256, 56, 0.9)
     }  # fmt: skip
     assert all(c.batch == 32 and c.tickets == 8 and c.out_size == (c.h, c.w) for c in resnet)
     for c in ghost + unet:
         assert {(t.mode, t.against) for t in c.targets} == {("fwd", "B0"), ("fwd+bwd", "B1")}
-    assert [t.text for t in cases["resnet_c256_14_u90"].targets] == ["fwd >= 2x faster than B0"]
+    assert [t.text for t in cases["resnet_c256_14_u90"].targets] == ["fwd >= 3x faster than B0"]
+    assert [t.text for t in cases["resnet_c256_14_u95"].targets] == ["fwd >= 4x faster than B0"]
+    assert [t.text for t in cases["resnet_c256_56_u90"].targets] == ["fwd >= 2x faster than B0"]
     assert not cases["resnet_c64_56_u90"].targets
     # quick shapes keep the layer kind
     q = bench.quick_case(cases["ghost_b4_dw5_s2_u50"])

@@ -177,7 +177,8 @@ def test_cases_have_the_brief_shapes():
         mine = [c for c in cases if c.family == family]
         unstructured = sorted(c.sparsity for c in mine if c.structure == "unstructured")
         assert unstructured == [0.0, 0.5, 0.75, 0.9, 0.95]
-        assert {c.structure for c in mine if c.structure != "unstructured"} == {"vector8", "block16x16"}
+        assert {c.structure for c in mine if c.structure != "unstructured"} == {"vector8", "block16x16", "overlap0.8"}
+        assert sorted(c.sparsity for c in mine if c.structure == "overlap0.8") == [0.5, 0.9]
         assert all(c.dtype == torch.float32 for c in mine)
     one = {c.family: c for c in cases}
     assert (one["ghostnet"].batch, one["ghostnet"].size, one["ghostnet"].tickets) == (320, 32, 10)
@@ -187,7 +188,7 @@ def test_cases_have_the_brief_shapes():
 
     gpu = bench.gpu_cases()
     assert {c.dtype for c in gpu} == {torch.float32, torch.bfloat16}
-    assert {c.structure for c in gpu} == {"unstructured", "vector8", "block64x64"}
+    assert {c.structure for c in gpu} == {"unstructured", "vector8", "block64x64", "overlap0.8"}
     assert all(c.size == 224 for c in gpu if c.family == "resnet18")
     assert len({c.name for c in gpu}) == len(gpu)
 
@@ -195,9 +196,19 @@ def test_cases_have_the_brief_shapes():
     assert (q.batch, q.size, q.tickets, q.err_samples) == (16, 32, 8, 16)
 
 
+def test_overlapping_masks_have_the_wanted_jaccard():
+    case = bench.quick_case({c.base: c for c in bench.cpu_cases()}["ghostnet_o90"])
+    setup = bench.make_setup(case, torch.device("cpu"))
+    assert setup.sparsity_measured == pytest.approx(0.9, abs=0.01)
+    assert setup.jaccard == pytest.approx(bench.OVERLAP_JACCARD, abs=0.05)
+    masks = {n: m.weight_masks for n, m in rtl.routed_modules(setup.routed)}
+    differ = [not torch.equal(m[0], m[1]) for m in masks.values()]
+    assert sum(differ) > len(differ) // 2  # similar tickets, not copies
+
+
 def test_select_cases_by_name_base_and_family():
     assert [c.name for c in bench.select_cases("cpu", "inr_u50", quick=False)] == ["inr_u50"]
-    assert len(bench.select_cases("cpu", "ghostnet", quick=False)) == 7
+    assert len(bench.select_cases("cpu", "ghostnet", quick=False)) == 9  # 5 unstructured, 2 overlapping, 2 structured
     names = [c.name for c in bench.select_cases("cuda", "inr_u50", quick=False)]
     assert names == ["inr_u50_bf16", "inr_u50_fp32"]
     with pytest.raises(SystemExit, match="unknown case.*resnet50"):
