@@ -337,11 +337,12 @@ ForwardLayout forward_layout(const ConvShape& s, bool shifted) {
 // Whether the forward packs x by kernel column: when more than a fifth of a stride-phase grid's columns would be
 // computed and dropped (ResNet-18's 3x3 convs on 2x2 and 4x4 maps at 64x64 inputs: half and a third), kw copies
 // of x cost less than the dropped FMAs (on the 2-core EPYC, AVX2: 8.3 against 12.1 ms for 512 -> 512 channels on 2x2
-// maps at 10 % density; the 7x7 stem of ResNet-18 lost 1.35x to its seven copies).
+// maps at 10 % density; ResNet-18's 16x16 and 8x8 maps lost 1.4-1.5x to the copies, its 7x7 stem 1.35x) ...
 bool forward_shifted(const ConvShape& s) {
   const int64_t dw_max = (s.kernel_w - 1) * s.dil_w / s.stride_w;
   const int64_t wq = std::max(ceil_div(s.width + 2 * s.pad_w, s.stride_w), s.out_width + dw_max);
-  return s.kernel_w > 1 && 5 * (wq - s.out_width) > wq;
+  // ... or where x has so few channels that kw copies of it cost little (a stem: C * kw <= 16)
+  return s.kernel_w > 1 && (5 * (wq - s.out_width) > wq || (s.channels / s.groups) * s.kernel_w <= 16);
 }
 
 // Operand offsets of the kept positions k = c_local * taps + tap of every run ticket, for output channel 0's group

@@ -263,19 +263,46 @@ def extract_masks(task: Task, model: nn.Module, sparsities: Sequence[float],
 
 # -- speed ----------------------------------------------------------------------------------------------------
 
-def _median_ms(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
+# Timing of the speed table: the three models in turn, so that a slow spell of the machine hits all of them; at
+# least MIN_REPEATS rounds after WARMUP, more (up to MAX_REPEATS) until each model has run MIN_SECONDS. A model whose
+# p10-p90 spread exceeds SPREAD_FLAG of its median is flagged in the report.
+WARMUP, MIN_REPEATS, MAX_REPEATS, MIN_SECONDS, SPREAD_FLAG = 3, 11, 101, 0.5, 0.2
+
+
+def interleaved_ms(fns: Dict[str, Callable[[], object]], warmup: int = WARMUP, min_repeats: int = MIN_REPEATS,
+                   max_repeats: int = MAX_REPEATS, min_seconds: float = MIN_SECONDS) -> Dict[str, Dict[str, float]]:
+    """Median, p10 and p90 ms of each function, timed in turn (one call of each per round).
+
+    Args:
+        fns: name -> a call to time.
+        warmup: untimed rounds first.
+        min_repeats / max_repeats: timed rounds, at least / at most.
+        min_seconds: rounds go on (up to max_repeats) until every function has run this long in total.
+
+    Returns:
+        name -> {"median": ms, "p10": ms, "p90": ms, "repeats": rounds, "spread": (p90 - p10) / median}.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    rounds = 0
+    while rounds < max_repeats and (rounds < min_repeats or min(sum(t) for t in times.values()) < min_seconds * 1e3):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+        rounds += 1
+    out = {}
+    for name, t in times.items():
+        median, p10, p90 = (float(v) for v in np.percentile(t, [50, 10, 90]))
+        out[name] = {"median": median, "p10": p10, "p90": p90, "repeats": rounds, "spread": (p90 - p10) / median}
+    return out
 
 
 def measure_speed(task: Task, dense: nn.Module, routed_model: nn.Module, backend: Optional[str]) -> Dict[str, float]:
-    """Median inference ms of a mixed-ticket batch: rtl kernels, dense model, naive per-ticket loop (reference)."""
+    """Inference ms of a mixed-ticket batch: rtl kernels, dense model, naive per-ticket loop (reference), timed in
+    turn (see interleaved_ms)."""
     x, route = task.timing_batch()
     dense.eval()
     routed_model.eval()
@@ -291,12 +318,12 @@ def measure_speed(task: Task, dense: nn.Module, routed_model: nn.Module, backend
             with rtl_kernels.set_backend("reference"):
                 return task.forward(lambda inp: routed(inp, route), x)
 
-        result = {
-            "batch": int(x.shape[0]),
-            "dense_ms": _median_ms(lambda: task.forward(dense, x)),
-            "rtl_ms": _median_ms(ours),
-            "naive_ms": _median_ms(naive),
-        }
+        timed = interleaved_ms({"dense": lambda: task.forward(dense, x), "rtl": ours, "naive": naive})
+        result = {"batch": int(x.shape[0]), "repeats": timed["rtl"]["repeats"]}
+        for name, t in timed.items():
+            result[f"{name}_ms"] = t["median"]
+            result[f"{name}_spread"] = t["spread"]
+        result["unstable"] = any(t["spread"] > SPREAD_FLAG for t in timed.values())
     result["rtl_vs_dense"] = result["dense_ms"] / result["rtl_ms"]
     result["rtl_vs_naive"] = result["naive_ms"] / result["rtl_ms"]
     return result

@@ -105,16 +105,20 @@ def write_report(run_dir: str) -> str:
     speed = metrics.get("speed", {})
     if speed:
         lines += ["", "## Inference speed of the routed model", "",
-                  "One mixed-ticket batch of test inputs; median of 7 timed calls after 2 warm-up calls. "
-                  "dense: the unpruned model; naive: the per-ticket loop (rtl_kernels' reference backend); rtl: "
-                  "the rtl kernels. Ratios > 1 mean rtl is faster.", "",
-                  "| sparsity | batch | dense ms | naive ms | rtl ms | rtl vs dense | rtl vs naive |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "One mixed-ticket batch of test inputs; the three models timed in turn, median of at least 11 "
+                  "rounds after 3 warm-up rounds (more until each model ran half a second). dense: the unpruned "
+                  "model; naive: the per-ticket loop (rtl_kernels' reference backend); rtl: the rtl kernels. Ratios "
+                  "> 1 mean rtl is faster. spread: the largest (p90 - p10) / median of the three; above 20 % the "
+                  "machine was too noisy for the ratios to be read closely (flagged !).", "",
+                  "| sparsity | batch | dense ms | naive ms | rtl ms | rtl vs dense | rtl vs naive | spread |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key in keys:
             s = speed.get(key)
             if s:
+                spread = max((s.get(f"{n}_spread", 0.0) for n in ("dense", "naive", "rtl")), default=0.0)
+                flag = " !" if s.get("unstable") else ""
                 lines.append(f"| {key} | {s['batch']} | {s['dense_ms']:.2f} | {s['naive_ms']:.2f} | {s['rtl_ms']:.2f} "
-                             f"| {s['rtl_vs_dense']:.2f}x | {s['rtl_vs_naive']:.2f}x |")
+                             f"| {s['rtl_vs_dense']:.2f}x | {s['rtl_vs_naive']:.2f}x | {spread:.0%}{flag} |")
     plots = _plots(run_dir, kind, metrics, keys, label, unit, config)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{title}]({name})" for name, title in plots]
