@@ -945,6 +945,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "same layer of the dense model and its share of the model's time (printed and written to\n"
         "<out>/models_profile_<device>_<git rev>.md; nothing is appended to the CSV)",
     )  # fmt: skip
+    ap.add_argument(
+        "--memory", action="store_true",
+        help="instead of the timing table: the peak resident memory of inference, the dense model against the\n"
+        "routed one, each in a fresh process (peak_memory.py; written to <out>/models_memory_<device>_<rev>.md)",
+    )  # fmt: skip
     args = common.parse_run_arguments(ap, argv)
     choices = [c.strip().lower() for c in args.backend.split(",") if c.strip()]
     bad = [c for c in choices if c not in OURS_CHOICES]
@@ -973,7 +978,52 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cases = select_cases(device.type, args.cases, args.quick, full=args.full)
     if args.profile:
         return profile_cases(cases, device, args, argv)
+    if args.memory:
+        return memory_cases(cases, device, args, argv)
     return common.run_cases("models", FIELDS, cases, measure_case, run_markdown, args, argv, device, "")
+
+
+def memory_cases(cases: Sequence[Case], device: torch.device, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``--memory``: peak resident memory of inference per case, dense against routed (peak_memory.py).
+
+    Returns:
+        0.
+    """
+    import peak_memory
+
+    if device.type != "cpu":
+        raise SystemExit("--memory measures host memory: run it with --device cpu")
+    results_dir = args.results_dir.resolve()
+    env = common.environment(device, results_dir)
+    md_path = common._unused_path(results_dir / f"models_memory_{device.type}_{env['git_rev']}.md")
+    rows = []
+    for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] memory of {case.name}", flush=True)
+        rows.append((case.name, {w: peak_memory.measure(case.name, w, args.quick, env_threads(env))
+                                 for w in ("dense", "ours")}))
+    text = "\n".join([
+        f"# peak memory of inference, dense against routed, {env['device_kind']}",
+        "",
+        f"- device: {env['device']}; threads: {env['threads']}; torch {env['torch']}; git {env['git_rev']}, "
+        f"{env['timestamp']}",
+        f"- command: `python bench/bench_models.py {' '.join(argv)}`",
+        "- each model in a fresh process: the case built with the timing runs' seeds, the other model dropped and "
+        "the set-up's freed memory returned, then the peak resident set (VmHWM, reset first) over 3 no_grad "
+        "calls. loaded: resident set before the calls (the process, torch, the model, its masks and inputs); "
+        "working: peak minus loaded. Ours compiles its mask layouts on the first call, inside the measurement.",
+        "",
+        peak_memory.memory_markdown(rows),
+    ])
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text, encoding="utf-8")
+    print(text)
+    print(f"wrote {md_path}", flush=True)
+    return 0
+
+
+def env_threads(env: Dict[str, str]) -> int:
+    """The run's torch thread count as environment() recorded it."""
+    return int(env.get("threads") or torch.get_num_threads())
 
 
 def profile_cases(cases: Sequence[Case], device: torch.device, args: argparse.Namespace, argv: Sequence[str]) -> int:

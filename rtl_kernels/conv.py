@@ -17,7 +17,7 @@ from torch import Tensor
 from . import _checks
 from .backends import select_backend
 from .conv_geometry import conv_output_size, transposed_output_size
-from .grouping import TicketGrouping
+from .grouping import TicketGrouping, group_by_ticket_tensors
 
 IntPair = Union[int, Sequence[int]]
 
@@ -95,7 +95,7 @@ def _check_geometry(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tup
 
 def _grouping(route, num_tickets, perm, offsets):
     if perm is None:
-        perm, _, offsets = torch.ops.rtl_kernels.group_by_ticket(route, num_tickets)
+        perm, _, offsets = group_by_ticket_tensors(route, num_tickets)
     return perm, offsets
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import check_route_dtype, check_route_values, check_tensor
+from ._checks import check_route_dtype, check_route_values, check_tensor, eager_call_ok
 
 
 class TicketGrouping(NamedTuple):
@@ -27,8 +27,7 @@ class TicketGrouping(NamedTuple):
     offsets: Tensor
 
 
-@torch.library.custom_op("rtl_kernels::group_by_ticket", mutates_args=())
-def _group_by_ticket_op(route: Tensor, num_tickets: int) -> tuple[Tensor, Tensor, Tensor]:
+def _group_by_ticket_impl(route: Tensor, num_tickets: int) -> tuple[Tensor, Tensor, Tensor]:
     _check_static(route, num_tickets)
     check_route_values(route, num_tickets)
     route64 = route.to(torch.int64)
@@ -39,6 +38,9 @@ def _group_by_ticket_op(route: Tensor, num_tickets: int) -> tuple[Tensor, Tensor
     offsets = torch.zeros(num_tickets + 1, dtype=torch.int64, device=route.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return perm, counts, offsets
+
+
+_group_by_ticket_op = torch.library.custom_op("rtl_kernels::group_by_ticket", mutates_args=())(_group_by_ticket_impl)
 
 
 @_group_by_ticket_op.register_fake
@@ -76,4 +78,12 @@ def group_by_ticket(route: Tensor, num_tickets: int) -> TicketGrouping:
         >>> g.perm.tolist(), g.counts.tolist(), g.offsets.tolist()
         ([1, 3, 0, 2], [1, 1, 2], [0, 1, 2, 4])
     """
-    return TicketGrouping(*torch.ops.rtl_kernels.group_by_ticket(route, num_tickets))
+    return TicketGrouping(*group_by_ticket_tensors(route, num_tickets))
+
+
+def group_by_ticket_tensors(route: Tensor, num_tickets: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(perm, counts, offsets) of :func:`group_by_ticket`; eager calls skip the dispatcher (whose first custom-op
+    call imports torch's compiler stack: 150 MB and a second of start-up that plain inference never needs)."""
+    if eager_call_ok(route):
+        return _group_by_ticket_impl(route, num_tickets)
+    return torch.ops.rtl_kernels.group_by_ticket(route, num_tickets)

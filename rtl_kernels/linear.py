@@ -13,12 +13,12 @@ from torch import Tensor
 
 from . import _checks
 from .backends import select_backend
-from .grouping import TicketGrouping, group_by_ticket
+from .grouping import TicketGrouping, group_by_ticket_tensors, group_by_ticket
 
 
 def _grouping(route: Tensor, num_tickets: int, perm: Optional[Tensor], offsets: Optional[Tensor]):
     if perm is None:
-        perm, _, offsets = torch.ops.rtl_kernels.group_by_ticket(route, num_tickets)
+        perm, _, offsets = group_by_ticket_tensors(route, num_tickets)
     return perm, offsets
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv_index import ticket_twins
+from .conv_index import count_kept, ticket_twins
 
 # Inputs per chunk of the chunked walk of the kernels (csrc/cpu reads the chunk pointers, whatever their size):
 # 64 inputs of a 64-row tile are 16 KB, half of L1.
@@ -50,29 +50,35 @@ class CpuLinearLayout:
     float_masks: dict
 
 
-def _index(masks: Tensor):
-    """Row pointer (T * rows + 1,), chunk pointer (T * rows * C + 1,) int64 and column indices int32 of
-    (T, rows, cols) bool masks, C = ceil(cols / CHUNK)."""
+def _index(masks: Tensor, indexed: Tensor):
+    """Row pointer (T * rows + 1,), chunk pointer (T * rows * C + 1,) int64 and column indices int32 of the
+    indexed tickets of (T, rows, cols) bool masks (the others get empty rows), C = ceil(cols / CHUNK). Ticket by
+    ticket, so that nonzero()'s int64 rows and the padded copy stay the size of one ticket."""
     t, rows, cols = masks.shape
     n_chunks = max(1, -(-cols // CHUNK))
-    padded = F.pad(masks, (0, n_chunks * CHUNK - cols))
-    per_chunk = padded.reshape(t * rows, n_chunks, CHUNK).sum(2, dtype=torch.int64).reshape(-1)
+    per_chunk = torch.zeros(t, rows * n_chunks, dtype=torch.int64)
+    parts = []
+    for i in range(t):
+        if not bool(indexed[i]):
+            continue
+        padded = F.pad(masks[i], (0, n_chunks * CHUNK - cols))
+        per_chunk[i] = count_kept(padded.reshape(rows * n_chunks, CHUNK))
+        parts.append(masks[i].nonzero()[:, 1].to(torch.int32))  # (row, col) in order: CSR order
     chunk_ptr = torch.zeros(t * rows * n_chunks + 1, dtype=torch.int64)
-    torch.cumsum(per_chunk, 0, out=chunk_ptr[1:])
+    torch.cumsum(per_chunk.reshape(-1), 0, out=chunk_ptr[1:])
     ptr = chunk_ptr[::n_chunks].contiguous()  # row boundaries are every C-th chunk boundary
-    idx = masks.nonzero()[:, 2].to(torch.int32)  # nonzero() walks (t, row, col) in order: CSR order
+    idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
     return ptr, chunk_ptr, idx
 
 
 def compile_cpu_layout(masks: Tensor, sparse_max_density: float) -> CpuLinearLayout:
     """Compile (T, N, K) bool masks, indexing the tickets whose density is under ``sparse_max_density``."""
     t = masks.shape[0]
-    kept = masks.reshape(t, -1).sum(1)
+    kept = count_kept(masks.reshape(t, -1))
     density = kept.float() / max(1, masks[0].numel())
     sparse = density < sparse_max_density
-    sparse_masks = masks & sparse.view(t, 1, 1)
-    csr_ptr, csr_chunk_ptr, csr_idx = _index(sparse_masks)
-    csc_ptr, csc_chunk_ptr, csc_idx = _index(sparse_masks.transpose(1, 2))
+    csr_ptr, csr_chunk_ptr, csr_idx = _index(masks, sparse)
+    csc_ptr, csc_chunk_ptr, csc_idx = _index(masks.transpose(1, 2), sparse)
     return CpuLinearLayout(
         indexed=sparse,
         csr_ptr=csr_ptr,

@@ -357,3 +357,29 @@ def test_train_step_of_ours_matches_the_naive_loop():
     for name, m in rtl.routed_modules(ours.model):
         union = m.weight_masks.any(0)
         assert torch.equal(m.weight[~union], before[name + ".weight"][~union]), name
+
+
+# ---------------------------------------------------------------------------------------------- profile and memory
+def test_profile_prints_every_routed_layer_with_its_path(tmp_path):
+    proc = _run(tmp_path, "--profile", "--cases", "ghostnet_u90")
+    md = list(tmp_path.glob("models_profile_cpu_*.md"))
+    assert len(md) == 1 and not (tmp_path / "models_cpu.csv").exists()  # a profile appends no timing rows
+    text = md[0].read_text()
+    model = bench.GhostNet(num_classes=10)
+    layers = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+              and model.prunable_filter(name, m)]
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in layers]
+    assert len(rows) == len(layers)
+    assert all("mixed" in r or "image" in r or "dense" in r for r in rows)  # the cpu backend's path is named
+    assert "| whole model |" in text and "| routed layers |" in text
+    assert "blocks.0.ghost1.primary_conv.0" in proc.stdout
+
+
+def test_memory_compares_dense_and_routed_in_fresh_processes(tmp_path):
+    _run(tmp_path, "--memory", "--cases", "ghostnet_u90")
+    md = list(tmp_path.glob("models_memory_cpu_*.md"))
+    assert len(md) == 1
+    row = next(line for line in md[0].read_text().splitlines() if line.startswith("| ghostnet_u90 |"))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    dense_loaded, dense_peak, ours_loaded, ours_peak = (float(c) for c in cells[:4])
+    assert 0 < dense_loaded <= dense_peak and 0 < ours_loaded <= ours_peak
