@@ -120,13 +120,7 @@ class RoutedSparseModule:
         Not while compiling: the check reads the masks."""
         if torch.compiler.is_compiling():
             return False
-        m = self.weight_masks
-        key = (id(m), m._version, m.data_ptr())
-        cached = self.__dict__.get("_all_ones")
-        if cached is None or cached[0] != key:
-            cached = (key, bool(m.all()))
-            self.__dict__["_all_ones"] = cached
-        return cached[1]
+        return rtl_kernels.layout_cache.get_layout("rtl:keeps_everything", self.weight_masks, _all_true)
 
     def ticket_density(self) -> Tensor:
         """(T,) float64: the fraction of the weight each ticket keeps."""
@@ -261,12 +255,16 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 def _copy_layer_attributes(src: nn.Module, dst: nn.Module) -> None:
     """Copy a layer's configuration (in_features, stride, padding_mode...) but not its tensors or hooks."""
     for key, value in vars(src).items():
-        if key in _MODULE_INTERNALS or key in ("weight", "bias", "weight_masks", "_route_state", "_all_ones"):
+        if key in _MODULE_INTERNALS or key in ("weight", "bias", "weight_masks", "_route_state"):
             continue
         if isinstance(value, Tensor):
             continue
         setattr(dst, key, value)
     dst.training = src.training
+
+
+def _all_true(masks: Tensor) -> bool:
+    return bool(masks.all())
 
 
 def _check_masks_dtype(masks: Tensor) -> None:

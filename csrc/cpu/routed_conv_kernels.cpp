@@ -167,19 +167,25 @@ struct GridTile {
   const float* src2;  // the weight gradient's dy grid at the tile's first position (output channel 0)
   int nrows;
   int width;
-  uint32_t runs;      // bit g: the tile's rows 8g .. 8g + 7 go to 8 consecutive output floats
+  int64_t first_run;  // the tile's runs of consecutive outputs: runs[first_run .. first_run + n_runs)
+  int n_runs;
 };
 
-// Bit g set when out_rows[8g .. 8g + 7] are 8 consecutive offsets (one vector store).
-uint32_t consecutive_runs(const int64_t* out_rows, int nrows) {
-  uint32_t runs = 0;
-  for (int g = 0; g * 8 + 8 <= nrows; ++g) {
-    const int64_t* r = out_rows + g * 8;
-    bool run = r[0] >= 0;
-    for (int k = 1; k < 8 && run; ++k) run = r[k] == r[0] + k;
-    if (run) runs |= 1u << g;
+// Appends the runs of consecutive offsets in out_rows[0 .. nrows) (positions at -1 dropped) to runs.
+int append_runs(const int64_t* out_rows, int nrows, std::vector<OutRun>& runs) {
+  int count = 0;
+  for (int j = 0; j < nrows;) {
+    if (out_rows[j] < 0) {
+      ++j;
+      continue;
+    }
+    int len = 1;
+    while (j + len < nrows && out_rows[j + len] == out_rows[j] + len) ++len;
+    runs.push_back(OutRun{out_rows[j], j, len});
+    ++count;
+    j += len;
   }
-  return runs;
+  return count;
 }
 
 struct Grid {
@@ -193,18 +199,18 @@ struct Grid {
 // laid out like the grid itself (packed with the grid's columns, or in place like op).
 template <bool with_dest, typename Dest>
 void grid_tiles(const TicketImages& g, const std::vector<int64_t>& run, const Operand& op, const Operand* op2,
-                const Grid& gr, Dest dest, std::vector<GridTile>& tiles, std::vector<int64_t>& out_rows) {
+                const Grid& gr, Dest dest, std::vector<GridTile>& tiles, std::vector<OutRun>& out_runs) {
+  int64_t out_rows[kTileRows];
   auto emit = [&](int64_t t, const float* base, const float* base2, const int64_t* imgs, int64_t n) {
     const int64_t len = gr.rows * gr.cols * n;
     for (int64_t q0 = 0; q0 < len; q0 += kTileRows) {
       const int nrows = static_cast<int>(std::min<int64_t>(kTileRows, len - q0));
-      tiles.push_back(GridTile{t, gr.phase, base + q0, base2 ? base2 + q0 : nullptr, nrows, (nrows + 7) / 8 * 8, 0});
+      tiles.push_back(GridTile{t, gr.phase, base + q0, base2 ? base2 + q0 : nullptr, nrows, (nrows + 7) / 8 * 8,
+                               static_cast<int64_t>(out_runs.size()), 0});
       if (!with_dest) continue;
-      const size_t at = out_rows.size();
-      out_rows.resize(at + kTileRows, -1);
       int64_t col = q0 % gr.cols, i = (q0 / gr.cols) % n, row = gr.first_row + q0 / gr.cols / n;
       for (int j = 0; j < nrows; ++j) {
-        out_rows[at + j] = dest(row, col, imgs[i]);
+        out_rows[j] = dest(row, col, imgs[i]);
         if (++col == gr.cols) {
           col = 0;
           if (++i == n) {
@@ -213,7 +219,7 @@ void grid_tiles(const TicketImages& g, const std::vector<int64_t>& run, const Op
           }
         }
       }
-      tiles.back().runs = consecutive_runs(out_rows.data() + at, nrows);
+      tiles.back().n_runs = append_runs(out_rows, nrows, out_runs);
     }
   };
   for (int64_t t : run) {
@@ -261,7 +267,7 @@ const char* check_index(const TicketImages& g, const std::vector<int64_t>& run, 
 // Runs every (tile, block of outputs) through the spmm kernel in table mode: out at the tiles' positions =
 // w . operand. ptr_rows(t, phase) is the index row pointer of the ticket's outputs in that phase, lut(t) its table.
 template <typename PtrRows, typename Lut>
-void run_spmm(const std::vector<GridTile>& tiles, const std::vector<int64_t>& out_rows, int64_t n_out,
+void run_spmm(const std::vector<GridTile>& tiles, const std::vector<OutRun>& out_runs, int64_t n_out,
               PtrRows ptr_rows, const int32_t* idx, Lut lut, const float* w, int64_t w_stride, int64_t rows_per_group,
               const std::vector<int64_t>& group_stride, const float* bias, float* out, int64_t out_o_stride,
               int num_threads) {
@@ -282,10 +288,11 @@ void run_spmm(const std::vector<GridTile>& tiles, const std::vector<int64_t>& ou
     a.xt_stride = 1;
     a.width = tile.width;
     a.nrows = tile.nrows;
-    a.out_rows = out_rows.data() + b * kTileRows;
+    a.out_rows = nullptr;
+    a.runs = out_runs.data() + tile.first_run;
+    a.n_runs = tile.n_runs;
     a.out = out;
     a.out_o_stride = out_o_stride;
-    a.out_runs = tile.runs;
     a.bias = bias;
     a.o_begin = blk * kOutBlock;
     a.o_end = std::min(n_out, a.o_begin + kOutBlock);
@@ -639,7 +646,7 @@ const char* routed_conv2d_forward(const ConvShape& s, const TicketImages& g, con
   for (int64_t t : run) group_stride[t] = in_per_group * channel_stride(probe, f.in, images_of(g, t));
   const Operand op = direct ? in_place(x, xs) : pack(f.in, g, run, x, xs, kSlotA, f.in.wq + kTileRows);
   std::vector<GridTile> tiles;
-  std::vector<int64_t> out_rows;
+  std::vector<OutRun> out_runs;
   Grid gr;
   gr.rows = s.out_height;
   gr.cols = direct ? s.out_width : f.in.wq;
@@ -648,8 +655,8 @@ const char* routed_conv2d_forward(const ConvShape& s, const TicketImages& g, con
                    [&](int64_t ho, int64_t wo, int64_t img) -> int64_t {
                      return wo < s.out_width ? img * ys.n + ho * ys.h + wo * ys.w : -1;
                    },
-                   tiles, out_rows);
-  run_spmm(tiles, out_rows, s.out_channels, [&](int64_t t, int64_t) { return csr_ptr + t * s.out_channels; },
+                   tiles, out_runs);
+  run_spmm(tiles, out_runs, s.out_channels, [&](int64_t t, int64_t) { return csr_ptr + t * s.out_channels; },
            csr_idx, [&](int64_t t) { return lut[t].data(); }, w, k_in, out_per_group, group_stride, bias, y, ys.c,
            g.num_threads);
   return nullptr;
@@ -708,7 +715,7 @@ const char* routed_conv2d_grad_input(const ConvShape& s, const TicketImages& g, 
 
   const Operand op = direct ? in_place(dy, dys) : pack(p, g, run, dy, dys, kSlotA, kTileRows);
   std::vector<GridTile> tiles;
-  std::vector<int64_t> out_rows;
+  std::vector<OutRun> out_runs;
   for (int64_t ph = 0; ph < sh; ++ph)
     for (int64_t pw = 0; pw < sw; ++pw) {
       Grid gr;
@@ -725,11 +732,11 @@ const char* routed_conv2d_grad_input(const ConvShape& s, const TicketImages& g, 
                          const bool inside = h >= 0 && h < s.height && wcol >= 0 && wcol < s.width;
                          return inside ? img * dxs.n + h * dxs.h + wcol * dxs.w : -1;
                        },
-                       tiles, out_rows);
+                       tiles, out_runs);
     }
   // Every x position is a * sh + ph - pad_h (and likewise for columns) for exactly one phase and one grid position:
   // every (c, h, w) of a run image is written exactly once, zero where no kept weight reaches it.
-  run_spmm(tiles, out_rows, s.channels,
+  run_spmm(tiles, out_runs, s.channels,
            [&](int64_t t, int64_t phase) { return in_ptr + (t * phases + phase) * s.channels; }, in_idx,
            [&](int64_t t) { return lut[t].data(); }, wt, entries, in_per_group, group_stride, nullptr, dx, dxs.c,
            g.num_threads);
@@ -771,7 +778,7 @@ const char* routed_conv2d_grad_weight(const ConvShape& s, const TicketImages& g,
                kTileRows);
   }
   std::vector<GridTile> tiles;
-  std::vector<int64_t> unused;
+  std::vector<OutRun> unused;
   grid_tiles<false>(g, run, op, &dyg, gr, [](int64_t, int64_t, int64_t) -> int64_t { return -1; }, tiles, unused);
   float* acc = scratch_of<float>(kSlotE, static_cast<size_t>(nnz) + 1);
   weight_gradient(tiles, g.num_tickets, s.out_channels, k_in, csr_ptr, csr_idx, csr_idx, acc, dw, g.num_threads,

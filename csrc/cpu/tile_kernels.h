@@ -16,6 +16,14 @@ constexpr int64_t kOutBlock = 64;  // outputs per work item: many items per tile
 // at 50 % density chunking ran 1.3x faster, at 10 % it broke even and at 5 % it lost (2-core EPYC, 1024x1024).
 constexpr int64_t kMinChunkEntries = 12;
 
+// A stretch of a tile's rows whose outputs are consecutive floats: rows first .. first + length - 1 go to
+// dest .. dest + length - 1 (plus the output's channel offset).
+struct OutRun {
+  int64_t dest;
+  int first;
+  int length;
+};
+
 // One (tile, block of outputs) of a sparse matrix product: out rows of the tile = kept weights times xt.
 struct SpmmTile {
   const float* vals;     // kept weights in index order (entry e of idx)
@@ -32,7 +40,8 @@ struct SpmmTile {
   // 0: row-major output, outputs of row j contiguous at out + out_rows[j];
   // else scattered: output o of row j at out[out_rows[j] + o * out_o_stride].
   int64_t out_o_stride;
-  uint32_t out_runs = 0;  // scattered: bit g set when rows 8g .. 8g + 7 go to 8 consecutive floats
+  const OutRun* runs = nullptr;  // scattered: the tile's rows as runs of consecutive outputs (out_rows unused)
+  int n_runs = 0;
   const float* bias;     // (outputs) or nullptr
   int64_t o_begin, o_end;
   // Table mode (lut not null): idx holds weight positions k; entry k of output o weighs w[o * w_stride + k] and reads
