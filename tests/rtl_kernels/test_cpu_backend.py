@@ -27,19 +27,20 @@ def test_linear_ticket_choice_follows_density_and_rows():
 
 def test_conv_path_choice():
     p = policy.CpuPolicy()
-    resnet = 256 * 256 * 9
-    assert policy.conv_path(64, resnet, 1, False, [1.0], p) == "dense"  # one class of all-ones masks
-    assert policy.conv_path(64, resnet, 1, False, [0.6], p) == "dense"  # one dense class
-    assert policy.conv_path(64, resnet, 1, False, [0.1] * 8, p) == "mixed"
-    assert policy.conv_path(64, resnet, 1, False, [0.1, 0.6], p) == "mixed"  # big layer: per class, not per image
-    small = 8 * 16
-    assert policy.conv_path(320, small, 1, False, [0.1, 0.7], p) == "image"  # small layer with a dense class
-    assert policy.conv_path(320, small, 1, False, [0.1, 0.1], p) == "mixed"
-    assert policy.conv_path(320, small, 1, False, [0.5, 0.5], p) == "mixed"  # small: sparse up to 60 %
-    assert policy.conv_path(320, 36 * 9, 36, True, [0.5, 0.5], p) == "mixed"  # depthwise: its own kernel
-    assert policy.conv_path(320, 36 * 9, 36, True, [1.0], p) == "dense"
-    assert policy.conv_path(320, 8 * 4 * 9, 2, False, [0.1, 0.1], p) == "image"  # grouped, small
-    assert policy.conv_path(64, resnet, 1, False, [1.0], policy.CpuPolicy(conv_path="mixed")) == "mixed"
+    resnet = 256 * 256 * 9  # a ResNet-18 3x3 conv at batch 64 on 4x4 maps: 600 M multiply-adds
+    assert policy.conv_path(64, 16, resnet, 1, False, [1.0], p) == "dense"  # one class of all-ones masks
+    assert policy.conv_path(64, 16, resnet, 1, False, [0.6], p) == "dense"  # one dense class
+    assert policy.conv_path(64, 16, resnet, 1, False, [0.1] * 8, p) == "mixed"
+    assert policy.conv_path(64, 16, resnet, 1, False, [0.1, 0.6], p) == "mixed"  # big layer: per class
+    small = 8 * 16  # GhostNet's first 1x1 conv at batch 320 on 16x16 maps: 10 M multiply-adds
+    assert policy.conv_path(320, 256, small, 1, False, [0.1, 0.7], p) == "image"  # small layer, a dense class
+    assert policy.conv_path(320, 256, small, 1, False, [0.1, 0.1], p) == "mixed"
+    assert policy.conv_path(320, 256, small, 1, False, [0.5, 0.5], p) == "mixed"  # small: sparse up to 60 %
+    assert policy.conv_path(320, 4, 120 * 40, 1, False, [0.5, 0.5], p) == "mixed"  # small work, big weight
+    assert policy.conv_path(320, 64, 36 * 9, 36, True, [0.5, 0.5], p) == "mixed"  # depthwise: its own kernel
+    assert policy.conv_path(320, 64, 36 * 9, 36, True, [1.0], p) == "dense"
+    assert policy.conv_path(320, 64, 8 * 4 * 9, 2, False, [0.1, 0.1], p) == "image"  # grouped, small
+    assert policy.conv_path(64, 16, resnet, 1, False, [1.0], policy.CpuPolicy(conv_path="mixed")) == "mixed"
     assert policy.conv_ticket_is_sparse(0.9, True, False, p) and not policy.conv_ticket_is_sparse(0.9, False, False, p)
     assert policy.conv_ticket_is_sparse(0.5, False, True, p) and not policy.conv_ticket_is_sparse(0.5, False, False, p)
 

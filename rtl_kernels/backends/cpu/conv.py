@@ -44,18 +44,18 @@ class _Plan:
     """The path of a call: ``path``, the sparse tickets (uint8 (T,), mixed path) and the dense classes. It depends
     on the masks, the grouping's offsets and the policy only, so it is kept on the index for the next calls."""
 
-    def __init__(self, index: ConvIndex, bounds: list, weight_numel: int, groups: int, pol):
+    def __init__(self, index: ConvIndex, bounds: list, out_pixels: int, weight_numel: int, groups: int, pol):
         self.bounds = bounds
         density = index.density.tolist()
         twin = index.twin.tolist()
         classes = present_classes(twin, self.bounds)
         depthwise = index.masks_shape[2] == 1
-        self.path = _policy.conv_path(self.bounds[-1], weight_numel, groups, depthwise,
+        self.path = _policy.conv_path(self.bounds[-1], out_pixels, weight_numel, groups, depthwise,
                                       [density[c.ticket] for c in classes], pol)
         indexed = index.indexed.tolist()
         sparse = [False] * len(density)
         if self.path == "mixed":
-            small = _policy.small_conv(self.bounds[-1], weight_numel, pol)
+            small = _policy.small_conv(self.bounds[-1], out_pixels, weight_numel, pol)
             sparse = [indexed[t] and _policy.conv_ticket_is_sparse(density[t], depthwise, small, pol)
                       for t in range(len(density))]
             classes = present_classes(twin, self.bounds, skip=sparse)
@@ -78,16 +78,16 @@ class _Plan:
 _PLANS_KEPT = 16  # per layer: a model's batches share a few groupings (a last, smaller batch adds one)
 
 
-def _plan(masks: Tensor, offsets: Tensor, weight_numel: int, groups: int) -> Tuple[ConvIndex, _Plan]:
+def _plan(masks: Tensor, offsets: Tensor, out_pixels: int, weight_numel: int, groups: int) -> Tuple[ConvIndex, _Plan]:
     index = index_of(masks)
     bounds = offsets.tolist()
     pol = _policy.current_policy()
-    key = (tuple(bounds), weight_numel, groups, pol)
+    key = (tuple(bounds), out_pixels, weight_numel, groups, pol)
     plan = index.plans.get(key)
     if plan is None:
         if len(index.plans) >= _PLANS_KEPT:
             index.plans.clear()
-        plan = index.plans[key] = _Plan(index, bounds, weight_numel, groups, pol)
+        plan = index.plans[key] = _Plan(index, bounds, out_pixels, weight_numel, groups, pol)
     return index, plan
 
 
@@ -100,7 +100,8 @@ def _empty_like_images(x: Tensor, shape) -> Tensor:
 
 # -- forward --------------------------------------------------------------------------------------------------------
 def forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups):
-    index, plan = _plan(masks, offsets, weight.numel(), groups)
+    ho, wo = (conv_output_size(*a) for a in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
+    index, plan = _plan(masks, offsets, ho * wo, weight.numel(), groups)
     plan.record("conv2d_forward", weight.shape)
     if plan.path == "image":
         return _image_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups)
@@ -109,7 +110,6 @@ def forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, gr
         cls = dense[0][0]
         return F.conv2d(x, masked_weight(weight, masks, cls.ticket, plan.all_ones[cls.ticket]), bias, stride,
                         padding, dilation, groups)
-    ho, wo = (conv_output_size(*a) for a in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
     y = _empty_like_images(x, (x.shape[0], weight.shape[0], ho, wo))
     if plan.any_sparse:
         torch.ops.rtl_kernels._cpu_conv2d_forward(x, weight, bias, perm, offsets, plan.sparse, index.csr_ptr,
@@ -122,7 +122,7 @@ def forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, gr
 
 # -- input gradient -------------------------------------------------------------------------------------------------
 def grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups):
-    index, plan = _plan(masks, offsets, weight.numel(), groups)
+    index, plan = _plan(masks, offsets, grad_y.shape[2] * grad_y.shape[3], weight.numel(), groups)
     plan.record("conv2d_grad_input", weight.shape)
     if plan.path == "image":
         return _image_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups)
@@ -150,7 +150,7 @@ def grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, paddin
 
 # -- weight gradient ------------------------------------------------------------------------------------------------
 def grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups):
-    index, plan = _plan(masks, offsets, masks[0].numel(), groups)
+    index, plan = _plan(masks, offsets, grad_y.shape[2] * grad_y.shape[3], masks[0].numel(), groups)
     plan.record("conv2d_grad_weight", masks.shape[1:])
     if plan.path == "image":
         return _image_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups)

@@ -45,8 +45,11 @@ class CpuPolicy:
             sparse kernel pays only under the lower density. Env RTL_CPU_SMALL_GROUP_MAX_DENSITY.
         conv_sparse_max_density: a conv ticket takes the direct sparse kernel under this density; denser tickets
             run torch's convolution with W * M_t. Env RTL_CPU_CONV_SPARSE_MAX_DENSITY.
-        small_conv_sparse_max_density: the same for small layers (see image_weight_limit), where torch's
-            convolution per ticket costs more in set-up than the sparse kernel loses to its arithmetic.
+        small_conv_sparse_max_density: the same for small calls (batch x output pixels x weight size up to
+            small_conv_macs multiply-adds), where torch's convolution per mask class costs more in set-up than the
+            sparse kernel loses to its arithmetic.
+        small_conv_macs: see small_conv_sparse_max_density. GhostNet's layers at batch 320 do 1-40 M
+            multiply-adds, ResNet-18's 3x3 convs at batch 64 and 64x64 inputs 600 M.
         image_weight_limit: small layers (batch x weight size up to this many values) whose tickets are not all
             sparse run as one grouped convolution (or one batched matmul for 1x1 convs) with a masked weight per
             image instead of one convolution per ticket; so do grouped and depthwise convs, where the sparse
@@ -61,6 +64,7 @@ class CpuPolicy:
     small_group_max_density: float = _env_float("RTL_CPU_SMALL_GROUP_MAX_DENSITY", 0.2)
     conv_sparse_max_density: float = _env_float("RTL_CPU_CONV_SPARSE_MAX_DENSITY", 0.35)
     small_conv_sparse_max_density: float = 0.6
+    small_conv_macs: int = 100_000_000
     image_weight_limit: int = 1 << 20
     linear_path: Optional[str] = None
     conv_path: Optional[str] = None
@@ -130,10 +134,14 @@ def linear_ticket_is_sparse(density: float, rows: int, policy: CpuPolicy) -> boo
 
 
 # -- conv ----------------------------------------------------------------------------------------------------------
-def small_conv(batch: int, weight_numel: int, policy: CpuPolicy) -> bool:
-    """Whether a conv call is small: batch x weight size up to ``image_weight_limit`` (GhostNet's layers at batch
-    320; ResNet-18's are not, from its first conv on)."""
-    return batch * weight_numel <= policy.image_weight_limit
+def small_conv(batch: int, out_pixels: int, weight_numel: int, policy: CpuPolicy) -> bool:
+    """Whether a conv call is small: batch x output pixels x weight size up to ``small_conv_macs``.
+
+    Example:
+        >>> small_conv(320, 4, 120 * 40, CpuPolicy()), small_conv(64, 256, 64 * 64 * 9, CpuPolicy())
+        (True, False)
+    """
+    return batch * out_pixels * weight_numel <= policy.small_conv_macs
 
 
 def conv_ticket_is_sparse(density: float, depthwise: bool, small: bool, policy: CpuPolicy) -> bool:
@@ -153,12 +161,13 @@ def conv_ticket_is_sparse(density: float, depthwise: bool, small: bool, policy: 
     return depthwise or density < limit
 
 
-def conv_path(batch: int, weight_numel: int, groups: int, depthwise: bool, class_densities: Sequence[float],
-              policy: CpuPolicy) -> str:
+def conv_path(batch: int, out_pixels: int, weight_numel: int, groups: int, depthwise: bool,
+              class_densities: Sequence[float], policy: CpuPolicy) -> str:
     """The path of one routed conv call.
 
     Args:
         batch: B, the images in the call.
+        out_pixels: Ho x Wo.
         weight_numel: the shared weight's size.
         groups: the conv's groups.
         depthwise: one input channel per group.
@@ -173,17 +182,17 @@ def conv_path(batch: int, weight_numel: int, groups: int, depthwise: bool, class
 
     Example:
         >>> p = CpuPolicy()
-        >>> conv_path(64, 36864, 1, False, [1.0], p), conv_path(64, 36864, 1, False, [0.1, 0.1], p)
+        >>> conv_path(64, 256, 36864, 1, False, [1.0], p), conv_path(64, 256, 36864, 1, False, [0.1, 0.1], p)
         ('dense', 'mixed')
     """
     if policy.conv_path is not None:
         return policy.conv_path
-    small = small_conv(batch, weight_numel, policy)
+    small = small_conv(batch, out_pixels, weight_numel, policy)
     sparse = [conv_ticket_is_sparse(d, False, small, policy) for d in class_densities]
     if len(class_densities) == 1 and not sparse[0]:  # one dense mask in the batch: one convolution, as dense
         return "dense"
     if depthwise:
         return "mixed"
-    if small and (groups > 1 or not all(sparse)):
+    if batch * weight_numel <= policy.image_weight_limit and (groups > 1 or not all(sparse)):
         return "image"
     return "mixed"
