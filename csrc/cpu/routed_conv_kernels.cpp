@@ -66,29 +66,20 @@ Packing bordered(int64_t channels, int64_t height, int64_t width, int64_t top, i
 }
 
 // Packs channel c of the n images imgs[0 .. n) of src into dst (the ticket's packed block). Each packed row is
-// either a border row (zeros) or one source row read through a per-column offset table (a column of the border
-// reads as zero), so strided phases and tiny maps cost no per-row set-up.
+// either a border row (zeros) or one source row: zeros, then columns [lo, hi) of the copy read at a fixed step,
+// then zeros, in plain loops (library calls and per-element tables cost more than the copies on tiny maps).
 void pack_channel(const Packing& p, const float* src, Strides4 ss, const int64_t* imgs, int64_t n, int64_t c,
                   float* dst) {
-  const int64_t wq = p.wq, copies = p.copies();
-  // source column of (copy j, wq) as an element offset, -1 in the border
-  int64_t col_stack[512];
-  std::vector<int64_t> col_heap;
-  int64_t* col_off = col_stack;
-  if (copies * wq > 512) {
-    col_heap.resize(copies * wq);
-    col_off = col_heap.data();
-  }
-  for (int64_t j = 0; j < copies; ++j)
-    for (int64_t k = 0; k < wq; ++k) {
-      const int64_t col = k * p.sw + p.col_delta[j] - p.left;
-      col_off[j * wq + k] = col >= 0 && col < p.width ? col * ss.w : -1;
-    }
+  const int64_t wq = p.wq, copies = p.copies(), step = p.sw * ss.w;
   float* d_c = dst + c * p.phases() * p.plane() * n;
   const float* s_c = src + c * ss.c;
-  for (int64_t ph = 0; ph < p.sh; ++ph)
-    for (int64_t j = 0; j < copies; ++j) {
-      const int64_t* co = col_off + j * wq;
+  for (int64_t j = 0; j < copies; ++j) {
+    // columns k of this copy inside the source: col = k * sw + delta_j - left in [0, width)
+    const int64_t first = p.col_delta[j] - p.left;
+    const int64_t lo = std::min(wq, std::max<int64_t>(0, ceil_div(-first, p.sw)));
+    const int64_t hi = std::min(wq, std::max(lo, ceil_div(p.width - first, p.sw)));
+    const int64_t col0 = (lo * p.sw + first) * ss.w;  // source offset of column lo
+    for (int64_t ph = 0; ph < p.sh; ++ph)
       for (int64_t hq = 0; hq < p.hq; ++hq) {
         float* d = d_c + ((ph * copies + j) * p.hq + hq) * n * wq;
         const int64_t r = hq * p.sh + ph - p.top;
@@ -97,11 +88,18 @@ void pack_channel(const Packing& p, const float* src, Strides4 ss, const int64_t
           continue;
         }
         for (int64_t i = 0; i < n; ++i, d += wq) {
-          const float* s_row = s_c + imgs[i] * ss.n + r * ss.h;
-          for (int64_t k = 0; k < wq; ++k) d[k] = co[k] >= 0 ? s_row[co[k]] : 0.f;
+          const float* s = s_c + imgs[i] * ss.n + r * ss.h + col0;
+          int64_t k = 0;
+          for (; k < lo; ++k) d[k] = 0.f;
+          if (step == 1) {
+            for (; k < hi; ++k) d[k] = s[k - lo];
+          } else {
+            for (; k < hi; ++k) d[k] = s[(k - lo) * step];
+          }
+          for (; k < wq; ++k) d[k] = 0.f;
         }
       }
-    }
+  }
 }
 
 // Where the tiles of a grid read their operand (x for the forward and weight gradient, dy for the input gradient).
