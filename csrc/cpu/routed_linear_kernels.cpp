@@ -138,7 +138,41 @@ void spmm_all(const RoutedRows& r, int64_t n_out, const float* w, int64_t w_out_
 void routed_linear_forward(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* x, const float* w,
                            const float* bias, const int64_t* csr_ptr, const int64_t* chunk_ptr, int64_t n_chunks,
                            const int32_t* csr_idx, float* y) {
-  spmm_all(rows, n_out, w, /*w_out_stride=*/k_in, /*w_in_stride=*/1, csr_ptr, chunk_ptr, n_chunks, csr_idx, x,
+  // A ticket keeping fewer weights than half a row of x (a narrow layer: the INR's 3 outputs over 128 inputs)
+  // reads each of its rows where it is: copying the rows into tiles would cost more than the few products.
+  std::vector<uint8_t> tiled(rows.ticket_sparse, rows.ticket_sparse + rows.num_tickets);
+  bool any_direct = false;
+  for (int64_t t = 0; t < rows.num_tickets; ++t) {
+    const int64_t kept = csr_ptr[(t + 1) * n_out] - csr_ptr[t * n_out];
+    if (tiled[t] && 2 * kept <= k_in) {
+      tiled[t] = 0;
+      any_direct = true;
+    }
+  }
+  if (any_direct) {
+    // rows in batch order (x read front to back), each with its ticket, -1 for rows of other paths
+    std::vector<int64_t> ticket_of_row(rows.batch, -1);
+    for (int64_t t = 0; t < rows.num_tickets; ++t)
+      if (rows.ticket_sparse[t] && !tiled[t])
+        for (int64_t p = rows.offsets[t]; p < rows.offsets[t + 1]; ++p) ticket_of_row[rows.perm[p]] = t;
+#pragma omp parallel for num_threads(rows.num_threads) schedule(static)
+    for (int64_t r = 0; r < rows.batch; ++r) {
+      const int64_t t = ticket_of_row[r];
+      if (t < 0) continue;
+      const float* x_r = x + r * k_in;
+      float* y_r = y + r * n_out;
+      const int64_t* ptr = csr_ptr + t * n_out;
+      for (int64_t o = 0; o < n_out; ++o) {
+        const float* w_o = w + o * k_in;
+        float acc = bias ? bias[o] : 0.f;
+        for (int64_t e = ptr[o]; e < ptr[o + 1]; ++e) acc += w_o[csr_idx[e]] * x_r[csr_idx[e]];
+        y_r[o] = acc;
+      }
+    }
+  }
+  RoutedRows rest = rows;
+  rest.ticket_sparse = tiled.data();
+  spmm_all(rest, n_out, w, /*w_out_stride=*/k_in, /*w_in_stride=*/1, csr_ptr, chunk_ptr, n_chunks, csr_idx, x,
            k_in, bias, y);
 }
 

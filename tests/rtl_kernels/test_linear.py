@@ -551,3 +551,15 @@ def test_sweep_is_not_vacuous():
     assert {0.0, 1.0} <= set(DENSITIES)
     assert any(b == 1 for b, *_ in SHAPES) and any(t == 1 for *_, t in SHAPES) and any(k == 1 for _, _, k, _ in SHAPES)
     assert all(n % 16 for _, n, _, _ in SHAPES)
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("n_out, density", [(3, 0.1), (1, 0.3), (5, 0.05)])
+def test_narrow_sparse_tickets_match_float64(n_out, density):
+    """A ticket keeping fewer weights than half a row (the INR's 3 outputs over 128 inputs) takes the cpu kernel's
+    row-by-row path; a wider ticket in the same call takes the tiles."""
+    x, w, masks, route, b = make_case(300, n_out, 128, 4, density, "random", seed=41)
+    masks[3] = torch.rand(n_out, 128) < 0.55  # wider: more kept weights than half a row, or a dense ticket
+    with rk.set_backend("cpu"):
+        y = rk.routed_masked_linear(x, w, masks, route, b)
+    torch.testing.assert_close(y.double(), oracle(x, w, masks, route, b), **tol(torch.float32))
