@@ -436,10 +436,12 @@ DepthwisePlane plane_args(const ConvShape& s, const PlaneLayout& l, float* buf) 
 }
 
 // Whether a depthwise forward runs an image at a time with the channels as vector lanes: one output channel per
-// input channel, on maps of at most 16 output pixels (GhostNet's last stages: 4x4 and 2x2), where a plane at a
-// time costs more in set-up than the taps it skips (0.4x of torch's depthwise convolution there, 2-core EPYC).
+// input channel, at most 9 taps, on maps of at most 16 output pixels (GhostNet's last stages: 4x4 and 2x2). There
+// a plane at a time costs more in set-up than the taps it skips; with 25 taps (5x5) the lanes' dense taps cost
+// more, and on 8x8 maps the planes win (2-core EPYC, 10 % density: 240 channels 4x4 -> 2x2 1.2 vs 2.5 ms, 5x5
+// 8x8 -> 4x4 1.6 vs 1.1 ms, 3x3 on 8x8 1.0 vs 0.5 ms).
 bool depthwise_by_lanes(const ConvShape& s) {
-  return s.out_channels == s.channels && s.out_height * s.out_width <= 16;
+  return s.out_channels == s.channels && s.kernel_h * s.kernel_w <= 9 && s.out_height * s.out_width <= 16;
 }
 
 void depthwise_forward_lanes(const ConvShape& s, const TicketImages& g, const std::vector<int64_t>& run,
