@@ -65,20 +65,32 @@ Packing bordered(int64_t channels, int64_t height, int64_t width, int64_t top, i
   return p;
 }
 
+// Eight floats as one value: two SSE registers in the baseline build (this file is not compiled per ISA).
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
 // Packs channel c of the n images imgs[0 .. n) of src into dst (the ticket's packed block). Each packed row is
 // either a border row (zeros) or one source row: zeros, then columns [lo, hi) of the copy read at a fixed step,
-// then zeros, in plain loops (library calls and per-element tables cost more than the copies on tiny maps).
-void pack_channel(const Packing& p, const float* src, Strides4 ss, const int64_t* imgs, int64_t n, int64_t c,
-                  float* dst) {
+// then zeros. Rows of at most 8 columns read at step 1 (maps of 8x8 and smaller) are copied as one 8-float load,
+// masked to [lo, hi), and one 8-float store that runs into the next rows, which are written after it; rows whose
+// load would read outside the source, and the rows whose store would pass the end of this packed row block, take
+// plain loops (library calls and per-element tables cost more than the copies on tiny maps).
+// src_extent: one past the last float the source's shape and strides reach from src.
+void pack_channel(const Packing& p, const float* src, Strides4 ss, int64_t src_extent, const int64_t* imgs, int64_t n,
+                  int64_t c, float* dst) {
   const int64_t wq = p.wq, copies = p.copies(), step = p.sw * ss.w;
   float* d_c = dst + c * p.phases() * p.plane() * n;
-  const float* s_c = src + c * ss.c;
   for (int64_t j = 0; j < copies; ++j) {
     // columns k of this copy inside the source: col = k * sw + delta_j - left in [0, width)
     const int64_t first = p.col_delta[j] - p.left;
     const int64_t lo = std::min(wq, std::max<int64_t>(0, ceil_div(-first, p.sw)));
     const int64_t hi = std::min(wq, std::max(lo, ceil_div(p.width - first, p.sw)));
     const int64_t col0 = (lo * p.sw + first) * ss.w;  // source offset of column lo
+    const bool vector_rows = step == 1 && wq <= 8;
+    v8i keep{};
+    for (int k = 0; k < 8; ++k) keep[k] = k >= lo && k < hi ? -1 : 0;
+    // images from this one on store their row with plain loops (8 floats from them would pass the block's end)
+    const int64_t vector_end = n - (8 + wq - 1) / wq + 1;
     for (int64_t ph = 0; ph < p.sh; ++ph)
       for (int64_t hq = 0; hq < p.hq; ++hq) {
         float* d = d_c + ((ph * copies + j) * p.hq + hq) * n * wq;
@@ -88,7 +100,15 @@ void pack_channel(const Packing& p, const float* src, Strides4 ss, const int64_t
           continue;
         }
         for (int64_t i = 0; i < n; ++i, d += wq) {
-          const float* s = s_c + imgs[i] * ss.n + r * ss.h + col0;
+          const int64_t offset = c * ss.c + imgs[i] * ss.n + r * ss.h + col0;
+          const float* s = src + offset;
+          if (vector_rows && i < vector_end && offset - lo >= 0 && offset - lo + 8 <= src_extent) {
+            v8f v;
+            std::memcpy(&v, src + (offset - lo), sizeof(v));
+            v = reinterpret_cast<v8f>(reinterpret_cast<v8i>(v) & keep);
+            std::memcpy(d, &v, sizeof(v));
+            continue;
+          }
           int64_t k = 0;
           for (; k < lo; ++k) d[k] = 0.f;
           if (step == 1) {
@@ -131,10 +151,12 @@ Operand pack(const Packing& p, const TicketImages& g, const std::vector<int64_t>
   float* buf = scratch_of<float>(slot, static_cast<size_t>(op.base.back() + slack));
   std::fill(buf + op.base.back(), buf + op.base.back() + slack, 0.f);
   const int64_t n_items = static_cast<int64_t>(run.size()) * p.channels;
+  const int64_t extent =
+      (g.batch - 1) * ss.n + (p.channels - 1) * ss.c + (p.height - 1) * ss.h + (p.width - 1) * ss.w + 1;
 #pragma omp parallel for num_threads(g.num_threads) schedule(dynamic, 1)
   for (int64_t item = 0; item < n_items; ++item) {
     const int64_t t = run[item / p.channels], c = item % p.channels;
-    pack_channel(p, src, ss, g.perm + g.offsets[t], images_of(g, t), c, buf + op.base[t]);
+    pack_channel(p, src, ss, extent, g.perm + g.offsets[t], images_of(g, t), c, buf + op.base[t]);
   }
   op.data = buf;
   return op;

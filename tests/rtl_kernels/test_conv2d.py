@@ -73,6 +73,9 @@ CONV_CASES = [  # (batch, c, o, h, w, kernel, tickets, groups, geometry)
     (5, 9, 9, 5, 5, (3, 3), 2, 9, dict(padding=1, stride=2)),
     (7, 3, 5, 6, 6, (3, 3), 1, 1, dict(padding=1)),  # T = 1
     (6, 5, 7, 3, 2, (1, 1), 3, 1, dict()),  # 1x1 on a 3x2 map: the cpu backend's pointwise "rows" path
+    # rows of at most 8 packed columns (the cpu kernel copies them as 8-float vectors): many images per ticket
+    (13, 6, 7, 4, 4, (3, 3), 2, 1, dict(padding=1)),
+    (11, 5, 6, 2, 3, (3, 3), 2, 1, dict(padding=1)),
 ]
 
 
