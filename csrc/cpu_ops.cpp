@@ -54,6 +54,13 @@ rtl_cpu::RoutedRows routed_rows(const at::Tensor& perm, const at::Tensor& offset
   r.offsets = offsets.data_ptr<int64_t>();
   r.ticket_sparse = ticket_sparse.data_ptr<uint8_t>();
   r.num_threads = at::get_num_threads();
+  // The kernels index rows through perm and offsets unchecked: a bad grouping must fail here, not read or write
+  // outside the batch (the Python op checks it first; this is the last line for direct callers).
+  TORCH_CHECK(r.offsets[0] == 0 && r.offsets[r.num_tickets] == r.batch, "ticket offsets must run from 0 to the batch");
+  for (int64_t t = 0; t < r.num_tickets; ++t)
+    TORCH_CHECK(r.offsets[t] <= r.offsets[t + 1], "ticket offsets must be non-decreasing");
+  for (int64_t i = 0; i < r.batch; ++i)
+    TORCH_CHECK(r.perm[i] >= 0 && r.perm[i] < r.batch, "ticket perm holds a row index outside the batch");
   return r;
 }
 
@@ -70,6 +77,37 @@ int64_t check_chunks(const at::Tensor& chunk_ptr, int64_t rows) {
   return (chunk_ptr.numel() - 1) / rows;
 }
 
+// The entries the kernels will walk: for each sparse ticket with rows, its row (and chunk) pointers rise inside
+// [0, nnz] and every index lies in [0, cols). O(entries of those tickets), small beside the kernels' B x entries.
+void check_index_values(const rtl_cpu::RoutedRows& r, const at::Tensor& ptr, const at::Tensor& chunk_ptr,
+                        int64_t n_chunks, const at::Tensor& idx, int64_t rows, int64_t cols) {
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int64_t* c = chunk_ptr.defined() ? chunk_ptr.data_ptr<int64_t>() : nullptr;
+  const int32_t* ix = idx.data_ptr<int32_t>();
+  const int64_t nnz = idx.numel();
+  // the kernels size their scratch from the last pointer
+  TORCH_CHECK(p[0] == 0 && p[r.num_tickets * rows] == nnz, "sparse row pointer must run from 0 to the index's size");
+  for (int64_t t = 0; t < r.num_tickets; ++t) {
+    if (!r.ticket_sparse[t] || r.offsets[t] == r.offsets[t + 1]) continue;
+    for (int64_t row = t * rows; row < (t + 1) * rows; ++row) {
+      const int64_t begin = p[row], end = p[row + 1];
+      TORCH_CHECK(0 <= begin && begin <= end && end <= nnz, "sparse row pointer out of order or past the index");
+      for (int64_t e = begin; e < end; ++e)
+        TORCH_CHECK(ix[e] >= 0 && ix[e] < cols, "sparse index holds a column outside the weight");
+      if (c == nullptr) continue;
+      TORCH_CHECK(c[row * n_chunks] == begin && c[(row + 1) * n_chunks] == end,
+                  "chunk pointer disagrees with the row pointer");
+      for (int64_t k = row * n_chunks; k < (row + 1) * n_chunks; ++k)
+        TORCH_CHECK(c[k] <= c[k + 1], "chunk pointer must be non-decreasing");
+    }
+  }
+}
+
+void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape (", rows, ", ", cols,
+              "), got ", t.sizes());
+}
+
 void linear_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                     const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& ticket_sparse,
                     const at::Tensor& csr_ptr, const at::Tensor& csr_chunk_ptr, const at::Tensor& csr_idx,
@@ -77,15 +115,20 @@ void linear_forward(const at::Tensor& x, const at::Tensor& weight, const c10::op
   check_f32(x, "x");
   check_f32(weight, "weight");
   check_f32(out, "out");
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D");
   const int64_t n = weight.size(0), k = weight.size(1);
   auto rows = routed_rows(perm, offsets, ticket_sparse);
+  check_rows(x, "x", rows.batch, k);
+  check_rows(out, "out", rows.batch, n);
   check_index(csr_ptr, csr_idx, rows.num_tickets * n + 1);
   const float* b = nullptr;
   if (bias.has_value()) {
     check_f32(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias must have shape (", n, ")");
     b = bias->data_ptr<float>();
   }
   const int64_t n_chunks = check_chunks(csr_chunk_ptr, rows.num_tickets * n);
+  check_index_values(rows, csr_ptr, csr_chunk_ptr, n_chunks, csr_idx, n, k);
   advise_huge_pages(out);
   rtl_cpu::routed_linear_forward(rows, n, k, x.data_ptr<float>(), weight.data_ptr<float>(), b,
                                  csr_ptr.data_ptr<int64_t>(), csr_chunk_ptr.data_ptr<int64_t>(), n_chunks,
@@ -98,10 +141,14 @@ void linear_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const
   check_f32(grad_y, "grad_y");
   check_f32(weight, "weight");
   check_f32(out, "out");
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D");
   const int64_t n = weight.size(0), k = weight.size(1);
   auto rows = routed_rows(perm, offsets, ticket_sparse);
+  check_rows(grad_y, "grad_y", rows.batch, n);
+  check_rows(out, "out", rows.batch, k);
   check_index(csc_ptr, csc_idx, rows.num_tickets * k + 1);
   const int64_t n_chunks = check_chunks(csc_chunk_ptr, rows.num_tickets * k);
+  check_index_values(rows, csc_ptr, csc_chunk_ptr, n_chunks, csc_idx, k, n);
   advise_huge_pages(out);
   rtl_cpu::routed_linear_grad_input(rows, n, k, grad_y.data_ptr<float>(), weight.data_ptr<float>(),
                                     csc_ptr.data_ptr<int64_t>(), csc_chunk_ptr.data_ptr<int64_t>(), n_chunks,
@@ -114,9 +161,13 @@ void linear_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at:
   check_f32(grad_y, "grad_y");
   check_f32(x, "x");
   check_f32(out, "out");
+  TORCH_CHECK(out.dim() == 2, "out must be 2-D");
   const int64_t n = out.size(0), k = out.size(1);
   auto rows = routed_rows(perm, offsets, ticket_sparse);
+  check_rows(grad_y, "grad_y", rows.batch, n);
+  check_rows(x, "x", rows.batch, k);
   check_index(csr_ptr, csr_idx, rows.num_tickets * n + 1);
+  check_index_values(rows, csr_ptr, at::Tensor(), 1, csr_idx, n, k);
   rtl_cpu::routed_linear_grad_weight(rows, n, k, grad_y.data_ptr<float>(), x.data_ptr<float>(),
                                      csr_ptr.data_ptr<int64_t>(), csr_idx.data_ptr<int32_t>(), out.data_ptr<float>());
 }

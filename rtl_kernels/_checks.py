@@ -88,6 +88,32 @@ def check_grouping(perm: Optional[Tensor], offsets: Optional[Tensor], batch: int
         )
 
 
+def check_grouping_values(route: Tensor, perm: Tensor, offsets: Tensor, num_tickets: int) -> None:
+    """Value check of a grouping handed in by the caller: offsets rise from 0 to B, perm is a permutation of
+    0..B-1 and it groups route by ticket. Every backend indexes rows through perm and offsets without bounds
+    checks, so this runs before any of them; groupings made by group_by_ticket skip it (see grouping.py).
+    Syncs with the device (skipped during graph capture)."""
+    if perm.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    batch = perm.shape[0]
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or bounds[-1] != batch or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(
+            f"ticket_offsets must rise from 0 to the batch size {batch} (from group_by_ticket), got {bounds}"
+        )
+    if batch == 0:
+        return
+    lo, hi = int(perm.min()), int(perm.max())
+    if lo < 0 or hi >= batch:
+        raise ValueError(f"ticket_perm holds row {lo if lo < 0 else hi}, outside the batch [0, {batch})")
+    if not bool(torch.bincount(perm, minlength=batch).eq(1).all()):
+        raise ValueError("ticket_perm must be a permutation of the rows (each row once), as group_by_ticket makes it")
+    counts = offsets[1:] - offsets[:-1]
+    tickets = torch.repeat_interleave(torch.arange(num_tickets, device=perm.device), counts)
+    if not torch.equal(route.index_select(0, perm).to(torch.int64), tickets):
+        raise ValueError("the grouping does not match route: make it with group_by_ticket(route, num_tickets)")
+
+
 def check_masks(masks: Tensor, weight_shape: tuple) -> int:
     """Check masks is bool (T, *weight_shape); return T."""
     check_tensor("masks", masks)

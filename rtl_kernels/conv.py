@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from .backends import select_backend
+from .backends import register_autograd_on_forward_backend, select_backend
 from .conv_geometry import conv_output_size, transposed_output_size
-from .grouping import TicketGrouping, group_by_ticket_tensors
+from .grouping import TicketGrouping, checked_grouping, group_by_ticket_tensors
 
 IntPair = Union[int, Sequence[int]]
 
@@ -126,8 +126,11 @@ def _conv2d_impl(
     num_tickets = _check_conv_args(x, weight, masks, route, bias, groups, transposed=False)
     ho, wo = _check_geometry(x, weight, stride, padding, dilation)
     _checks.check_grouping(ticket_perm, ticket_offsets, x.shape[0], num_tickets)
-    if ticket_perm is None:  # a given grouping was made (and its route checked) by group_by_ticket
+    if ticket_perm is None:
         _checks.check_route_values(route, num_tickets)
+    else:  # a grouping from the caller: native code indexes rows through it
+        ticket_perm, ticket_offsets = checked_grouping(route, ticket_perm, ticket_offsets, num_tickets)
+    bias = None if bias is None else bias.contiguous()
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0], ho, wo))
     perm, offsets = _grouping(route, num_tickets, ticket_perm, ticket_offsets)
@@ -227,7 +230,7 @@ def _conv2d_backward(ctx, grad_y):
     return (dx, dw, None, None, db, None, None, None, None, None, None)[: len(ctx.needs_input_grad)]
 
 
-_routed_masked_conv2d.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
+register_autograd_on_forward_backend(_routed_masked_conv2d, _conv2d_backward, _conv2d_setup)
 
 
 def _resolve_padding(x: Tensor, weight: Tensor, padding, stride, dilation):
@@ -339,6 +342,9 @@ def _conv_transpose2d_impl(
     _checks.check_grouping(ticket_perm, ticket_offsets, x.shape[0], num_tickets)
     if ticket_perm is None:
         _checks.check_route_values(route, num_tickets)
+    else:  # a grouping from the caller: native code indexes rows through it
+        ticket_perm, ticket_offsets = checked_grouping(route, ticket_perm, ticket_offsets, num_tickets)
+    bias = None if bias is None else bias.contiguous()
     if x.shape[0] == 0:
         return x.new_empty(out_shape)
     perm, offsets = _grouping(route, num_tickets, ticket_perm, ticket_offsets)
@@ -399,7 +405,7 @@ def _transpose_backward(ctx, grad_y):
     return (dx, dw, None, None, db, None, None, None, None, None, None, None)[: len(ctx.needs_input_grad)]
 
 
-_routed_masked_conv_transpose2d.register_autograd(_transpose_backward, setup_context=_transpose_setup)
+register_autograd_on_forward_backend(_routed_masked_conv_transpose2d, _transpose_backward, _transpose_setup)
 
 
 def routed_masked_conv_transpose2d(

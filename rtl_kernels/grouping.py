@@ -5,12 +5,13 @@ Every routed op groups its batch this way; a model whose layers share one route 
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._checks import check_route_dtype, check_route_values, check_tensor, eager_call_ok
+from ._checks import check_grouping_values, check_route_dtype, check_route_values, check_tensor, eager_call_ok
 
 
 class TicketGrouping(NamedTuple):
@@ -78,7 +79,33 @@ def group_by_ticket(route: Tensor, num_tickets: int) -> TicketGrouping:
         >>> g.perm.tolist(), g.counts.tolist(), g.offsets.tolist()
         ([1, 3, 0, 2], [1, 1, 2], [0, 1, 2, 4])
     """
-    return TicketGrouping(*group_by_ticket_tensors(route, num_tickets))
+    perm, counts, offsets = group_by_ticket_tensors(route, num_tickets)
+    _mark_checked(perm, offsets)
+    return TicketGrouping(perm, counts, offsets)
+
+
+# A grouping that group_by_ticket made, or that passed check_grouping_values once, carries this mark on its perm
+# tensor: (its offsets, both tensors' version counters). An in-place edit of either bumps a version and the next
+# call checks again, so a model's layers share one check per forward.
+_MARK = "_rtl_checked_grouping"
+
+
+def _mark_checked(perm: Tensor, offsets: Tensor) -> None:
+    try:
+        setattr(perm, _MARK, (weakref.ref(offsets), perm._version, offsets._version))
+    except (AttributeError, RuntimeError, TypeError):  # a tensor subclass without attributes: it is checked each call
+        pass
+
+
+def checked_grouping(route: Tensor, perm: Tensor, offsets: Tensor, num_tickets: int) -> tuple[Tensor, Tensor]:
+    """(perm, offsets) of a caller's grouping once it is known safe for native code: made by group_by_ticket, or
+    checked here (row indices inside the batch, a permutation, offsets from 0 to B, grouping route)."""
+    mark = getattr(perm, _MARK, None)
+    if not (mark is not None and mark[0]() is offsets and mark[1] == perm._version and mark[2] == offsets._version):
+        perm, offsets = perm.contiguous(), offsets.contiguous()
+        check_grouping_values(route, perm, offsets, num_tickets)
+        _mark_checked(perm, offsets)
+    return perm, offsets
 
 
 def group_by_ticket_tensors(route: Tensor, num_tickets: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .backends import select_backend
-from .grouping import TicketGrouping, group_by_ticket_tensors, group_by_ticket
+from .backends import register_autograd_on_forward_backend, select_backend
+from .grouping import TicketGrouping, checked_grouping, group_by_ticket, group_by_ticket_tensors
 
 
 def _grouping(route: Tensor, num_tickets: int, perm: Optional[Tensor], offsets: Optional[Tensor]):
@@ -33,8 +33,11 @@ def _linear_impl(
 ) -> Tensor:
     num_tickets = _checks.check_linear_args(x, weight, masks, route, bias)
     _checks.check_grouping(ticket_perm, ticket_offsets, x.shape[0], num_tickets)
-    if ticket_perm is None:  # a given grouping was made (and its route checked) by group_by_ticket
+    if ticket_perm is None:
         _checks.check_route_values(route, num_tickets)
+    else:  # a grouping from the caller: native code indexes rows through it
+        ticket_perm, ticket_offsets = checked_grouping(route, ticket_perm, ticket_offsets, num_tickets)
+    bias = None if bias is None else bias.contiguous()
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0]))
     perm, offsets = _grouping(route, num_tickets, ticket_perm, ticket_offsets)
@@ -109,7 +112,7 @@ def _backward(ctx, grad_y):
     return (dx, dw, None, None, db, None, None)[: len(needs)]
 
 
-_routed_masked_linear.register_autograd(_backward, setup_context=_setup_context)
+register_autograd_on_forward_backend(_routed_masked_linear, _backward, _setup_context)
 
 
 def routed_masked_linear(
@@ -134,7 +137,8 @@ def routed_masked_linear(
         route (B,) int32/int64: the ticket of each row, in [0, T).
         bias (N,) or None.
         grouping: optional :class:`TicketGrouping` from ``group_by_ticket(route, T)``, to group a batch once for
-            every layer that shares its route. It must match route; it is not re-checked.
+            every layer that shares its route. One made by group_by_ticket is trusted; any other is checked
+            (a permutation of the rows grouping route, offsets from 0 to B) once per version of its tensors.
 
     Returns:
         y (B, N), x's dtype and device.

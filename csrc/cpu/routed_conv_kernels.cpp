@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 namespace rtl_cpu {
@@ -19,8 +18,6 @@ using namespace tile;
 // Rounding divisions for a possibly negative numerator and a positive divisor.
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
-
-constexpr int64_t kMaxOffset = std::numeric_limits<int32_t>::max();
 
 int64_t images_of(const TicketImages& g, int64_t t) { return g.offsets[t + 1] - g.offsets[t]; }
 
@@ -257,7 +254,7 @@ void grid_tiles(const TicketImages& g, const std::vector<int64_t>& run, const Op
 
 // ---- kept weights -------------------------------------------------------------------------------------------------
 // Checks the rows (t * rows + r) of the run tickets in an index as the kernels will read them: pointers
-// non-decreasing inside [0, nnz], entries in [0, limit). Every call checks (a few percent of a call): a bad index
+// non-decreasing inside [0, nnz], at most limit entries a row, entries in [0, limit). Every call checks (a few percent of a call): a bad index
 // must never make a kernel read outside its buffers.
 const char* check_index(const TicketImages& g, const std::vector<int64_t>& run, int64_t rows, const int64_t* ptr,
                         const int32_t* idx, int64_t nnz, int64_t limit) {
@@ -268,7 +265,9 @@ const char* check_index(const TicketImages& g, const std::vector<int64_t>& run, 
   for (int64_t item = 0; item < n_items; ++item) {
     const int64_t row = run[item / rows] * rows + item % rows;
     const int64_t e0 = ptr[row], e1 = ptr[row + 1];
-    if (e0 < 0 || e0 > e1 || e1 > nnz) {
+    // a row holds each position at most once, so never more than limit entries (depthwise rows fill
+    // per-thread buffers of that size)
+    if (e0 < 0 || e0 > e1 || e1 > nnz || e1 - e0 > limit) {
       bad_ptr = 1;
       continue;
     }
@@ -279,7 +278,7 @@ const char* check_index(const TicketImages& g, const std::vector<int64_t>& run, 
     }
     bad_entry |= lo < 0 || hi >= limit;
   }
-  if (bad_ptr) return "the index's row pointer must be non-decreasing";
+  if (bad_ptr) return "the index's row pointer must be non-decreasing, with at most one entry per position a row";
   if (bad_entry) return "the conv index holds a position outside the kernel";
   return nullptr;
 }
@@ -374,20 +373,20 @@ bool forward_shifted(const ConvShape& s) {
 
 // Operand offsets of the kept positions k = c_local * taps + tap of every run ticket, for output channel 0's group
 // (others add group * (C / groups) channel strides): lut[t][k].
-std::vector<std::vector<int32_t>> forward_luts(const ConvShape& s, const ForwardLayout& f, const TicketImages& g,
+std::vector<std::vector<int64_t>> forward_luts(const ConvShape& s, const ForwardLayout& f, const TicketImages& g,
                                                const std::vector<int64_t>& run, const Operand& op) {
   const int64_t taps = s.kernel_h * s.kernel_w, in_per_group = s.channels / s.groups;
-  std::vector<std::vector<int32_t>> lut(g.num_tickets);
+  std::vector<std::vector<int64_t>> lut(g.num_tickets);
   for (int64_t t : run) {
     const int64_t n = op.in_place ? 1 : images_of(g, t);
     lut[t].resize(in_per_group * taps);
-    // offsets are 32-bit: check_offsets bounds every ticket's packed block
+    // 64-bit: a ticket's packed block passes 2^31 floats at realistic sizes (64 channels at 226x226, 657 images)
     for (int64_t cl = 0; cl < in_per_group; ++cl)
       for (int64_t tap = 0; tap < taps; ++tap)
-        lut[t][cl * taps + tap] = static_cast<int32_t>(
+        lut[t][cl * taps + tap] =
             op.in_place ? cl * op.strides.c
                         : ((cl * f.in.phases() + f.tap_plane[tap]) * f.in.hq + f.tap_row[tap]) * n * f.in.wq +
-                              f.tap_col[tap]);
+                              f.tap_col[tap];
   }
   return lut;
 }
@@ -395,16 +394,6 @@ std::vector<std::vector<int32_t>> forward_luts(const ConvShape& s, const Forward
 // Channel stride of the operand, in the units of the offsets of a ticket with n images.
 int64_t channel_stride(const Operand& op, const Packing& p, int64_t n) {
   return op.in_place ? op.strides.c : p.phases() * p.plane() * n;
-}
-
-const char* check_offsets(const Operand& op, const Packing& p, const TicketImages& g, const std::vector<int64_t>& run) {
-  if (op.in_place)
-    return op.strides.c * (p.channels - 1) + p.height * p.width > kMaxOffset
-               ? "the images are too large for 32-bit offsets"
-               : nullptr;
-  for (int64_t t : run)
-    if (p.per_image() * images_of(g, t) > kMaxOffset) return "a ticket's packed images are too large for 32-bit offsets";
-  return nullptr;
 }
 
 // ---- depthwise convs ------------------------------------------------------------------------------------------
@@ -658,7 +647,6 @@ const char* routed_conv2d_forward(const ConvShape& s, const TicketImages& g, con
   Operand probe;
   probe.in_place = direct;
   probe.strides = xs;
-  if (const char* bad = check_offsets(probe, f.in, g, run)) return bad;
   const int64_t out_per_group = s.out_channels / s.groups, in_per_group = s.channels / s.groups;
   const int64_t k_in = in_per_group * s.kernel_h * s.kernel_w;
   if (const char* bad = check_index(g, run, s.out_channels, csr_ptr, csr_idx, nnz, k_in)) return bad;
@@ -700,10 +688,6 @@ const char* routed_conv2d_grad_input(const ConvShape& s, const TicketImages& g, 
   const Packing p = bordered(s.out_channels, s.out_height, s.out_width, hm, wm,
                              hm + std::max(a_max + 2, s.out_height + 1), std::max(b_max + 1, wm + s.out_width));
   const bool direct = reads_in_place(s, dys, s.out_height, s.out_width);
-  Operand probe;
-  probe.in_place = direct;
-  probe.strides = dys;
-  if (const char* bad = check_offsets(probe, p, g, run)) return bad;
   const int64_t out_per_group = s.out_channels / s.groups, in_per_group = s.channels / s.groups;
   const int64_t taps = s.kernel_h * s.kernel_w, k_in = in_per_group * taps;
   const int64_t entries = out_per_group * taps;  // an entry is og * taps + tap, og the output within the group
@@ -711,7 +695,7 @@ const char* routed_conv2d_grad_input(const ConvShape& s, const TicketImages& g, 
   if (const char* bad = check_index(g, run, rows, in_ptr, in_idx, nnz, entries)) return bad;
 
   // per run ticket, the operand offset of each entry (output 0 of the group: groups add group_stride)
-  std::vector<std::vector<int32_t>> lut(g.num_tickets);
+  std::vector<std::vector<int64_t>> lut(g.num_tickets);
   std::vector<int64_t> group_stride(g.num_tickets, 0);
   for (int64_t t : run) {
     const int64_t n = direct ? 1 : images_of(g, t);
@@ -720,8 +704,7 @@ const char* routed_conv2d_grad_input(const ConvShape& s, const TicketImages& g, 
     for (int64_t og = 0; og < out_per_group; ++og)
       for (int64_t tap = 0; tap < taps; ++tap) {
         const int64_t rh = (tap / s.kernel_w) * s.dil_h, rw = (tap % s.kernel_w) * s.dil_w;
-        lut[t][og * taps + tap] = static_cast<int32_t>(
-            direct ? og * dys.c : ((og * p.hq + hm - rh / sh) * n) * p.wq + wm - rw / sw);
+        lut[t][og * taps + tap] = direct ? og * dys.c : ((og * p.hq + hm - rh / sh) * n) * p.wq + wm - rw / sw;
       }
   }
   // The weight by input channel, wt[c][og][tap]: an input channel's entries read it in order (reading w itself
@@ -779,7 +762,6 @@ const char* routed_conv2d_grad_weight(const ConvShape& s, const TicketImages& g,
   Operand probe;
   probe.in_place = direct;
   probe.strides = xs;
-  if (const char* bad = check_offsets(probe, f.in, g, run)) return bad;
   const int64_t out_per_group = s.out_channels / s.groups, in_per_group = s.channels / s.groups;
   const int64_t k_in = in_per_group * s.kernel_h * s.kernel_w;
   if (const char* bad = check_index(g, run, s.out_channels, csr_ptr, csr_idx, nnz, k_in)) return bad;

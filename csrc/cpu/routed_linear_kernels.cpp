@@ -79,7 +79,8 @@ void gather_values(const RoutedRows& r, int64_t n_out, const float* w, int64_t w
   const int64_t n_rows = r.num_tickets * n_out;
 #pragma omp parallel for num_threads(r.num_threads) schedule(static)
   for (int64_t row = 0; row < n_rows; ++row) {
-    if (!r.ticket_sparse[row / n_out]) continue;
+    const int64_t t = row / n_out;  // only tickets with rows here: the glue checked their index, no other
+    if (!r.ticket_sparse[t] || r.offsets[t] == r.offsets[t + 1]) continue;
     const float* w_o = w + (row % n_out) * w_out_stride;
     for (int64_t e = ptr[row]; e < ptr[row + 1]; ++e) vals[e] = w_o[static_cast<int64_t>(idx[e]) * w_in_stride];
   }

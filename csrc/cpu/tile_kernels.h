@@ -48,7 +48,7 @@ struct SpmmTile {
   // tile row xt + (o / rows_per_group) * group_stride + lut[k] (vals and xt_stride unused).
   const float* w = nullptr;
   int64_t w_stride = 0;
-  const int32_t* lut = nullptr;
+  const int64_t* lut = nullptr;
   int64_t rows_per_group = 1, group_stride = 0;
   // Prefetch the rows of entries a few ahead. The linear tiles (256 KB for a 1024-wide layer, streamed from L2)
   // gain; the conv's operand rows, re-read by every output of a tile, lose: 1.3x slower with it (3x3, C = 256,
@@ -67,7 +67,7 @@ struct SddmmRow {
   const int32_t* idx;
   int64_t e_begin, e_end;
   float* acc;            // per-entry accumulators, indexed like idx
-  const int32_t* lut = nullptr;  // not null: entry e's tile row is xt + lut[idx[e]] (xt_stride unused)
+  const int64_t* lut = nullptr;  // not null: entry e's tile row is xt + lut[idx[e]] (xt_stride unused)
 };
 
 // One (image, channel) plane of a depthwise conv: the kept taps of its ticket (weights, offsets in the bordered

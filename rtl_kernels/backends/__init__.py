@@ -1,12 +1,15 @@
 """Backend registry and choice.
 
-``RTL_BACKEND=auto|reference|cpu|triton|cuda`` sets the starting choice; :func:`set_backend` changes it (and works
-as a context manager that restores the previous choice). ``auto`` takes the fastest backend that can run on the
-tensors' device and dtype, and warns once when it has to fall back from the preferred one. An explicitly chosen
-backend that cannot run raises, listing every backend's reason.
+``RTL_BACKEND=auto|reference|cpu|triton|cuda`` sets the process default; :func:`set_default_backend` changes it.
+:func:`set_backend` makes a choice for the calling thread (its context: an asyncio task's, or a thread's) alone,
+as a call or as a context manager that restores the thread's previous choice; other threads keep theirs. The
+gradients of an op run on the backend chosen where its forward ran, whichever thread autograd runs them in.
+``auto`` takes the fastest backend that can run on the tensors' device and dtype, and warns once when it has to fall
+back from the preferred one. An explicitly chosen backend that cannot run raises, listing every backend's reason.
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
 import os
 import threading
@@ -34,7 +37,10 @@ def _validate_name(name: str) -> str:
     return name.lower()
 
 
-_current = [_validate_name(os.environ.get("RTL_BACKEND", "auto") or "auto")]
+_default = [_validate_name(os.environ.get("RTL_BACKEND", "auto") or "auto")]
+# The calling context's own choice (None: the process default). A ContextVar, not a global, so that a thread's
+# `with set_backend(...)` is invisible to the others and blocks that exit interleaved restore each their own.
+_choice: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("rtl_kernels_backend", default=None)
 
 
 def get_backend_module(name: str) -> Backend:
@@ -47,26 +53,40 @@ def get_backend_module(name: str) -> Backend:
 
 
 def get_backend() -> str:
-    """The current choice: 'auto' or a backend name."""
-    return _current[0]
+    """The calling thread's choice: 'auto' or a backend name (the process default unless the thread chose one)."""
+    choice = _choice.get()
+    return _default[0] if choice is None else choice
+
+
+def set_default_backend(name: str) -> None:
+    """Set the process default: the choice of every thread that has not made its own with :class:`set_backend`.
+
+    Args:
+        name: 'auto', 'reference', 'cpu', 'triton' or 'cuda'.
+    """
+    _default[0] = _validate_name(name)
 
 
 class set_backend:
-    """Choose the backend for every routed op: ``set_backend('cpu')`` or ``with set_backend('reference'): ...``.
+    """Choose the backend of every routed op in the calling thread: ``set_backend('cpu')`` or
+    ``with set_backend('reference'): ...`` (restores the thread's previous choice on exit). Other threads are not
+    affected; :func:`set_default_backend` sets the process-wide default.
 
     Args:
         name: 'auto', 'reference', 'cpu', 'triton' or 'cuda'.
     """
 
     def __init__(self, name: str):
-        self._previous = _current[0]
-        _current[0] = _validate_name(name)
+        self._token = _choice.set(_validate_name(name))
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        _current[0] = self._previous
+        try:
+            _choice.reset(self._token)
+        except ValueError:  # the block is left in another context than it was entered: clear this one's choice
+            _choice.set(None)
         return False
 
 
@@ -88,7 +108,7 @@ def available_backends(device="cpu", dtype: torch.dtype = torch.float32) -> List
 
 def select_backend(device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend that will run an op on tensors of that device and dtype."""
-    choice = _current[0]
+    choice = get_backend()
     if choice != "auto":
         backend = get_backend_module(choice)
         reason = backend.unavailable_reason(device, dtype)
@@ -123,3 +143,18 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> Backend:
             return backend
         skipped.append(f"{name} is unavailable ({reason})")
     raise RuntimeError(f"no rtl_kernels backend can run on {device} with {dtype}: {'; '.join(skipped)}")
+
+
+def register_autograd_on_forward_backend(op, backward, setup_context) -> None:
+    """``op.register_autograd`` with the backward run on the backend choice that was current when the forward ran
+    (autograd may run it in another thread, which has its own choice, or after the ``with`` block has closed)."""
+
+    def setup(ctx, inputs, output):
+        ctx.rtl_backend = get_backend()
+        setup_context(ctx, inputs, output)
+
+    def run_backward(ctx, *grads):
+        with set_backend(ctx.rtl_backend):
+            return backward(ctx, *grads)
+
+    op.register_autograd(run_backward, setup_context=setup)

@@ -20,6 +20,8 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
+from . import check_int32_columns
+
 
 @dataclass(frozen=True)
 class ConvIndex:
@@ -85,6 +87,7 @@ def _rows_index(rows: Tensor, indexed: Tensor) -> Tuple[Tensor, Tensor]:
     tickets only. Ticket by ticket: nonzero() makes int64 pairs, so the whole stack at once would hold 16 bytes per
     kept weight of every ticket (ResNet-18 at 90 %, T = 8: 140 MB) for the int32 index it leaves."""
     t, r = rows.shape[:2]
+    check_int32_columns("a conv mask", rows.shape[2])
     counts = torch.zeros(t, r, dtype=torch.int64)
     parts = []
     for i in range(t):
@@ -140,6 +143,7 @@ def input_gradient_index(index: ConvIndex, masks: Tensor, groups: int, stride: T
         return cached
     t, o, cg, kh, kw = masks.shape
     og, c, taps = o // groups, groups * cg, kh * kw
+    check_int32_columns("a conv mask's input-gradient index", og * taps)
     phase = tap_phases((kh, kw), stride, dilation)
     n_phases = stride[0] * stride[1]
     per_phase = [torch.nonzero(phase == p).flatten() for p in range(n_phases)]

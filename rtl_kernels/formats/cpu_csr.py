@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import check_int32_columns
 from .conv_index import count_kept, ticket_twins
 
 # Inputs per chunk of the chunked walk of the kernels (csrc/cpu reads the chunk pointers, whatever their size):
@@ -55,6 +56,7 @@ def _index(masks: Tensor, indexed: Tensor):
     indexed tickets of (T, rows, cols) bool masks (the others get empty rows), C = ceil(cols / CHUNK). Ticket by
     ticket, so that nonzero()'s int64 rows and the padded copy stay the size of one ticket."""
     t, rows, cols = masks.shape
+    check_int32_columns("a linear mask", cols)
     n_chunks = max(1, -(-cols // CHUNK))
     per_chunk = torch.zeros(t, rows * n_chunks, dtype=torch.int64)
     parts = []
