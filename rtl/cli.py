@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -104,6 +103,7 @@ def _cmd_run(args) -> int:
     from . import prune
     from .experiments import EXPERIMENTS, build_task
     from .experiments.protocol import STATE_VERSION, RunStateError, run_protocol
+    from .experiments.run_lock import RunLockedError
     from .experiments.report import write_report
 
     if args.experiment not in EXPERIMENTS:
@@ -158,7 +158,7 @@ def _cmd_run(args) -> int:
     try:
         run_protocol(task, out, args.sparsities, args.seed, config, resume=args.resume is not None,
                      backend=backend, progress=not args.no_progress, device=args.device)
-    except RunStateError as exc:
+    except (RunStateError, RunLockedError) as exc:
         print(f"rtl: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -178,8 +178,11 @@ def _cmd_report(args) -> int:
         return 2
     try:
         print(write_report(args.run_dir))
-    except (ValueError, KeyError, json.JSONDecodeError) as exc:
-        print(f"rtl: cannot report {args.run_dir}: {exc}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"rtl: cannot report {args.run_dir} ({type(exc).__name__}: {detail}): its config.json or metrics.json "
+              f"is damaged or not rtl's; `rtl run EXPERIMENT ... --resume {args.run_dir}` rebuilds metrics.json "
+              f"from the saved stages", file=sys.stderr)
         return 2
     return 0
 

@@ -33,11 +33,16 @@ from .prune import (
     _ticket_scores,
 )
 
-__all__ = ["IMP"]
+__all__ = ["IMP", "CheckpointError"]
 
 _FORMAT = "rtl.imp"
 _VERSION = 1
 CHECKPOINT_NAME = "imp_checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """An IMP checkpoint that cannot be resumed: unreadable, not IMP's, another version, model or settings.
+    The file is left as it is."""
 
 
 def _is_mask(name: str) -> bool:
@@ -302,12 +307,17 @@ class IMP:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"cannot read the IMP checkpoint {path!r}: {exc}") from exc
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"cannot read the IMP checkpoint {path!r}: {first}") from exc
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ValueError(f"{path!r} is not an rtl IMP checkpoint")
+            raise CheckpointError(f"{path!r} is not an rtl IMP checkpoint")
         if payload.get("version") != _VERSION:
-            raise ValueError(f"IMP checkpoint {path!r} has version {payload.get('version')!r}, this rtl reads "
-                             f"version {_VERSION}")
+            raise CheckpointError(f"IMP checkpoint {path!r} has version {payload.get('version')!r}, this rtl reads "
+                                  f"version {_VERSION}")
+        missing = [k for k in ("config", "theta0", "rewind_point", "masks", "round", "log", "stopped", "rng")
+                   if k not in payload]
+        if missing:
+            raise CheckpointError(f"the IMP checkpoint {path!r} lacks {', '.join(missing)}: remove it to redo the run")
         saved, current = payload["config"], self.config()
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if diff:
@@ -316,8 +326,8 @@ class IMP:
             shapes = [k for k in diff if k in ("state", "prunable")]
             if shapes:
                 detail = "; ".join(filter(None, [detail, f"the model's {' and '.join(shapes)} shapes differ"]))
-            raise ValueError(f"the IMP checkpoint {path!r} was written for another model or settings ({detail}); "
-                             f"remove it or pass another checkpoint_dir")
+            raise CheckpointError(f"the IMP checkpoint {path!r} was written for another model or settings "
+                                  f"({detail}); remove it or pass another checkpoint_dir")
         device_of = dict(_snapshot_meta(self.model))
         self.theta0 = {k: v.to(device_of[k].device) for k, v in payload["theta0"].items()}
         if payload["rewind_point"] is None:

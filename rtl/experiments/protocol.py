@@ -32,8 +32,10 @@ import rtl_kernels
 from .. import diagnostics, metrics as rtl_metrics
 from ..convert import convert_
 from ..optim import TicketMaskedOptimizer
+from ..imp import CheckpointError
 from ..prune import IMP
 from ..routing import RoutedModel, use_route
+from .run_lock import RunLock
 from .tasks import Task, parse_granularity
 
 STATE_VERSION = 1
@@ -68,6 +70,12 @@ def _atomic_json(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message on one line (torch's unpickling errors span several)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class StageStore:
     """Finished stages of one run on disk; refuses a directory made by another configuration."""
 
@@ -81,8 +89,12 @@ class StageStore:
             try:
                 with open(cfg_path) as fh:
                     saved = json.load(fh)
-            except (OSError, json.JSONDecodeError) as exc:
-                raise RunStateError(f"{cfg_path} is unreadable ({exc}); refusing to resume") from exc
+            except (OSError, ValueError) as exc:
+                raise RunStateError(f"{cfg_path} is unreadable ({exc}); refusing to resume: restore it, or start "
+                                    f"the run again in another --out") from exc
+            if not isinstance(saved, dict):
+                raise RunStateError(f"{cfg_path} is not an rtl run configuration; refusing to resume: restore it, "
+                                    f"or start the run again in another --out")
             keys = ("experiment", "seed", "sparsities", "quick", "overrides", "state_version")
             diff = {k: (saved.get(k), config.get(k)) for k in keys if saved.get(k) != config.get(k)}
             if diff:
@@ -105,9 +117,11 @@ class StageStore:
         try:
             blob = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as exc:  # a truncated or foreign file: refuse, never overwrite silently
-            raise RunStateError(f"checkpoint {path} is corrupt or not an rtl checkpoint ({exc})") from exc
+            raise RunStateError(f"checkpoint {path} is corrupt or not an rtl checkpoint ({_first_line(exc)}): "
+                                f"delete it to compute that stage again") from exc
         if not isinstance(blob, dict) or blob.get("rtl_stage") != stage or blob.get("version") != STATE_VERSION:
-            raise RunStateError(f"checkpoint {path} is not this run's stage {stage!r}")
+            raise RunStateError(f"checkpoint {path} is not this run's stage {stage!r}: delete it to compute that "
+                                f"stage again")
         return blob["data"]
 
     def save(self, stage: str, data) -> None:
@@ -255,7 +269,11 @@ def extract_masks(task: Task, model: nn.Module, sparsities: Sequence[float],
             ckpt = None if checkpoint_dir is None else os.path.join(checkpoint_dir, key)
             imp = IMP(model, make_train_fn(target), target, amount=task.settings.prune_fraction, checkpoint_dir=ckpt,
                       granularity=parse_granularity(task.settings.granularity), progress=progress)
-            imp.run()
+            try:
+                imp.run()
+            except CheckpointError as exc:
+                raise RunStateError(f"{exc}. Delete that file to redo the rounds of sparsity {key} from their "
+                                    f"start (the finished stages are kept)") from exc
             log += [dict(entry, target=target) for entry in imp.log]
         snapshots[key] = _masks_of(model)
     return {"masks": snapshots, "log": log}
@@ -376,9 +394,24 @@ def run_protocol(task: Task, out_dir: str, sparsities: Sequence[float], seed: in
         progress: show progress bars.
         log: where one-line progress messages go.
 
+    Raises:
+        RunStateError: ``out_dir`` cannot be resumed, or holds a run when ``resume`` is False.
+        RunLockedError: another process is running in ``out_dir``.
+
     Returns:
         The metrics dictionary.
     """
+    lock = None
+    if not resume or os.path.isfile(os.path.join(out_dir, "config.json")):
+        lock = RunLock(out_dir)  # held until the metrics are written; a killed run's lock dies with it
+    try:
+        return _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, progress, device, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, progress, device, log) -> Dict:
     store = StageStore(out_dir, config, resume)
     sparsities = sorted(float(s) for s in sparsities)
     s_keys = [f"{s:g}" for s in sparsities]
