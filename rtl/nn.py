@@ -11,6 +11,7 @@ A layer gets its route either as ``layer(x, route)`` or, for a whole model, from
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -29,11 +30,13 @@ __all__ = [
 
 
 class _RouteState:
-    """The route of one call, shared by every routed layer of a model; groupings are made once per row count."""
+    """The route of one call, shared by every routed layer of a model; groupings are made once per row count.
+    ``names`` maps id(layer) to its name in the model, for errors."""
 
-    def __init__(self, route: Tensor, num_tickets: int) -> None:
+    def __init__(self, route: Tensor, num_tickets: int, names: Optional[Dict[int, str]] = None) -> None:
         self.route = route
         self.num_tickets = num_tickets
+        self.names = names or {}
         self._groupings: Dict[int, Tuple[Tensor, rtl_kernels.TicketGrouping]] = {}
 
     def for_rows(self, rows: int) -> Tuple[Tensor, rtl_kernels.TicketGrouping]:
@@ -109,10 +112,21 @@ class RoutedSparseModule:
         masks = torch.ones((num_tickets,) + tuple(self.weight.shape), dtype=torch.bool, device=self.weight.device)
         self.register_buffer("weight_masks", masks)
         self._route_state: Optional[_RouteState] = None
+        self._rtl_in_call = False  # inside its own forward while routed: reading the weight is allowed there
 
     @property
     def num_tickets(self) -> int:
         return self.weight_masks.shape[0]
+
+    def __getattr__(self, name: str):
+        value = nn.Module.__getattr__(self, name)
+        # A model that reads a routed layer's weight itself (a functional call on `layer.weight`, as torchvision's
+        # Swin attention does with its qkv and proj) would use it unmasked while the route is attached: refuse.
+        if name == "weight":
+            state = self.__dict__.get("_route_state")
+            if state is not None and not self.__dict__.get("_rtl_in_call") and not torch.compiler.is_compiling():
+                raise RuntimeError(_direct_read_message(state.names.get(id(self)), type(self).__name__))
+        return value
 
     def _keeps_everything(self) -> bool:
         """Whether every ticket keeps every weight, checked once per mask version: the layer is then the torch layer
@@ -249,13 +263,40 @@ class RoutedSparseModule:
         return f"num_tickets={self.num_tickets}, density=[{dens}{more}]"
 
 
+def _direct_read_message(name: Optional[str], kind: str) -> str:
+    label = f"layer {name!r} ({kind})" if name else f"a {kind}"
+    keep = f"filter_fn=lambda name, m: name != {name!r}" if name else "a filter_fn that excludes it"
+    return (
+        f"{label} had its weight read outside its own forward during a routed call: the model uses that weight "
+        f"through a functional, which would run it unmasked, so the routed output would not be the tickets'. Leave "
+        f"the layer dense when converting: rtl.convert_(model, num_tickets, {keep}). Code that only inspects the "
+        f"weight (a regulariser, logging) can read it outside the routed call or through named_parameters()."
+    )
+
+
+def _own_call(forward):
+    """Mark a routed layer's forward as the place where its weight may be read while a route is attached."""
+
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        if self.__dict__.get("_route_state") is None:
+            return forward(self, *args, **kwargs)
+        self.__dict__["_rtl_in_call"] = True
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            self.__dict__["_rtl_in_call"] = False
+
+    return wrapped
+
+
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 def _copy_layer_attributes(src: nn.Module, dst: nn.Module) -> None:
     """Copy a layer's configuration (in_features, stride, padding_mode...) but not its tensors or hooks."""
     for key, value in vars(src).items():
-        if key in _MODULE_INTERNALS or key in ("weight", "bias", "weight_masks", "_route_state"):
+        if key in _MODULE_INTERNALS or key in ("weight", "bias", "weight_masks", "_route_state", "_rtl_in_call"):
             continue
         if isinstance(value, Tensor):
             continue
@@ -299,6 +340,7 @@ class RoutedSparseLinear(RoutedSparseModule, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_masks(num_tickets)
 
+    @_own_call
     def forward(self, x: Tensor, route: Optional[Tensor] = None) -> Tensor:
         """x (*, in_features), route (B,) or None (the model's route) -> (*, out_features)."""
         _check_masks_dtype(self.weight_masks)
@@ -346,6 +388,7 @@ class RoutedSparseConv2d(RoutedSparseModule, nn.Conv2d):
                            dtype=dtype)
         self._init_masks(num_tickets)
 
+    @_own_call
     def forward(self, x: Tensor, route: Optional[Tensor] = None) -> Tensor:
         """x (B, C, H, W), route (B,) or None (the model's route) -> (B, O, Ho, Wo)."""
         _check_masks_dtype(self.weight_masks)
@@ -398,6 +441,7 @@ class RoutedSparseConvTranspose2d(RoutedSparseModule, nn.ConvTranspose2d):
                                     padding_mode=padding_mode, device=device, dtype=dtype)
         self._init_masks(num_tickets)
 
+    @_own_call
     def forward(self, x: Tensor, route: Optional[Tensor] = None, output_size=None) -> Tensor:
         """x (B, C_in, H, W), route (B,) or None, output_size as nn.ConvTranspose2d -> (B, C_out, Ho, Wo)."""
         _check_masks_dtype(self.weight_masks)

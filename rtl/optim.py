@@ -261,7 +261,7 @@ class TicketMaskedOptimizer(torch.optim.Optimizer):
             presence = torch.ones(num_layers, num_tickets, dtype=torch.bool)
         if self.sync_tickets and _dist_ready() and dist.get_world_size() > 1:
             # The gradients are all-reduced, so every process must allow every ticket any process used.
-            device = self._layers[0].weight.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            device = self._layers[0].weight_masks.device if dist.get_backend() == "nccl" else torch.device("cpu")
             merged = presence.to(device=device, dtype=torch.int32)
             dist.all_reduce(merged, op=dist.ReduceOp.MAX)
             presence = merged.bool()

@@ -1,7 +1,9 @@
 """Routing a whole model: one route (a ticket per sample) handed to every routed layer for one call.
 
 No hooks and no in-place weight masking: the route is attached to the routed layers for the length of the call
-and removed afterwards (also when the call raises), and every layer applies its own masks on the fly.
+and removed afterwards (also when the call raises), and every layer applies its own masks on the fly. While it is
+attached, reading a routed layer's ``weight`` anywhere but in its own forward raises: a model that did so (a
+functional on ``layer.weight``) would use the weight unmasked and silently differ from its tickets.
 """
 from __future__ import annotations
 
@@ -43,14 +45,15 @@ def use_route(model: nn.Module, route, batch: Optional[int] = None) -> Iterator[
         >>> with rtl.use_route(model, torch.tensor([0, 3, 1])):
         ...     logits = model(x)
     """
-    layers: List[RoutedSparseModule] = [m for _, m in routed_modules(model)]
+    named = list(routed_modules(model))
+    layers: List[RoutedSparseModule] = [m for _, m in named]
     num_tickets = model_num_tickets(model)
-    device = layers[0].weight.device
+    device = layers[0].weight_masks.device
     route = check_route(route, num_tickets, batch=batch, device=device)
     busy = [m for m in layers if m._route_state is not None]
     if busy:
         raise RuntimeError("the model is already being routed (nested use_route on the same layers)")
-    state = _RouteState(route, num_tickets)
+    state = _RouteState(route, num_tickets, names={id(m): name for name, m in named})
     for m in layers:
         m._route_state = state
     try:
