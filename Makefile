@@ -8,12 +8,12 @@ CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 PYTEST_ARGS ?= -q -ra
 
-.PHONY: test install venv bench info clean demo
+.PHONY: test install venv bench info clean demo sanitize
 
 $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(VPY) -m pip install -q pytest ninja setuptools wheel numpy scikit-learn scikit-image matplotlib tqdm pytest-benchmark
+	$(VPY) -m pip install -q pytest ninja setuptools wheel numpy scikit-learn scikit-image matplotlib tqdm pytest-benchmark hypothesis
 	touch $@
 
 venv: $(VENV)/.deps-installed
@@ -31,6 +31,11 @@ info: install
 test: install
 	$(VPY) -m rtl_kernels.info
 	$(VPY) -m pytest tests $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+# The sanitizer lane: the CPU extension rebuilt with AddressSanitizer + UndefinedBehaviorSanitizer (in
+# build/sanitize, the regular build untouched), then the rtl_kernels and property-based tests against it.
+sanitize: install
+	PY=$(abspath $(VPY)) tools/sanitizer_lane.sh
 
 # The README's first command: a real Routing-the-Lottery run on the default experiment with the quick budget.
 # The CUDA extension is not needed for it (CPU run), so it is not compiled here unless asked for

@@ -6,6 +6,8 @@
 Environment:
     RTL_BUILD_CPU=auto|0|1   (auto: build, and fall back to pure Python if it fails; 1: a failure is an error)
     RTL_BUILD_CUDA=auto|0|1  (auto: build when torch has CUDA and CUDA_HOME is set; 1: required)
+    RTL_SANITIZE=1           (the CPU extension with AddressSanitizer and UndefinedBehaviorSanitizer, for
+                              tools/sanitizer_lane.sh; such a build needs libasan preloaded to import)
     TORCH_CUDA_ARCH_LIST     (default "9.0": Hopper, the GPUs rtl is measured on)
     MAX_JOBS                 (ninja parallelism)
 
@@ -37,6 +39,11 @@ def _extensions():
 
     exts, required = [], set()
     cpu_flag = _flag("RTL_BUILD_CPU")
+    cxx_flags, link_flags = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=fast", "-Wno-psabi"], ["-fopenmp"]
+    if os.environ.get("RTL_SANITIZE") == "1":
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        cxx_flags = ["-O1", "-g"] + cxx_flags[1:] + sanitize
+        link_flags = link_flags + sanitize
     if cpu_flag != "0":
         exts.append(
             cpp_extension.CppExtension(
@@ -47,8 +54,8 @@ def _extensions():
                     "csrc/cpu/routed_linear_kernels.cpp",
                     "csrc/cpu/routed_conv_kernels.cpp",
                 ],
-                extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=fast", "-Wno-psabi"]},
-                extra_link_args=["-fopenmp"],
+                extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link_flags,
             )
         )
         if cpu_flag == "1":
