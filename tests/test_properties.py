@@ -21,6 +21,10 @@ from rtl_kernels import _extension  # noqa: E402
 
 HAS_CPU_EXT = _extension.load("_C")[0] is not None
 BACKENDS = ["reference"] + (["cpu"] if HAS_CPU_EXT else [])
+# Triton runs here under its interpreter (tests/conftest.py sets TRITON_INTERPRET on machines without a GPU): fewer
+# examples, as each call is interpreted.
+HAS_TRITON = "triton" in rk.available_backends("cpu")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable here")
 _SCALE = int(os.environ.get("RTL_HYPOTHESIS_EXAMPLES", "100")) / 100
 
 
@@ -85,6 +89,17 @@ def _close(got, want, scale_of, tol):
 @_settings(150)
 @given(data=st.data())
 def test_linear_forward_and_gradients_match_float64(backend, data):
+    _linear_case(backend, data)
+
+
+@needs_triton
+@_settings(25)
+@given(data=st.data())
+def test_linear_on_triton_matches_float64(data):
+    _linear_case("triton", data)
+
+
+def _linear_case(backend, data):
     batch = data.draw(st.integers(0, 40), label="B")
     n, k = data.draw(st.integers(1, 24), label="N"), data.draw(st.integers(1, 24), label="K")
     tickets = data.draw(st.sampled_from([1, 2, 3, 7, 16, 64]), label="T")
@@ -142,6 +157,18 @@ def conv_geometry(draw):
 @_settings(100)
 @given(data=st.data())
 def test_conv_forward_and_gradients_match_float64(backend, transposed, data):
+    _conv_case(backend, transposed, data)
+
+
+@needs_triton
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+@_settings(15)
+@given(data=st.data())
+def test_conv_on_triton_matches_float64(transposed, data):
+    _conv_case("triton", transposed, data)
+
+
+def _conv_case(backend, transposed, data):
     geo = data.draw(conv_geometry(), label="geometry")
     batch = data.draw(st.integers(0, 6), label="B")
     tickets = data.draw(st.sampled_from([1, 2, 3, 9]), label="T")
