@@ -8,12 +8,14 @@ CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 PYTEST_ARGS ?= -q -ra
 
-.PHONY: test install venv bench info clean demo sanitize
+.PHONY: test install venv bench info clean demo sanitize lint format
 
-$(VENV)/.deps-installed:
-	$(PYTHON) -m venv $(VENV)
+# torch is pinned here (the build this machine's disk holds); every other dependency is declared in pyproject.toml
+# and installed with the package (extras method, test and lint).
+$(VENV)/.deps-installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(VPY) -m pip install -q pytest ninja setuptools wheel numpy scikit-learn scikit-image matplotlib tqdm pytest-benchmark hypothesis
+	$(VPY) -m pip install -q "setuptools>=64" wheel ninja
 	touch $@
 
 venv: $(VENV)/.deps-installed
@@ -22,10 +24,22 @@ venv: $(VENV)/.deps-installed
 # package as editable without building again.
 install: venv
 	$(VPY) setup.py -q build_ext --inplace
-	RTL_BUILD_CPU=0 RTL_BUILD_CUDA=0 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	RTL_BUILD_CPU=0 RTL_BUILD_CUDA=0 $(VPY) -m pip install -q --no-build-isolation -e ".[method,test,lint]"
 
 info: install
 	$(VPY) -m rtl_kernels.info
+
+# Linters (configured in pyproject.toml and .clang-format): `make lint` checks, `make format` rewrites.
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc')
+PY_SOURCES = rtl rtl_kernels bench tests tools setup.py
+lint: install
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: install
+	$(VENV)/bin/ruff format $(PY_SOURCES)
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 # pytest exits 5 when it collected no test: that is not a failure of the package.
 test: install

@@ -13,11 +13,12 @@ Environment:
 
 Install with ``pip install --no-build-isolation -e .``: the build needs the torch already installed.
 """
+
 import os
 import sys
 import warnings
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,9 +66,7 @@ def _extensions():
     cuda_home = cpp_extension.CUDA_HOME
     can_cuda = torch.version.cuda is not None and cuda_home is not None and os.path.exists(cuda_home)
     if cuda_flag == "1" and not can_cuda:
-        raise SystemExit(
-            f"RTL_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and CUDA_HOME={cuda_home!r}"
-        )
+        raise SystemExit(f"RTL_BUILD_CUDA=1 but torch.version.cuda={torch.version.cuda!r} and CUDA_HOME={cuda_home!r}")
     if cuda_flag != "0" and can_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         exts.append(
@@ -103,17 +102,5 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="rtl",
-    version="0.1.0",
-    description="Routing the Lottery: routed sparse tickets with real sparse kernels for PyTorch",
-    packages=find_packages(include=["rtl", "rtl.*", "rtl_kernels", "rtl_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
-    extras_require={"test": ["pytest"], "method": ["scikit-learn", "scikit-image", "tqdm", "matplotlib"]},
-    entry_points={"console_scripts": ["rtl = rtl.cli:main"]},
-    package_data={"rtl.data": ["*.json"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+# Metadata, dependencies and the version live in pyproject.toml; this file adds the compiled extensions.
+setup(ext_modules=ext_modules, cmdclass=cmdclass, zip_safe=False)

@@ -28,7 +28,7 @@ case: the routed function for routed providers, the dense one for B0, the one-ma
 the float64 check covers a subset of the images (at least one per ticket present; the row's ``err_images`` column and
 the table say how many).
 
-The cases are the layers of the paper's models at its batch sizes and ticket counts (docs/paper.md 1.5 and 3.1):
+The cases are the layers of the paper's models at its batch sizes and ticket counts (docs/paper_notes.md):
 GhostNet on 32x32 CIFAR at batch 320, T = 10; the speech U-Net at T = 3 (batch 4, the 626-frame input cut to 64
 frequency bins after the first conv so a run stays short); ResNet-style 3x3 convs at batch 32, T = 8. All masks are
 unstructured; the paper-scale cases at 50 % (regime A), the ResNet ones at 50 % and 90 % (regime B).
@@ -36,6 +36,7 @@ unstructured; the paper-scale cases at 50 % (regime A), the ResNet ones at 50 % 
 Results are appended to ``<results-dir>/conv2d_<cpu|cuda>.csv`` and the run's tables are written to
 ``<results-dir>/conv2d_<cpu|cuda>_<git rev>.md`` and printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -240,8 +241,8 @@ def _cpu_targets(base: str, sparsity: float) -> Tuple[Target, ...]:
 
 
 def _gpu_targets(base: str, sparsity: float) -> Tuple[Target, ...]:
-    """performance.md's GPU lines carried over to convs: the regime A shapes (GhostNet, U-Net) <= 1.2x B0 time and
-    >= 3x faster than B1 in both modes; unstructured 90 % (ResNet C = 256) no slower than B0."""
+    """The GPU targets of docs/benchmarks.md carried over to convs: the regime A shapes (GhostNet, U-Net) <= 1.2x
+    B0 time and >= 3x faster than B1 in both modes; unstructured 90 % (ResNet C = 256) no slower than B0."""
     if base.startswith(("ghost_", "unet_")):
         return tuple(t for m in MODES for t in (at_most(m, "B0", 1.2), faster(m, "B1", 3)))
     if base.startswith("resnet_c256_") and sparsity == 0.9:
@@ -526,6 +527,7 @@ def measure_case(
         "mask_structure": case.structure,
         "block_occupancy_64": inp.block_occupancy,
     }
+
     def timed(fn) -> Dict[str, object]:
         t = common.time_fn(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
         return dict(status="ok", median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, repeats=t.repeats)
@@ -551,7 +553,9 @@ def measure_case(
         extra={"err_images": err_images},
     )  # fmt: skip
     lin._add_ratios_and_targets(rows, case, quick=args.quick)
-    del inp, refs, providers, xg, wg, bg, grad_inputs
+    inp = refs = providers = xg = wg = bg = grad_inputs = (
+        None  # free this case's tensors now (the closures above hold them)
+    )
     rk.clear_layout_cache()  # the next case's masks are new tensors; drop this case's compiled layouts now
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -1,4 +1,4 @@
-"""Side-by-side speed of ``rtl_kernels.routed_masked_linear`` against the baselines of docs/performance.md.
+"""Side-by-side speed of ``rtl_kernels.routed_masked_linear`` against the baselines of docs/benchmarks.md.
 
 Usage::
 
@@ -30,6 +30,7 @@ one-mask one for B0m (B0 and B0m compute other functions; their column shows onl
 Results are appended to ``<results-dir>/linear_<cpu|cuda>.csv`` and the run's tables are written to
 ``<results-dir>/linear_<cpu|cuda>_<git rev>.md`` and printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,7 +71,7 @@ FIELDS = [
 # ------------------------------------------------------------------------------------------------------ the targets
 @dataclass(frozen=True)
 class Target:
-    """One line of performance.md's target tables: ours must beat ``against`` by ``min_ratio`` in ``mode``.
+    """One line of the target tables (docs/benchmarks.md): ours must beat ``against`` by ``min_ratio`` in ``mode``.
 
     The ratio is the baseline's median over ours (> 1: ours is faster), so "<= 1.1x B0 time" is min_ratio 1/1.1
     and "faster than B0" is min_ratio 1 with strict=True.
@@ -121,8 +122,8 @@ class Case:
 
 
 def cpu_cases() -> List[Case]:
-    """performance.md's CPU table (fp32). Repeats are set so the whole run stays well under 10 minutes on 2 cores:
-    the 2,048-row 1024x1024 cases cost tens to hundreds of ms a call per provider, the others a few ms."""
+    """The CPU targets (fp32, docs/benchmarks.md). Repeats are set so the whole run stays well under 10 minutes on 2
+    cores: the 2,048-row 1024x1024 cases cost tens to hundreds of ms a call per provider, the others a few ms."""
     f32 = torch.float32
     big = dict(rows=2048, n=1024, k=1024, tickets=8, block=None, dtype=f32, repeats=15)
     inr = dict(rows=65536, n=128, k=128, tickets=10, block=None, dtype=f32, repeats=20)
@@ -140,7 +141,7 @@ def cpu_cases() -> List[Case]:
 
 
 def gpu_cases() -> List[Case]:
-    """performance.md's GPU table, each shape in bf16 and fp32.
+    """The GPU targets (docs/benchmarks.md), each shape in bf16 and fp32.
 
     The GPU targets do not say forward only, so they are checked in both modes (the CPU ones say forward).
     """
@@ -215,7 +216,7 @@ def make_inputs(case: Case, device: torch.device) -> Inputs:
     weight = rand(N, K, scale=K**-0.5)  # fan-in scaling keeps outputs O(1), so absolute errors are comparable
     bias = rand(N, scale=0.1)
     grad_y = rand(B, N)
-    # Balanced route (B/T rows a ticket, as performance.md's "32 rows a ticket" assumes), rows shuffled.
+    # Balanced route (B/T rows a ticket, as the "32 rows a ticket" target assumes), rows shuffled.
     route = (torch.arange(B) % T)[torch.randperm(B, generator=g)].to(device)
     if case.block is None:
         masks = common.unstructured_masks(T, N, K, case.sparsity, seed=seed + 1, device=device)
@@ -400,6 +401,7 @@ def measure_case(
         "mask_structure": case.structure,
         "block_occupancy_64": inp.block_occupancy,
     }
+
     def timed(fn) -> Dict[str, object]:
         t = common.time_fn(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
         return dict(status="ok", median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, repeats=t.repeats)
@@ -424,7 +426,7 @@ def measure_case(
         forward_error=forward_error, fwd_step=fwd_step, fwd_bwd_step=fwd_bwd_step,
     )  # fmt: skip
     _add_ratios_and_targets(rows, case, quick=args.quick)
-    del inp, refs, providers, xg, wg, bg
+    inp = refs = providers = xg = wg = bg = None  # free this case's tensors now (the closures above hold them)
     rk.clear_layout_cache()  # the next case's masks are new tensors; drop this case's compiled layouts now
     if device.type == "cuda":
         torch.cuda.empty_cache()

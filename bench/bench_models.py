@@ -24,7 +24,7 @@ Modes:
   providers step through TicketMaskedOptimizer, whose exact masking (a snapshot and restore of the weights and Adam
   moments outside the active tickets) is part of what a correct routed training step costs, so it is timed too.
 
-The cases (docs/paper.md 1.5 and 3.1) are the paper's models and a torchvision one:
+The cases (docs/paper_notes.md) are the paper's models and a torchvision one:
 
 - ``ghostnet``: rtl.models.GhostNet(num_classes=10) at batch 320 on 32x32 inputs, T = 10, converted with its
   ``prunable_filter`` (every conv but the squeeze-and-excitation ones; BN, SE and the classifier dense);
@@ -52,6 +52,7 @@ samples, for B0 against the dense model. The train_step rows repeat the infer ro
 Results are appended to ``<out>/models_<cpu|cuda>.csv`` and the run's tables are written to
 ``<out>/models_<cpu|cuda>_<git rev>.md`` and printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -131,7 +132,7 @@ class Case:
     repeats: int
     err_samples: int  # samples the float64 error check covers (at least one per ticket)
     warmup: Optional[int] = None  # None: the run's default
-    targets: Tuple = field(default=())  # none: performance.md states targets per layer, not per model
+    targets: Tuple = field(default=())  # none: the model targets are read from the tables (docs/benchmarks.md)
 
     @property
     def structure(self) -> str:
@@ -337,9 +338,13 @@ def prune_tickets_(model: nn.Module, num_tickets: int, sparsity: float, granular
     if granularity[0] == "overlap":
         for name, m in layers:
             importance = overlapping_importance(m.weight.shape, num_tickets, sparsity, granularity[1], g)
-            rtl.prune.magnitude_prune_(model, sparsity, scope="layer",
-                                       importance={name: importance.to(m.weight_masks.device)},
-                                       filter_fn=lambda n, _m, name=name: n == name)
+            rtl.prune.magnitude_prune_(
+                model,
+                sparsity,
+                scope="layer",
+                importance={name: importance.to(m.weight_masks.device)},
+                filter_fn=lambda n, _m, name=name: n == name,
+            )
         return
     gran = granularity[0] if granularity[0] == "unstructured" else granularity
     for t in range(num_tickets):
@@ -363,8 +368,9 @@ def _mean_jaccard_of(mixing: float, sample: torch.Tensor, noise: torch.Tensor, k
     return float(((inter / union).sum() - t) / (t * (t - 1)))
 
 
-def overlapping_importance(shape, num_tickets: int, sparsity: float, jaccard: float,
-                           generator: torch.Generator) -> torch.Tensor:
+def overlapping_importance(
+    shape, num_tickets: int, sparsity: float, jaccard: float, generator: torch.Generator
+) -> torch.Tensor:
     """(T, *shape) importances whose top-(1 - sparsity) sets per ticket have about the given mean Jaccard.
 
     Each ticket ranks ``shared * (1 - a) + noise_t * a`` (uniform draws): a = 0 gives identical tickets, a = 1
@@ -819,7 +825,7 @@ def measure_case(
         r["backend"] = backend[r["provider"]]
         r["ref_max_abs"] = scale.get(r.get("err_reference"))
     lin._add_ratios_and_targets(rows, case, quick=args.quick)
-    del setup, refs, providers
+    setup = refs = providers = None  # free this case's tensors now (the closures above hold them)
     rk.clear_layout_cache()  # the next case's masks are new tensors; drop this case's compiled layouts now
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -999,21 +1005,24 @@ def memory_cases(cases: Sequence[Case], device: torch.device, args: argparse.Nam
     rows = []
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] memory of {case.name}", flush=True)
-        rows.append((case.name, {w: peak_memory.measure(case.name, w, args.quick, env_threads(env))
-                                 for w in ("dense", "ours")}))
-    text = "\n".join([
-        f"# peak memory of inference, dense against routed, {env['device_kind']}",
-        "",
-        f"- device: {env['device']}; threads: {env['threads']}; torch {env['torch']}; git {env['git_rev']}, "
-        f"{env['timestamp']}",
-        f"- command: `python bench/bench_models.py {' '.join(argv)}`",
-        "- each model in a fresh process: the case built with the timing runs' seeds, the other model dropped and "
-        "the set-up's freed memory returned, then the peak resident set (VmHWM, reset first) over 3 no_grad "
-        "calls. loaded: resident set before the calls (the process, torch, the model, its masks and inputs); "
-        "working: peak minus loaded. Ours compiles its mask layouts on the first call, inside the measurement.",
-        "",
-        peak_memory.memory_markdown(rows),
-    ])
+        rows.append(
+            (case.name, {w: peak_memory.measure(case.name, w, args.quick, env_threads(env)) for w in ("dense", "ours")})
+        )
+    text = "\n".join(
+        [
+            f"# peak memory of inference, dense against routed, {env['device_kind']}",
+            "",
+            f"- device: {env['device']}; threads: {env['threads']}; torch {env['torch']}; git {env['git_rev']}, "
+            f"{env['timestamp']}",
+            f"- command: `python bench/bench_models.py {' '.join(argv)}`",
+            "- each model in a fresh process: the case built with the timing runs' seeds, the other model dropped and "
+            "the set-up's freed memory returned, then the peak resident set (VmHWM, reset first) over 3 no_grad "
+            "calls. loaded: resident set before the calls (the process, torch, the model, its masks and inputs); "
+            "working: peak minus loaded. Ours compiles its mask layouts on the first call, inside the measurement.",
+            "",
+            peak_memory.memory_markdown(rows),
+        ]
+    )
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(text, encoding="utf-8")
     print(text)
@@ -1067,13 +1076,14 @@ def profile_cases(cases: Sequence[Case], device: torch.device, args: argparse.Na
                 return wrapper(setup.x, setup.route)
 
         rows, totals = layer_profile.profile_inference(dense, routed, run_dense, run_routed, repeats, warmup)
-        text = layer_profile.profile_markdown(f"{case.name}: {_model_text(case)}, T={case.tickets}, "
-                                              f"{case.structure} {case.sparsity:.0%}", rows, totals)
+        text = layer_profile.profile_markdown(
+            f"{case.name}: {_model_text(case)}, T={case.tickets}, {case.structure} {case.sparsity:.0%}", rows, totals
+        )
         print(text, flush=True)
         parts += ["", text]
         md_path.parent.mkdir(parents=True, exist_ok=True)
         md_path.write_text("\n".join(parts) + "\n", encoding="utf-8")
-        del setup, dense, routed, wrapper
+        setup = dense = routed = wrapper = None  # free this case's tensors now (the closures above hold them)
         rk.clear_layout_cache()
     print(f"wrote {md_path}", flush=True)
     return 0

@@ -5,7 +5,7 @@ What lives here and why:
 - :func:`time_fn`: warm-up, then N individually timed calls; reports the median (robust to the odd slow call on a
   shared 2-core machine) and p10/p90 (the spread, so a reader can tell a real gap from noise). On CUDA each call
   is bracketed by events and synchronised, so the figure is device time, not launch time.
-- :func:`environment`: everything performance.md asks to report next to a figure (device, versions, threads, git
+- :func:`environment`: everything docs/benchmarks.md reports next to a figure (device, versions, threads, git
   revision), gathered once per run so every CSV row carries it.
 - mask makers: the two mask families the targets are stated for (unstructured, and bn x bk block-structured), with
   an exact number of kept weights (or blocks) per ticket so the nominal sparsity is the real one.
@@ -13,6 +13,7 @@ What lives here and why:
   device kind; old rows are never rewritten, and a header mismatch is caught before any time is spent measuring.
 - :func:`markdown_table`: plain GitHub tables, so results can be committed and read in review.
 """
+
 from __future__ import annotations
 
 import csv
@@ -167,9 +168,7 @@ def package_version(name: str) -> str:
 
 def _git(*args: str) -> Optional[str]:
     try:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20, check=True
-        )
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout
@@ -395,7 +394,6 @@ def error_text(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-
 def measure_providers(
     providers,
     base: Dict[str, object],
@@ -475,7 +473,7 @@ def add_run_arguments(ap, cases_help: str, warmup_help: str, default_results_dir
     )  # fmt: skip
     ap.add_argument(
         "--threads", type=int, default=None,
-        help="torch CPU threads (default: all cores as performance.md asks; --quick: 1, because a smoke run must\n"
+        help="torch CPU threads (default: all cores, as the targets assume; --quick: 1, because a smoke run must\n"
         "not take cores from someone timing, and oversubscribed threads make tiny ops wait on each other)",
     )  # fmt: skip
     ap.add_argument("--results-dir", type=Path, default=default_results_dir)
@@ -521,8 +519,9 @@ def error_notes(name: str, rows: Iterable[Optional[Mapping[str, object]]]) -> Li
     return [f"- {name} {r['mode']}: {r['status']}: {r['error']}" for r in rows if r is not None and r.get("error")]
 
 
-def case_table(title: str, headers: Sequence[str], table: Sequence[Sequence[str]], align: str,
-               notes: Sequence[str]) -> str:
+def case_table(
+    title: str, headers: Sequence[str], table: Sequence[Sequence[str]], align: str, notes: Sequence[str]
+) -> str:
     """A case's markdown: its title, the provider table, then each distinct failure note once."""
     text = title + "\n\n" + markdown_table(headers, table, align=align)
     if notes:
@@ -542,8 +541,17 @@ def _unused_path(path: Path) -> Path:
     return candidate
 
 
-def run_cases(bench: str, fields: Sequence[str], cases: Sequence, measure_case: Callable, markdown: Callable,
-              args, argv: Sequence[str], device: torch.device, note: str = "") -> int:
+def run_cases(
+    bench: str,
+    fields: Sequence[str],
+    cases: Sequence,
+    measure_case: Callable,
+    markdown: Callable,
+    args,
+    argv: Sequence[str],
+    device: torch.device,
+    note: str = "",
+) -> int:
     """Measure every case, appending its rows to ``<bench>_<device>.csv`` and rewriting the markdown as it goes.
 
     Rows are written case by case, so an interrupted run keeps what it measured. ``measure_case(case, device,

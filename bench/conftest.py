@@ -1,10 +1,10 @@
 """Set-up shared by the pytest-benchmark suites under bench/ (test_speed_ops.py, test_speed_models.py).
 
-Run them with ``pytest bench/ --benchmark-only`` (they are not part of ``make test``: pytest.ini collects only
-tests/). Every case is timed for three providers on the very same tensors: ``B0`` (dense torch, the unmasked
-weights), ``B1`` (the routed computation on rtl_kernels' ``reference`` backend, the naive per-ticket loop) and
-``ours`` (the routed computation on the ``auto`` backend). Each benchmark's ``group`` is its case and mode, so
-pytest-benchmark's table puts the three providers of one case side by side.
+Run them with ``pytest bench/ --benchmark-only`` (they are not part of ``make test``: the pytest settings in
+pyproject.toml collect only tests/). Every case is timed for three providers on the very same tensors: ``B0`` (dense
+torch, the unmasked weights), ``B1`` (the routed computation on rtl_kernels' ``reference`` backend, the naive
+per-ticket loop) and ``ours`` (the routed computation on the ``auto`` backend). Each benchmark's ``group`` is its
+case and mode, so pytest-benchmark's table puts the three providers of one case side by side.
 
 What lives here:
 
@@ -17,6 +17,7 @@ What lives here:
   benchmark's ``extra_info`` (``ratio_vs_B0``, ``ratio_vs_B1``) when ``--benchmark-json`` / ``--benchmark-save``
   writes a JSON file. The ratios are the baseline's median over the provider's (> 1: faster than the baseline).
 """
+
 from __future__ import annotations
 
 import contextlib

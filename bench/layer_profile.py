@@ -7,6 +7,7 @@ same layer of the same architecture, timed by the same hooks in the same interle
 layer's share of the routed model's time. The rows after the layers give what the hooks saw in total and what the
 models took end to end, so the time outside the routed layers (batch norms, activations, routing) can be read.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -14,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-import torch
 from torch import nn
 
 import rtl
@@ -80,7 +80,7 @@ def _paths_of_one_call(routed: nn.Module, call: Callable[[], object], names: Lis
         seen = [0]
 
         def done(name: str) -> None:
-            new = calls[seen[0]:]
+            new = calls[seen[0] :]
             seen[0] = len(calls)
             if new:
                 c = new[-1]
@@ -98,9 +98,14 @@ def _paths_of_one_call(routed: nn.Module, call: Callable[[], object], names: Lis
     return paths
 
 
-def profile_inference(dense: nn.Module, routed: nn.Module, run_dense: Callable[[], object],
-                      run_routed: Callable[[], object], repeats: int = 7,
-                      warmup: int = 2) -> Tuple[List[LayerTime], Dict[str, float]]:
+def profile_inference(
+    dense: nn.Module,
+    routed: nn.Module,
+    run_dense: Callable[[], object],
+    run_routed: Callable[[], object],
+    repeats: int = 7,
+    warmup: int = 2,
+) -> Tuple[List[LayerTime], Dict[str, float]]:
     """Per-layer inference times of a routed model and of the same model dense, interleaved.
 
     Args:
@@ -136,8 +141,13 @@ def profile_inference(dense: nn.Module, routed: nn.Module, run_dense: Callable[[
         dense_clock.remove()
     modules = dict(routed.named_modules())
     rows = [
-        LayerTime(n, tuple(modules[n].weight.shape), paths[n], statistics.median(ours_clock.times[n]) * 1e3,
-                  statistics.median(dense_clock.times[n]) * 1e3)
+        LayerTime(
+            n,
+            tuple(modules[n].weight.shape),
+            paths[n],
+            statistics.median(ours_clock.times[n]) * 1e3,
+            statistics.median(dense_clock.times[n]) * 1e3,
+        )
         for n in names
     ]
     totals = {
@@ -155,17 +165,26 @@ def profile_markdown(title: str, rows: List[LayerTime], totals: Dict[str, float]
     Example:
         >>> print(profile_markdown("resnet18_u90", rows, totals))
     """
-    lines = [f"### {title}", "",
-             "| layer | weight | path | ours ms | dense ms | dense / ours | share of ours |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| layer | weight | path | ours ms | dense ms | dense / ours | share of ours |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     model = totals["ours_model_ms"]
     for r in rows:
         shape = "x".join(str(d) for d in r.weight_shape)
-        lines.append(f"| {r.name} | {shape} | {r.path or '-'} | {r.ours_ms:.2f} | {r.dense_ms:.2f} | "
-                     f"{r.ratio:.2f}x | {r.ours_ms / model:.1%} |")
-    lines.append(f"| routed layers | | | {totals['ours_layers_ms']:.1f} | {totals['dense_layers_ms']:.1f} | "
-                 f"{totals['dense_layers_ms'] / totals['ours_layers_ms']:.2f}x | "
-                 f"{totals['ours_layers_ms'] / model:.1%} |")
-    lines.append(f"| whole model | | | {model:.1f} | {totals['dense_model_ms']:.1f} | "
-                 f"{totals['dense_model_ms'] / model:.2f}x | 100% |")
+        lines.append(
+            f"| {r.name} | {shape} | {r.path or '-'} | {r.ours_ms:.2f} | {r.dense_ms:.2f} | "
+            f"{r.ratio:.2f}x | {r.ours_ms / model:.1%} |"
+        )
+    lines.append(
+        f"| routed layers | | | {totals['ours_layers_ms']:.1f} | {totals['dense_layers_ms']:.1f} | "
+        f"{totals['dense_layers_ms'] / totals['ours_layers_ms']:.2f}x | "
+        f"{totals['ours_layers_ms'] / model:.1%} |"
+    )
+    lines.append(
+        f"| whole model | | | {model:.1f} | {totals['dense_model_ms']:.1f} | "
+        f"{totals['dense_model_ms'] / model:.2f}x | 100% |"
+    )
     return "\n".join(lines) + "\n"

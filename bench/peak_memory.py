@@ -8,6 +8,7 @@ peak. Reported per model: the resident set with the model and inputs
 loaded, the peak during inference, and their difference (the working memory of inference: activations, the routed
 model's layouts and buffers).
 """
+
 from __future__ import annotations
 
 import json
@@ -76,12 +77,19 @@ def measure(case_name: str, which: str, quick: bool, threads: int, calls: int = 
 
 def memory_markdown(rows) -> str:
     """rows: (case, {"dense": {...}, "ours": {...}}). One table: loaded, peak, working memory, ratios."""
-    lines = ["| case | dense loaded MB | dense peak MB | ours loaded MB | ours peak MB | peak ours / dense | "
-             "working MB dense / ours | working ours / dense |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| case | dense loaded MB | dense peak MB | ours loaded MB | ours peak MB | peak ours / dense | "
+        "working MB dense / ours | working ours / dense |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for case, m in rows:
         d, o = m["dense"], m["ours"]
         dw, ow = d["peak_mb"] - d["loaded_mb"], o["peak_mb"] - o["loaded_mb"]
-        lines.append(f"| {case} | {d['loaded_mb']:.0f} | {d['peak_mb']:.0f} | {o['loaded_mb']:.0f} | "
-                     f"{o['peak_mb']:.0f} | {o['peak_mb'] / d['peak_mb']:.2f}x | {dw:.0f} / {ow:.0f} | "
-                     f"{ow / dw:.2f}x |" if dw > 0 else f"| {case} | ... |")
+        lines.append(
+            f"| {case} | {d['loaded_mb']:.0f} | {d['peak_mb']:.0f} | {o['loaded_mb']:.0f} | "
+            f"{o['peak_mb']:.0f} | {o['peak_mb'] / d['peak_mb']:.2f}x | {dw:.0f} / {ow:.0f} | "
+            f"{ow / dw:.2f}x |"
+            if dw > 0
+            else f"| {case} | ... |"
+        )
     return "\n".join(lines) + "\n"

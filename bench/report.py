@@ -26,6 +26,7 @@ Written to the output folder (default: the results folder):
 
 The same CSV files always give the same files: nothing depends on the clock or the machine running the report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -421,8 +422,9 @@ def _provider_sort_key(provider: str) -> tuple:
 
 
 # -------------------------------------------------------------------------------------------------------- report
-def write_report(results_dir: Path, out_dir: Optional[Path] = None, all_runs: bool = False,
-                 include_quick: bool = False) -> Path:
+def write_report(
+    results_dir: Path, out_dir: Optional[Path] = None, all_runs: bool = False, include_quick: bool = False
+) -> Path:
     """Read the CSVs under ``results_dir``; write ``summary.md`` and the plots to ``out_dir``.
 
     Args:
@@ -473,7 +475,8 @@ def write_report(results_dir: Path, out_dir: Optional[Path] = None, all_runs: bo
         "(> 1: ours is faster). ms: median per call.",
         "",
         f"- sources: {', '.join(sorted({r['_file'] for r in rows}))}",
-        "- runs: " + ("every run, oldest first" if all_runs else "the latest run of each device and benchmark")
+        "- runs: "
+        + ("every run, oldest first" if all_runs else "the latest run of each device and benchmark")
         + ("" if include_quick else "; --quick runs (smoke shapes) left out")
         + (f" ({dropped_quick} of them)" if dropped_quick else ""),
     ]
@@ -512,8 +515,12 @@ def write_report(results_dir: Path, out_dir: Optional[Path] = None, all_runs: bo
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS_DIR,
-                    help="folder holding the benchmark CSVs (default: bench/results)")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS_DIR,
+        help="folder holding the benchmark CSVs (default: bench/results)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="where summary.md and plots/ go (default: --results)")
     ap.add_argument("--all-runs", action="store_true", help="every run, not only the latest per device and op")
     ap.add_argument("--include-quick", action="store_true", help="keep runs made with --quick (smoke shapes)")

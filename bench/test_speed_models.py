@@ -22,6 +22,7 @@ Cases (routes balanced and shuffled):
 - ``resnet18_u90``: torchvision's resnet18 (10 classes, classifier kept dense) at 64x64, batch 16, T = 8, 90 %;
   inference and a training step (skipped without torchvision).
 """
+
 from __future__ import annotations
 
 import copy
@@ -153,9 +154,7 @@ def _inputs(case: ModelCase, small: bool, device, make_masks, make_route) -> Mod
 PARAMS = [(case, mode, provider) for case in CASES for mode in case.modes for provider in PROVIDERS]
 
 
-@pytest.mark.parametrize(
-    "case,mode,provider", PARAMS, ids=[f"{c.name}-{m}-{p}" for c, m, p in PARAMS]
-)
+@pytest.mark.parametrize("case,mode,provider", PARAMS, ids=[f"{c.name}-{m}-{p}" for c, m, p in PARAMS])
 def test_model_speed(benchmark, speed, make_masks, make_route, case, mode, provider):
     """Time one provider of one model case in one mode; ours is first checked against B1."""
     inp = _inputs(case, speed.small, speed.device, make_masks, make_route)

@@ -14,12 +14,14 @@ called as a user calls them, with the route alone, so grouping the batch by tick
 
 Cases (masks: unstructured, an exact count per ticket; routes: balanced, shuffled):
 
-- ``linear_1024_u90`` / ``linear_1024_u50``: W 1024x1024, 2,048 rows, T = 8, 90 % and 50 % (performance.md regime B);
+- ``linear_1024_u90`` / ``linear_1024_u50``: W 1024x1024, 2,048 rows, T = 8, 90 % and 50 % (regime B,
+  docs/benchmarks.md);
 - ``linear_inr_u50``: the INR MLP's hidden layer, 128x128, 65,536 rows (a 256x256 image), T = 10, 50 % (regime A);
 - ``conv_ghost_dw3_u50``: GhostNet's cheap depthwise 3x3 (the most frequent depthwise layer, one per Ghost module;
   here B3's, 36 channels at 8x8), batch 320, T = 10, 50 %;
 - ``conv_resnet_c64_14_u90``: a ResNet 3x3 conv, C = 64 at 14x14, batch 32, T = 8, 90 %.
 """
+
 from __future__ import annotations
 
 import math
@@ -177,9 +179,7 @@ def _inputs(case, small: bool, device, make_masks, make_route) -> OpInputs:
 PARAMS = [(case, mode, provider) for case in CASES for mode in MODES for provider in PROVIDERS]
 
 
-@pytest.mark.parametrize(
-    "case,mode,provider", PARAMS, ids=[f"{c.name}-{m}-{p}" for c, m, p in PARAMS]
-)
+@pytest.mark.parametrize("case,mode,provider", PARAMS, ids=[f"{c.name}-{m}-{p}" for c, m, p in PARAMS])
 def test_op_speed(benchmark, speed, make_masks, make_route, case, mode, provider):
     """Time one provider of one op case in one mode; ours is first checked against B1."""
     inp = _inputs(case, speed.small, speed.device, make_masks, make_route)

@@ -176,8 +176,8 @@ void linear_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at:
 void check_images(const at::Tensor& t, const char* name, int64_t n, int64_t c, int64_t h, int64_t w) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4, name,
               " must be a 4-D float32 CPU tensor");
-  TORCH_CHECK(t.size(0) == n && t.size(1) == c && t.size(2) == h && t.size(3) == w, name, " must have shape (", n,
-              ", ", c, ", ", h, ", ", w, "), got ", t.sizes());
+  TORCH_CHECK(t.size(0) == n && t.size(1) == c && t.size(2) == h && t.size(3) == w, name, " must have shape (", n, ", ",
+              c, ", ", h, ", ", w, "), got ", t.sizes());
 }
 
 rtl_cpu::Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
@@ -190,8 +190,9 @@ void check_writable(const at::Tensor& t, const char* name) {
 rtl_cpu::ConvShape conv_shape(const at::Tensor& x, int64_t out_channels, at::IntArrayRef out_hw, at::IntArrayRef kernel,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups) {
-  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 &&
-                  out_hw.size() == 2, "kernel, stride, padding, dilation and the output size must be pairs");
+  TORCH_CHECK(
+      kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && out_hw.size() == 2,
+      "kernel, stride, padding, dilation and the output size must be pairs");
   TORCH_CHECK(kernel[0] >= 1 && kernel[1] >= 1 && stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 &&
                   padding[1] >= 0 && dilation[0] >= 1 && dilation[1] >= 1 && groups >= 1,
               "invalid conv geometry");
@@ -226,8 +227,9 @@ rtl_cpu::TicketImages ticket_images(const at::Tensor& perm, const at::Tensor& of
               "perm must be contiguous int64 with one entry per image");
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.dim() == 1,
               "offsets must be contiguous int64 (T + 1)");
-  TORCH_CHECK(computed.scalar_type() == at::kByte && computed.is_contiguous() && computed.numel() + 1 == offsets.numel(),
-              "computed must be uint8 (T)");
+  TORCH_CHECK(
+      computed.scalar_type() == at::kByte && computed.is_contiguous() && computed.numel() + 1 == offsets.numel(),
+      "computed must be uint8 (T)");
   rtl_cpu::TicketImages g;
   g.batch = batch;
   g.num_tickets = computed.numel();
@@ -257,16 +259,16 @@ void conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const c10::op
                     const at::Tensor& csr_ptr, const at::Tensor& csr_idx, at::IntArrayRef stride,
                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::Tensor& out) {
   TORCH_CHECK(x.dim() == 4 && out.dim() == 4 && weight.dim() == 4, "x, weight and out must be 4-D");
-  const auto s = conv_shape(x, weight.size(0), out.sizes().slice(2), weight.sizes().slice(2), stride, padding,
-                            dilation, groups);
+  const auto s =
+      conv_shape(x, weight.size(0), out.sizes().slice(2), weight.sizes().slice(2), stride, padding, dilation, groups);
   check_images(x, "x", x.size(0), s.channels, s.height, s.width);
   check_images(out, "out", x.size(0), s.out_channels, s.out_height, s.out_width);
   check_writable(out, "out");
   check_weight(weight, s);
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                    bias->numel() == s.out_channels, "bias must be a float32 CPU tensor of ", s.out_channels,
-                " entries");
+                    bias->numel() == s.out_channels,
+                "bias must be a float32 CPU tensor of ", s.out_channels, " entries");
   }
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const float* b = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
@@ -292,8 +294,7 @@ void conv2d_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const
   const auto g = ticket_images(perm, offsets, computed, dx.size(0));
   // depthwise convs (one input channel per group) read the forward's index; others the input-gradient index
   const bool depthwise = s.channels == s.groups;
-  check_conv_index(in_ptr, in_idx,
-                   g.num_tickets * (depthwise ? s.out_channels : s.stride_h * s.stride_w * s.channels));
+  check_conv_index(in_ptr, in_idx, g.num_tickets * (depthwise ? s.out_channels : s.stride_h * s.stride_w * s.channels));
   const char* error = rtl_cpu::routed_conv2d_grad_input(
       s, g, grad_y.data_ptr<float>(), strides_of(grad_y), weight.data_ptr<float>(), in_ptr.data_ptr<int64_t>(),
       in_idx.data_ptr<int32_t>(), in_idx.numel(), dx.data_ptr<float>(), strides_of(dx));
@@ -306,8 +307,8 @@ void conv2d_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at:
                         at::IntArrayRef dilation, int64_t groups, at::Tensor& dw) {
   TORCH_CHECK(grad_y.dim() == 4 && x.dim() == 4 && dw.dim() == 4, "grad_y, x and dw must be 4-D");
   check_f32(dw, "dw");
-  const auto s = conv_shape(x, dw.size(0), grad_y.sizes().slice(2), dw.sizes().slice(2), stride, padding, dilation,
-                            groups);
+  const auto s =
+      conv_shape(x, dw.size(0), grad_y.sizes().slice(2), dw.sizes().slice(2), stride, padding, dilation, groups);
   TORCH_CHECK(dw.size(1) == s.channels / s.groups, "dw must have shape (O, C / groups, kh, kw)");
   check_images(x, "x", x.size(0), s.channels, s.height, s.width);
   check_images(grad_y, "grad_y", x.size(0), s.out_channels, s.out_height, s.out_width);
@@ -324,21 +325,27 @@ std::string kernel_isa() { return rtl_cpu::kernel_isa(); }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rtl_kernels, m) {
-  m.def("_cpu_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor perm, Tensor offsets, "
-        "Tensor ticket_sparse, Tensor csr_ptr, Tensor csr_chunk_ptr, Tensor csr_idx, Tensor(a!) out) -> ()");
-  m.def("_cpu_linear_grad_input(Tensor grad_y, Tensor weight, Tensor perm, Tensor offsets, "
-        "Tensor ticket_sparse, Tensor csc_ptr, Tensor csc_chunk_ptr, Tensor csc_idx, Tensor(a!) out) -> ()");
-  m.def("_cpu_linear_grad_weight(Tensor grad_y, Tensor x, Tensor perm, Tensor offsets, "
-        "Tensor ticket_sparse, Tensor csr_ptr, Tensor csr_idx, Tensor(a!) out) -> ()");
-  m.def("_cpu_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, Tensor perm, Tensor offsets, Tensor computed, "
-        "Tensor csr_ptr, Tensor csr_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-        "Tensor(a!) out) -> ()");
-  m.def("_cpu_conv2d_grad_input(Tensor grad_y, Tensor weight, Tensor perm, Tensor offsets, Tensor computed, "
-        "Tensor in_ptr, Tensor in_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-        "Tensor(a!) dx) -> ()");
-  m.def("_cpu_conv2d_grad_weight(Tensor grad_y, Tensor x, Tensor perm, Tensor offsets, Tensor computed, "
-        "Tensor csr_ptr, Tensor csr_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-        "Tensor(a!) dw) -> ()");
+  m.def(
+      "_cpu_linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor perm, Tensor offsets, "
+      "Tensor ticket_sparse, Tensor csr_ptr, Tensor csr_chunk_ptr, Tensor csr_idx, Tensor(a!) out) -> ()");
+  m.def(
+      "_cpu_linear_grad_input(Tensor grad_y, Tensor weight, Tensor perm, Tensor offsets, "
+      "Tensor ticket_sparse, Tensor csc_ptr, Tensor csc_chunk_ptr, Tensor csc_idx, Tensor(a!) out) -> ()");
+  m.def(
+      "_cpu_linear_grad_weight(Tensor grad_y, Tensor x, Tensor perm, Tensor offsets, "
+      "Tensor ticket_sparse, Tensor csr_ptr, Tensor csr_idx, Tensor(a!) out) -> ()");
+  m.def(
+      "_cpu_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, Tensor perm, Tensor offsets, Tensor computed, "
+      "Tensor csr_ptr, Tensor csr_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "_cpu_conv2d_grad_input(Tensor grad_y, Tensor weight, Tensor perm, Tensor offsets, Tensor computed, "
+      "Tensor in_ptr, Tensor in_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "Tensor(a!) dx) -> ()");
+  m.def(
+      "_cpu_conv2d_grad_weight(Tensor grad_y, Tensor x, Tensor perm, Tensor offsets, Tensor computed, "
+      "Tensor csr_ptr, Tensor csr_idx, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "Tensor(a!) dw) -> ()");
   m.def("_cpu_kernel_isa() -> str");
 }
 

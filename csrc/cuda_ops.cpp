@@ -52,8 +52,8 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype, const at
 // A 1-D contiguous index tensor of that dtype on `device` (length checked by the caller where it is known).
 void check_1d(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device) {
   TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D ",
-              dtype, " tensor, got ", t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D ", dtype,
+              " tensor, got ", t.scalar_type(), " of shape ", t.sizes());
 }
 
 void check_blocks(int64_t block_n, int64_t block_k) {
@@ -116,8 +116,7 @@ void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   raise_on_error(rtl_cuda::linear_forward(dtype, rows, n, k, x.data_ptr(), weight.data_ptr(),
                                           reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
                                           bias.has_value() ? bias->data_ptr() : nullptr, row_ptr.data_ptr<int32_t>(),
-                                          col_idx.data_ptr<int32_t>(), full.data_ptr<int8_t>(), out.data_ptr(),
-                                          stream),
+                                          col_idx.data_ptr<int32_t>(), full.data_ptr<int8_t>(), out.data_ptr(), stream),
                  "linear_forward");
 }
 
@@ -153,9 +152,9 @@ void linear_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const
                  "linear_grad_input");
 }
 
-void linear_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& masks,
-                        const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& w_ptr,
-                        const at::Tensor& w_tickets, int64_t block_n, int64_t block_k, at::Tensor& out) {
+void linear_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& masks, const at::Tensor& perm,
+                        const at::Tensor& offsets, const at::Tensor& w_ptr, const at::Tensor& w_tickets,
+                        int64_t block_n, int64_t block_k, at::Tensor& out) {
   check_blocks(block_n, block_k);
   TORCH_CHECK(grad_y.is_cuda() && grad_y.dim() == 2, "grad_y must be a 2-D CUDA tensor, got ", grad_y.device(), " ",
               grad_y.sizes());
@@ -177,12 +176,12 @@ void linear_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at:
   // Per-split fp32 partials of a small W with many rows; from the caching allocator, so graph capture works.
   at::Tensor workspace;
   if (splits > 1) workspace = at::empty({splits, n, k}, grad_y.options().dtype(at::kFloat));
-  raise_on_error(rtl_cuda::linear_grad_weight(dtype, rows, n, k, grad_y.data_ptr(), x.data_ptr(),
-                                              reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
-                                              w_ptr.data_ptr<int32_t>(), w_tickets.data_ptr<int32_t>(), splits,
-                                              splits > 1 ? workspace.data_ptr<float>() : nullptr, out.data_ptr(),
-                                              stream),
-                 "linear_grad_weight");
+  raise_on_error(
+      rtl_cuda::linear_grad_weight(dtype, rows, n, k, grad_y.data_ptr(), x.data_ptr(),
+                                   reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()), w_ptr.data_ptr<int32_t>(),
+                                   w_tickets.data_ptr<int32_t>(), splits,
+                                   splits > 1 ? workspace.data_ptr<float>() : nullptr, out.data_ptr(), stream),
+      "linear_grad_weight");
 }
 
 // ---- routed masked conv2d -----------------------------------------------------------------------------------------
@@ -227,9 +226,9 @@ rtl_cuda::Conv2dShape conv2d_shape(c10::IntArrayRef input, c10::IntArrayRef weig
   const int64_t span_w = s.width + 2 * s.pad_w - s.dil_w * (s.kernel_w - 1) - 1;
   s.out_h = span_h < 0 ? 0 : span_h / s.stride_h + 1;
   s.out_w = span_w < 0 ? 0 : span_w / s.stride_w + 1;
-  TORCH_CHECK(s.out_h > 0 && s.out_w > 0, "the conv output would be empty (", s.out_h, " x ", s.out_w,
-              ") for input ", input, ", kernel ", s.kernel_h, " x ", s.kernel_w, ", padding ", padding,
-              ", dilation ", dilation, ", stride ", stride);
+  TORCH_CHECK(s.out_h > 0 && s.out_w > 0, "the conv output would be empty (", s.out_h, " x ", s.out_w, ") for input ",
+              input, ", kernel ", s.kernel_h, " x ", s.kernel_w, ", padding ", padding, ", dilation ", dilation,
+              ", stride ", stride);
   const std::string problem = rtl_cuda::conv2d_grid_problem(s);
   TORCH_CHECK(problem.empty(), "the cuda backend cannot run this conv2d: ", problem);
   return s;
@@ -266,9 +265,8 @@ void conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  raise_on_error(rtl_cuda::conv2d_forward(dtype, s, perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
-                                          x.data_ptr(), weight.data_ptr(),
-                                          reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
+  raise_on_error(rtl_cuda::conv2d_forward(dtype, s, perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), x.data_ptr(),
+                                          weight.data_ptr(), reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
                                           bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(), stream),
                  "conv2d_forward");
 }
@@ -277,8 +275,8 @@ void conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 void conv2d_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& masks,
                        const at::Tensor& perm, const at::Tensor& offsets, c10::IntArrayRef stride,
                        c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, at::Tensor& out) {
-  TORCH_CHECK(grad_y.is_cuda() && grad_y.dim() == 4, "grad_y must be a 4-D CUDA tensor, got ", grad_y.device(),
-              " ", grad_y.sizes());
+  TORCH_CHECK(grad_y.is_cuda() && grad_y.dim() == 4, "grad_y must be a 4-D CUDA tensor, got ", grad_y.device(), " ",
+              grad_y.sizes());
   const auto device = grad_y.device();
   const auto dtype = element_type(grad_y, "grad_y");
   const auto s = conv2d_shape(out.sizes(), weight.sizes(), mask_tickets(masks), stride, padding, dilation, groups);
@@ -290,19 +288,19 @@ void conv2d_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  raise_on_error(rtl_cuda::conv2d_grad_input(dtype, s, perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
-                                             grad_y.data_ptr(), weight.data_ptr(),
-                                             reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
-                                             out.data_ptr(), stream),
-                 "conv2d_grad_input");
+  raise_on_error(
+      rtl_cuda::conv2d_grad_input(dtype, s, perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), grad_y.data_ptr(),
+                                  weight.data_ptr(), reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
+                                  out.data_ptr(), stream),
+      "conv2d_grad_input");
 }
 
 // out = dW (O, C / groups, kh, kw): its shape gives the weight geometry.
-void conv2d_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& masks,
-                        const at::Tensor& perm, const at::Tensor& offsets, c10::IntArrayRef stride,
-                        c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, at::Tensor& out) {
-  TORCH_CHECK(grad_y.is_cuda() && grad_y.dim() == 4, "grad_y must be a 4-D CUDA tensor, got ", grad_y.device(),
-              " ", grad_y.sizes());
+void conv2d_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& masks, const at::Tensor& perm,
+                        const at::Tensor& offsets, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                        c10::IntArrayRef dilation, int64_t groups, at::Tensor& out) {
+  TORCH_CHECK(grad_y.is_cuda() && grad_y.dim() == 4, "grad_y must be a 4-D CUDA tensor, got ", grad_y.device(), " ",
+              grad_y.sizes());
   const auto device = grad_y.device();
   const auto dtype = element_type(grad_y, "grad_y");
   const auto s = conv2d_shape(x.sizes(), out.sizes(), mask_tickets(masks), stride, padding, dilation, groups);
@@ -314,10 +312,9 @@ void conv2d_grad_weight(const at::Tensor& grad_y, const at::Tensor& x, const at:
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  raise_on_error(rtl_cuda::conv2d_grad_weight(dtype, s, perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
-                                              grad_y.data_ptr(), x.data_ptr(),
-                                              reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
-                                              out.data_ptr(), stream),
+  raise_on_error(rtl_cuda::conv2d_grad_weight(
+                     dtype, s, perm.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), grad_y.data_ptr(), x.data_ptr(),
+                     reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()), out.data_ptr(), stream),
                  "conv2d_grad_weight");
 }
 
@@ -330,18 +327,24 @@ std::string device_problem(int64_t device) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rtl_kernels, m) {
-  m.def("_cuda_linear_forward(Tensor x, Tensor weight, Tensor masks, Tensor? bias, Tensor perm, Tensor offsets, "
-        "Tensor row_ptr, Tensor col_idx, Tensor full, int block_n, int block_k, Tensor(a!) out) -> ()");
-  m.def("_cuda_linear_grad_input(Tensor grad_y, Tensor weight, Tensor masks, Tensor perm, Tensor offsets, "
-        "Tensor t_col_ptr, Tensor t_row_idx, Tensor t_full, int block_n, int block_k, Tensor(a!) out) -> ()");
-  m.def("_cuda_linear_grad_weight(Tensor grad_y, Tensor x, Tensor masks, Tensor perm, Tensor offsets, "
-        "Tensor w_ptr, Tensor w_tickets, int block_n, int block_k, Tensor(a!) out) -> ()");
-  m.def("_cuda_conv2d_forward(Tensor x, Tensor weight, Tensor masks, Tensor? bias, Tensor perm, Tensor offsets, "
-        "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor(a!) out) -> ()");
-  m.def("_cuda_conv2d_grad_input(Tensor grad_y, Tensor weight, Tensor masks, Tensor perm, Tensor offsets, "
-        "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor(a!) out) -> ()");
-  m.def("_cuda_conv2d_grad_weight(Tensor grad_y, Tensor x, Tensor masks, Tensor perm, Tensor offsets, "
-        "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor(a!) out) -> ()");
+  m.def(
+      "_cuda_linear_forward(Tensor x, Tensor weight, Tensor masks, Tensor? bias, Tensor perm, Tensor offsets, "
+      "Tensor row_ptr, Tensor col_idx, Tensor full, int block_n, int block_k, Tensor(a!) out) -> ()");
+  m.def(
+      "_cuda_linear_grad_input(Tensor grad_y, Tensor weight, Tensor masks, Tensor perm, Tensor offsets, "
+      "Tensor t_col_ptr, Tensor t_row_idx, Tensor t_full, int block_n, int block_k, Tensor(a!) out) -> ()");
+  m.def(
+      "_cuda_linear_grad_weight(Tensor grad_y, Tensor x, Tensor masks, Tensor perm, Tensor offsets, "
+      "Tensor w_ptr, Tensor w_tickets, int block_n, int block_k, Tensor(a!) out) -> ()");
+  m.def(
+      "_cuda_conv2d_forward(Tensor x, Tensor weight, Tensor masks, Tensor? bias, Tensor perm, Tensor offsets, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor(a!) out) -> ()");
+  m.def(
+      "_cuda_conv2d_grad_input(Tensor grad_y, Tensor weight, Tensor masks, Tensor perm, Tensor offsets, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor(a!) out) -> ()");
+  m.def(
+      "_cuda_conv2d_grad_weight(Tensor grad_y, Tensor x, Tensor masks, Tensor perm, Tensor offsets, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor(a!) out) -> ()");
   m.def("_cuda_device_problem(int device) -> str");
 }
 

@@ -8,23 +8,43 @@ Three levels of use:
     - build with the layers: :class:`rtl.nn.RoutedSparseLinear`, :class:`rtl.nn.RoutedSparseConv2d`, ...;
     - call the ops: :func:`rtl_kernels.routed_masked_linear` and friends.
 """
+
 import importlib
+
+from rtl_kernels import __version__ as __version__  # one version for both packages
 
 from . import nn
 from .convert import convert_, extract_ticket
 from .nn import RoutedSparseConv2d, RoutedSparseConvTranspose2d, RoutedSparseLinear, routed_modules
 from .routing import RoutedModel, model_num_tickets, use_route
 
-__version__ = "0.1.0"
-
 # Submodules that pull in scikit-learn, tqdm, matplotlib or the datasets load on first use, so `import rtl`
 # stays as light as torch itself.
-_LAZY_MODULES = ("data", "diagnostics", "experiments", "imp", "masks_io", "metrics", "models", "optim", "prune",
-                 "routers", "train")
+_LAZY_MODULES = (
+    "data",
+    "diagnostics",
+    "experiments",
+    "imp",
+    "masks_io",
+    "metrics",
+    "models",
+    "optim",
+    "prune",
+    "routers",
+    "train",
+)
 _LAZY_NAMES = {
-    "IMP": "imp", "magnitude_prune_": "prune", "TicketMaskedOptimizer": "optim", "train_sequential": "train",
-    "train_mixed": "train", "jaccard_matrix": "diagnostics", "ticket_similarity_scores": "diagnostics",
-    "save_masks": "masks_io", "load_masks_": "masks_io", "LabelRouter": "routers", "ClusterRouter": "routers",
+    "IMP": "imp",
+    "magnitude_prune_": "prune",
+    "TicketMaskedOptimizer": "optim",
+    "train_sequential": "train",
+    "train_mixed": "train",
+    "jaccard_matrix": "diagnostics",
+    "ticket_similarity_scores": "diagnostics",
+    "save_masks": "masks_io",
+    "load_masks_": "masks_io",
+    "LabelRouter": "routers",
+    "ClusterRouter": "routers",
     "EnvironmentRouter": "routers",
 }
 

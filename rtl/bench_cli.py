@@ -9,6 +9,7 @@
 they live in the ``bench/`` folder beside the ``rtl`` package in the source tree, so this command works from a
 checkout (an editable install, ``pip install -e .``, or ``python -m rtl`` run there).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,11 +1,12 @@
 """The ``rtl`` command line: run the paper's protocol on an experiment, rebuild a report, list experiments.
 
-    rtl run EXPERIMENT [--sparsities 0.25,0.5,0.75,0.9] [--seed 0] [--device cpu] [--backend auto]
-                       [--out DIR] [--quick] [--resume DIR] [--data-root DIR] [--download]
-    rtl report DIR
-    rtl list
-    rtl bench {linear,conv2d,models,report} [ARGS...]   (the benchmark scripts under bench/)
+rtl run EXPERIMENT [--sparsities 0.25,0.5,0.75,0.9] [--seed 0] [--device cpu] [--backend auto]
+                   [--out DIR] [--quick] [--resume DIR] [--data-root DIR] [--download]
+rtl report DIR
+rtl list
+rtl bench {linear,conv2d,models,report} [ARGS...]   (the benchmark scripts under bench/)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment: dense, single-mask IMP, independent models and RTL")
     run.add_argument("experiment", help="experiment name (see `rtl list`)")
-    run.add_argument("--sparsities", type=_parse_sparsities, default=_parse_sparsities(DEFAULT_SPARSITIES),
-                     help=f"comma-separated target sparsities in [0, 1) (default {DEFAULT_SPARSITIES})")
+    run.add_argument(
+        "--sparsities",
+        type=_parse_sparsities,
+        default=_parse_sparsities(DEFAULT_SPARSITIES),
+        help=f"comma-separated target sparsities in [0, 1) (default {DEFAULT_SPARSITIES})",
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     run.add_argument("--backend", default=None, help="rtl_kernels backend for the routed model (default: automatic)")
@@ -47,13 +52,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", default=None, help="continue the interrupted run in DIR")
     run.add_argument("--data-root", default=None, help="where CIFAR data lives (cifar experiments)")
     run.add_argument("--download", action="store_true", help="download CIFAR into --data-root if missing")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one training setting (batch_size, lr, dense_epochs, single_epochs, ticket_steps, "
-                          "retrain_epochs, prune_fraction, eval_batch, lr_schedule=cosine|constant, "
-                          "granularity=unstructured|vector:V|block:BNxBK|channel); repeatable")
-    run.add_argument("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: torch's choice); the embedded experiments' models are tiny, "
-                          "and on a small or shared CPU one thread is often fastest")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one training setting (batch_size, lr, dense_epochs, single_epochs, ticket_steps, "
+        "retrain_epochs, prune_fraction, eval_batch, lr_schedule=cosine|constant, "
+        "granularity=unstructured|vector:V|block:BNxBK|channel); repeatable",
+    )
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice); the embedded experiments' models are tiny, "
+        "and on a small or shared CPU one thread is often fastest",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     report = sub.add_parser("report", help="rebuild report.md and the plots of a finished run")
     report.add_argument("run_dir")
@@ -129,8 +144,11 @@ def _cmd_run(args) -> int:
         if reasons.get(args.backend):
             print(f"rtl: backend {args.backend!r} cannot run here: {reasons[args.backend]}", file=sys.stderr)
             return 2
-    out = args.resume or args.out or os.path.join(
-        "runs", f"{args.experiment}-seed{args.seed}{'-quick' if args.quick else ''}")
+    out = (
+        args.resume
+        or args.out
+        or os.path.join("runs", f"{args.experiment}-seed{args.seed}{'-quick' if args.quick else ''}")
+    )
     data_kwargs = {}
     if exp.needs_data:
         data_kwargs = dict(data_root=args.data_root, download=args.download)
@@ -146,24 +164,48 @@ def _cmd_run(args) -> int:
 
     prunable = prune.prunable_count(convert_(model, 1, filter_fn=task.prunable_filter))
     config = {
-        "experiment": args.experiment, "description": task.description, "kind": task.kind,
-        "seed": args.seed, "sparsities": args.sparsities, "quick": bool(args.quick), "overrides": overrides,
-        "state_version": STATE_VERSION, "num_tickets": task.num_tickets, "ticket_names": task.ticket_names,
-        "prunable_weights": prunable, "settings": vars(task.settings), "device": args.device,
-        "backend": args.backend or "auto", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "experiment": args.experiment,
+        "description": task.description,
+        "kind": task.kind,
+        "seed": args.seed,
+        "sparsities": args.sparsities,
+        "quick": bool(args.quick),
+        "overrides": overrides,
+        "state_version": STATE_VERSION,
+        "num_tickets": task.num_tickets,
+        "ticket_names": task.ticket_names,
+        "prunable_weights": prunable,
+        "settings": vars(task.settings),
+        "device": args.device,
+        "backend": args.backend or "auto",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    print(f"rtl run {args.experiment}: {task.num_tickets} tickets, {prunable} prunable weights, sparsities "
-          f"{args.sparsities}, out {out}")
+    print(
+        f"rtl run {args.experiment}: {task.num_tickets} tickets, {prunable} prunable weights, sparsities "
+        f"{args.sparsities}, out {out}"
+    )
     backend = None if args.backend in (None, "auto") else args.backend
     try:
-        run_protocol(task, out, args.sparsities, args.seed, config, resume=args.resume is not None,
-                     backend=backend, progress=not args.no_progress, device=args.device)
+        run_protocol(
+            task,
+            out,
+            args.sparsities,
+            args.seed,
+            config,
+            resume=args.resume is not None,
+            backend=backend,
+            progress=not args.no_progress,
+            device=args.device,
+        )
     except (RunStateError, RunLockedError) as exc:
         print(f"rtl: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nrtl: interrupted; every finished stage is saved. Continue with:\n  rtl run {args.experiment} "
-              f"--resume {out}{' --quick' if args.quick else ''}", file=sys.stderr)
+        print(
+            f"\nrtl: interrupted; every finished stage is saved. Continue with:\n  rtl run {args.experiment} "
+            f"--resume {out}{' --quick' if args.quick else ''}",
+            file=sys.stderr,
+        )
         return 130
     report = write_report(out)
     print(f"report: {report}")
@@ -180,9 +222,12 @@ def _cmd_report(args) -> int:
         print(write_report(args.run_dir))
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError) as exc:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"rtl: cannot report {args.run_dir} ({type(exc).__name__}: {detail}): its config.json or metrics.json "
-              f"is damaged or not rtl's; `rtl run EXPERIMENT ... --resume {args.run_dir}` rebuilds metrics.json "
-              f"from the saved stages", file=sys.stderr)
+        print(
+            f"rtl: cannot report {args.run_dir} ({type(exc).__name__}: {detail}): its config.json or metrics.json "
+            f"is damaged or not rtl's; `rtl run EXPERIMENT ... --resume {args.run_dir}` rebuilds metrics.json "
+            f"from the saved stages",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -1,4 +1,5 @@
 """Conversion of existing models: torch layers swapped in place for routed layers, and tickets exported back."""
+
 from __future__ import annotations
 
 import copy

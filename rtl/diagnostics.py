@@ -15,6 +15,7 @@ Everything here needs only the masks: a model (every submodule with a bool buffe
 dict {layer name: bool tensor (T, ...)}. Conventions: J of two empty masks is 1.0 (they are identical); results
 are float64 tensors on the CPU.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,7 @@ def _layer_counts(mask: Tensor) -> _Counts:
     num_tickets, numel = flat.shape
     inter = torch.zeros(num_tickets, num_tickets, dtype=torch.float64)
     for start in range(0, numel, _CHUNK):
-        chunk = flat[:, start:start + _CHUNK].to(torch.float32)
+        chunk = flat[:, start : start + _CHUNK].to(torch.float32)
         inter += (chunk @ chunk.T).to(device="cpu", dtype=torch.float64)
     sizes = flat.sum(1).to(device="cpu", dtype=torch.float64)
     return inter, sizes, numel
@@ -90,16 +91,17 @@ def _kappa(jaccard: Tensor, expected: Tensor) -> Tensor:
     # E[J] = 1 only when both masks are full or both empty: then chance already forces J = 1 and the
     # correction 0/0 is undefined, reported as NaN.
     denom = 1.0 - expected
-    return torch.where(denom > 1e-12, (jaccard - expected) / denom.clamp_min(1e-12),
-                       torch.full_like(jaccard, math.nan))
+    return torch.where(denom > 1e-12, (jaccard - expected) / denom.clamp_min(1e-12), torch.full_like(jaccard, math.nan))
 
 
 def _mean_others(matrix: Tensor, nan_skip: bool = False) -> Tensor:
     """(T,) mean over j != k of matrix[k, j]; needs T >= 2."""
     num_tickets = matrix.shape[0]
     if num_tickets < 2:
-        raise ValueError(f"per-ticket similarity needs at least 2 tickets (a ticket has no others to compare with), "
-                         f"got num_tickets={num_tickets}")
+        raise ValueError(
+            f"per-ticket similarity needs at least 2 tickets (a ticket has no others to compare with), "
+            f"got num_tickets={num_tickets}"
+        )
     off = ~torch.eye(num_tickets, dtype=torch.bool)
     values = matrix[off].reshape(num_tickets, num_tickets - 1)
     return values.nanmean(1) if nan_skip else values.mean(1)
@@ -190,8 +192,9 @@ def expected_random_jaccard(model_or_masks, per_layer: bool = False) -> Union[Te
     return _expected_jaccard(counts)
 
 
-def chance_corrected_similarity(model_or_masks, per_layer: bool = False,
-                                matrix: bool = False) -> Union[Tensor, Dict[str, Tensor]]:
+def chance_corrected_similarity(
+    model_or_masks, per_layer: bool = False, matrix: bool = False
+) -> Union[Tensor, Dict[str, Tensor]]:
     """Ticket similarity corrected for chance overlap: kappa = (J - E[J]) / (1 - E[J]) per pair of tickets.
 
     E[J] is :func:`expected_random_jaccard`: what independent random masks with the same per-layer densities
@@ -288,8 +291,13 @@ class CollapseMonitor:
         """T of the recorded masks, or None before the first record."""
         return len(self.history[0]["scores"]) if self.history else None
 
-    def record(self, round: int, model_or_masks, metrics: Optional[Mapping[str, Sequence[float]]] = None,
-               sparsity: Optional[float] = None) -> Dict[str, Any]:
+    def record(
+        self,
+        round: int,
+        model_or_masks,
+        metrics: Optional[Mapping[str, Sequence[float]]] = None,
+        sparsity: Optional[float] = None,
+    ) -> Dict[str, Any]:
         """Measure the masks after pruning round ``round`` and store them with the caller's per-ticket metrics.
 
         Rounds must not go back; recording the last round again replaces it (a run resumed after a crash may
@@ -321,8 +329,9 @@ class CollapseMonitor:
         inter, sizes, numel = _global_counts(counts)
         num_tickets = len(sizes)
         if self.num_tickets is not None and num_tickets != self.num_tickets:
-            raise ValueError(f"model_or_masks has {num_tickets} tickets but the monitor recorded "
-                             f"{self.num_tickets} so far")
+            raise ValueError(
+                f"model_or_masks has {num_tickets} tickets but the monitor recorded {self.num_tickets} so far"
+            )
         jaccard = _jaccard(inter, sizes)
         scores = _mean_others(jaccard)
         kappa = _mean_others(_kappa(jaccard, _expected_jaccard(counts)), nan_skip=True)
@@ -357,8 +366,16 @@ class CollapseMonitor:
             self.history.append(entry)
         return entry
 
-    def flagged(self, metric: str = "accuracy", similarity_jump: float = 0.05, metric_drop: float = 0.05, *,
-                score: str = "scores", lead: int = 0, higher_is_better: bool = True) -> List[Dict[str, Any]]:
+    def flagged(
+        self,
+        metric: str = "accuracy",
+        similarity_jump: float = 0.05,
+        metric_drop: float = 0.05,
+        *,
+        score: str = "scores",
+        lead: int = 0,
+        higher_is_better: bool = True,
+    ) -> List[Dict[str, Any]]:
         """The (round, ticket) pairs where the similarity score moved by more than ``similarity_jump`` (either
         direction) while ``metric`` dropped by more than ``metric_drop``, each against the previous recorded round.
 
@@ -414,8 +431,14 @@ class CollapseMonitor:
                     continue
                 biggest = max(moves, key=abs)
                 if abs(biggest) > similarity_jump:
-                    flags.append({"round": self.history[i]["round"], "ticket": ticket,
-                                  "similarity_change": biggest, "metric_change": change})
+                    flags.append(
+                        {
+                            "round": self.history[i]["round"],
+                            "ticket": ticket,
+                            "similarity_change": biggest,
+                            "metric_change": change,
+                        }
+                    )
         return flags
 
     # -- persistence --------------------------------------------------------------------------------------------------
@@ -432,8 +455,10 @@ class CollapseMonitor:
         if not isinstance(state_dict, Mapping) or "history" not in state_dict or "version" not in state_dict:
             raise ValueError("state_dict is not a CollapseMonitor state (needs keys 'version' and 'history')")
         if state_dict["version"] != self._STATE_VERSION:
-            raise ValueError(f"state_dict has CollapseMonitor state version {state_dict['version']!r}; "
-                             f"this rtl reads version {self._STATE_VERSION}")
+            raise ValueError(
+                f"state_dict has CollapseMonitor state version {state_dict['version']!r}; "
+                f"this rtl reads version {self._STATE_VERSION}"
+            )
         history = list(state_dict["history"])
         for entry in history:
             missing = {"round", "sparsity", "jaccard", "scores", "chance_corrected", "metrics"} - set(entry)

@@ -6,6 +6,7 @@ until the target sparsity. Tickets do not interact beyond the shared theta0 (the
 independent IMP runs). Rounds are checkpointed atomically so that an interrupted extraction resumes where it
 stopped and ends with the same masks as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import os
@@ -90,10 +91,14 @@ def _rng_state() -> Dict[str, Any]:
     py_version, py_state, py_gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64),
-                   "gauss_next": py_gauss},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -103,8 +108,15 @@ def _rng_state() -> Dict[str, Any]:
 def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
-    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            np_state["name"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -137,7 +149,7 @@ class IMP:
     from the same start. At the end the model holds theta0 (or the rewind point) and every ticket's mask at the
     target: the paper's f(x; m_k * theta0), ready for joint retraining (Alg. 2).
 
-    Decisions where the paper is silent or inconsistent (paper.md open questions 1-5):
+    Decisions where the paper is silent or inconsistent (docs/paper_notes.md, choices 1-5):
 
     - Loop condition: a ticket is pruned while its sparsity is below the target (Alg. 1's "density(m_K) < s" read
       as "sparsity(m_k) < s", for every k). The target is a count, round(target_sparsity * prunable) halves up,
@@ -205,16 +217,29 @@ class IMP:
         >>> log = IMP(rtl.RoutedModel(model), train_fn, target_sparsity=0.5, amount=4096).run()
     """
 
-    def __init__(self, model: nn.Module, train_fn: Callable[[nn.Module, int, int], Optional[dict]],
-                 target_sparsity: float, amount: Union[int, float] = 0.2, scope: str = "global",
-                 granularity="unstructured", filter_fn: Optional[FilterFn] = None, tickets=None,
-                 rewind: Union[str, int] = "init", checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
-                 progress: bool = True, callbacks: Sequence[Callable[["IMP", dict], Any]] = ()) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_fn: Callable[[nn.Module, int, int], Optional[dict]],
+        target_sparsity: float,
+        amount: Union[int, float] = 0.2,
+        scope: str = "global",
+        granularity="unstructured",
+        filter_fn: Optional[FilterFn] = None,
+        tickets=None,
+        rewind: Union[str, int] = "init",
+        checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
+        progress: bool = True,
+        callbacks: Sequence[Callable[["IMP", dict], Any]] = (),
+    ) -> None:
         if not callable(train_fn):
             raise TypeError(f"train_fn must be callable(model, ticket, round_idx), got {type(train_fn).__name__}")
         self.layers = _prunable_layers(model, filter_fn)
-        if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)) \
-                or not 0.0 <= target_sparsity <= 1.0:
+        if (
+            isinstance(target_sparsity, bool)
+            or not isinstance(target_sparsity, (int, float))
+            or not 0.0 <= target_sparsity <= 1.0
+        ):
             raise ValueError(f"target_sparsity must be a number in [0, 1], got {target_sparsity!r}")
         if isinstance(amount, bool) or not isinstance(amount, (int, float)):
             raise TypeError(f"amount must be an int count or a float fraction, got {type(amount).__name__}")
@@ -312,22 +337,31 @@ class IMP:
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise CheckpointError(f"{path!r} is not an rtl IMP checkpoint")
         if payload.get("version") != _VERSION:
-            raise CheckpointError(f"IMP checkpoint {path!r} has version {payload.get('version')!r}, this rtl reads "
-                                  f"version {_VERSION}")
-        missing = [k for k in ("config", "theta0", "rewind_point", "masks", "round", "log", "stopped", "rng")
-                   if k not in payload]
+            raise CheckpointError(
+                f"IMP checkpoint {path!r} has version {payload.get('version')!r}, this rtl reads version {_VERSION}"
+            )
+        missing = [
+            k
+            for k in ("config", "theta0", "rewind_point", "masks", "round", "log", "stopped", "rng")
+            if k not in payload
+        ]
         if missing:
             raise CheckpointError(f"the IMP checkpoint {path!r} lacks {', '.join(missing)}: remove it to redo the run")
         saved, current = payload["config"], self.config()
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if diff:
-            detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff
-                               if k not in ("state", "prunable"))
+            detail = "; ".join(
+                f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+                for k in diff
+                if k not in ("state", "prunable")
+            )
             shapes = [k for k in diff if k in ("state", "prunable")]
             if shapes:
                 detail = "; ".join(filter(None, [detail, f"the model's {' and '.join(shapes)} shapes differ"]))
-            raise CheckpointError(f"the IMP checkpoint {path!r} was written for another model or settings "
-                                  f"({detail}); remove it or pass another checkpoint_dir")
+            raise CheckpointError(
+                f"the IMP checkpoint {path!r} was written for another model or settings "
+                f"({detail}); remove it or pass another checkpoint_dir"
+            )
         device_of = dict(_snapshot_meta(self.model))
         self.theta0 = {k: v.to(device_of[k].device) for k, v in payload["theta0"].items()}
         if payload["rewind_point"] is None:
@@ -409,8 +443,10 @@ class IMP:
             if handle is not None:
                 handle.remove()
         if capture and self.rewind_point is None:
-            raise ValueError(f"rewind={self.rewind} needs that many optimizer steps in the first training, but "
-                             f"train_fn took {steps[0]}")
+            raise ValueError(
+                f"rewind={self.rewind} needs that many optimizer steps in the first training, but "
+                f"train_fn took {steps[0]}"
+            )
         request = self._request(ticket)
         scores = _ticket_scores(self.layers, ticket, None)  # |theta_T^(k)|: the weights the ticket just reached
         removed = sum(_prune_ticket_(self.layers, ticket, scores, request, self.scope, self._blocks))
@@ -432,8 +468,11 @@ class IMP:
             try:
                 from tqdm import tqdm
             except ImportError:  # tqdm is an optional dependency (pip install rtl[method])
-                warnings.warn("IMP: progress=True needs tqdm, which is not installed; running without a bar",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    "IMP: progress=True needs tqdm, which is not installed; running without a bar",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             else:
                 bar = tqdm(total=self._estimate_rounds(), initial=self.round, desc="IMP", unit="round")
         try:
@@ -477,7 +516,10 @@ class IMP:
                     f"IMP: a round removed no weight of ticket {ticket}: its lowest-scored {self.granularity[0]} "
                     f"group holds more weights than the round's request; it stops at sparsity "
                     f"{self._sparsity()[ticket]:.4f}, below the target {self.target_sparsity}. Use a larger "
-                    f"amount or a finer granularity.", RuntimeWarning, stacklevel=3)
+                    f"amount or a finer granularity.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         self.round += 1
         sparsity = self._sparsity()
         round_log = {

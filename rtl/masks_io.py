@@ -8,6 +8,7 @@ holds only tensors, strings, ints, lists and dicts, so loading it never runs cod
 This module also holds the private helpers the diagnostics and metrics share to gather masks from either a model
 (every submodule with a bool buffer ``weight_masks``) or a plain dict {layer name: bool tensor (T, ...)}.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,10 @@ def _collect_masks(model_or_masks, arg: str = "model_or_masks") -> Dict[str, Ten
     if isinstance(model_or_masks, nn.Module):
         layers = _routed_layers(model_or_masks)
         if not layers:
-            raise ValueError(f"{arg}: the model has no routed layers (no submodule holds a weight_masks buffer); "
-                             "convert it first with rtl.convert_(model, num_tickets)")
+            raise ValueError(
+                f"{arg}: the model has no routed layers (no submodule holds a weight_masks buffer); "
+                "convert it first with rtl.convert_(model, num_tickets)"
+            )
         masks = {name: m.weight_masks for name, m in layers.items()}
     elif isinstance(model_or_masks, Mapping):
         if len(model_or_masks) == 0:
@@ -67,14 +70,17 @@ def _collect_masks(model_or_masks, arg: str = "model_or_masks") -> Dict[str, Ten
                 raise TypeError(f"{arg}: masks of layer {name!r} must be a bool tensor, got {type(mask).__name__}")
             masks[name] = mask
     else:
-        raise TypeError(f"{arg} must be an nn.Module or a dict {{layer name: bool tensor (T, ...)}}, "
-                        f"got {type(model_or_masks).__name__}")
+        raise TypeError(
+            f"{arg} must be an nn.Module or a dict {{layer name: bool tensor (T, ...)}}, "
+            f"got {type(model_or_masks).__name__}"
+        )
     for name, mask in masks.items():
         if mask.dtype != torch.bool:
             raise TypeError(f"{arg}: masks of layer {name!r} must be bool, got {mask.dtype}")
         if mask.dim() < 2:
-            raise ValueError(f"{arg}: masks of layer {name!r} must be (T, *weight.shape), "
-                             f"got shape {tuple(mask.shape)}")
+            raise ValueError(
+                f"{arg}: masks of layer {name!r} must be (T, *weight.shape), got shape {tuple(mask.shape)}"
+            )
     counts = {name: mask.shape[0] for name, mask in masks.items()}
     if len(set(counts.values())) != 1:
         raise ValueError(f"{arg}: layers disagree on the number of tickets T: {counts}")
@@ -129,8 +135,9 @@ def save_masks(model_or_masks, path: Union[str, os.PathLike], config: Optional[d
         "format": _FORMAT,
         "version": _VERSION,
         "num_tickets": int(next(iter(masks.values())).shape[0]),
-        "layers": {name: {"shape": [int(s) for s in mask.shape], "packed": _pack(mask)}
-                   for name, mask in masks.items()},
+        "layers": {
+            name: {"shape": [int(s) for s in mask.shape], "packed": _pack(mask)} for name, mask in masks.items()
+        },
         "config_json": config_json,
     }
     path = os.fspath(path)
@@ -169,24 +176,32 @@ def load_masks(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Tensor], Dict[s
     except OSError:
         raise
     except Exception as e:  # weights_only refusals and corrupt archives come as several exception types
-        raise ValueError(f"{os.fspath(path)!r} is not an rtl mask file (torch.load with weights_only=True failed: "
-                         f"{type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{os.fspath(path)!r} is not an rtl mask file (torch.load with weights_only=True failed: "
+            f"{type(e).__name__}: {e})"
+        ) from e
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not an rtl mask file (no format tag {_FORMAT!r}); "
-                         "write mask files with rtl.masks_io.save_masks")
+        raise ValueError(
+            f"{os.fspath(path)!r} is not an rtl mask file (no format tag {_FORMAT!r}); "
+            "write mask files with rtl.masks_io.save_masks"
+        )
     version = payload.get("version")
     if version not in _SUPPORTED_VERSIONS:
-        raise ValueError(f"{os.fspath(path)!r} has rtl mask format version {version!r}; this rtl reads versions "
-                         f"{list(_SUPPORTED_VERSIONS)}: upgrade rtl to read it")
+        raise ValueError(
+            f"{os.fspath(path)!r} has rtl mask format version {version!r}; this rtl reads versions "
+            f"{list(_SUPPORTED_VERSIONS)}: upgrade rtl to read it"
+        )
     num_tickets = payload["num_tickets"]
     masks = {}
     for name, entry in payload["layers"].items():
         shape, packed = list(entry["shape"]), entry["packed"]
         expected = -(-math.prod(shape) // 8)
         if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected or shape[0] != num_tickets:
-            raise ValueError(f"{os.fspath(path)!r} is corrupt: layer {name!r} (shape {shape}) holds "
-                             f"{packed.numel()} {packed.dtype} bytes, expected {expected} uint8 bytes and "
-                             f"T = {num_tickets}")
+            raise ValueError(
+                f"{os.fspath(path)!r} is corrupt: layer {name!r} (shape {shape}) holds "
+                f"{packed.numel()} {packed.dtype} bytes, expected {expected} uint8 bytes and "
+                f"T = {num_tickets}"
+            )
         masks[name] = _unpack(packed, shape)
     return masks, json.loads(payload["config_json"])
 
@@ -229,12 +244,16 @@ def load_masks_(model: nn.Module, path: Union[str, os.PathLike], strict: bool = 
     missing = [name for name in layers if name not in masks]
     unexpected = [name for name in masks if name not in layers]
     if strict and (missing or unexpected):
-        raise ValueError(f"masks in {os.fspath(path)!r} do not match the model's routed layers: missing layers "
-                         f"{missing}, unexpected layers {unexpected} (pass strict=False to load the common ones)")
+        raise ValueError(
+            f"masks in {os.fspath(path)!r} do not match the model's routed layers: missing layers "
+            f"{missing}, unexpected layers {unexpected} (pass strict=False to load the common ones)"
+        )
     for name, mask in masks.items():
         if name in layers and tuple(layers[name].weight_masks.shape) != tuple(mask.shape):
-            raise ValueError(f"layer {name!r}: saved masks have shape {tuple(mask.shape)} but the model's "
-                             f"weight_masks have shape {tuple(layers[name].weight_masks.shape)}")
+            raise ValueError(
+                f"layer {name!r}: saved masks have shape {tuple(mask.shape)} but the model's "
+                f"weight_masks have shape {tuple(layers[name].weight_masks.shape)}"
+            )
     with torch.no_grad():
         for name, mask in masks.items():
             if name in layers:

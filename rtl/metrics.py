@@ -7,9 +7,11 @@ and macro recall r, the one-vs-rest balanced accuracy is (r + 1 - (1 - r) / 9) /
 single-model numbers (r = 0.480 gives 0.711). :func:`detector_metrics` scores one-vs-rest ticket detectors, the
 way the paper's vision tickets are trained. :func:`psnr` serves the INR experiments.
 
-Parameter counts (paper §3.2, open question 12): the union of the masks (what RTL stores), the sum over tickets
-(what independent per-ticket models store), one ticket's count, and the dense parameters outside the routed weights.
+Parameter counts (paper §3.2; docs/paper_notes.md, choice 12): the union of the masks (what RTL stores), the sum over
+tickets (what independent per-ticket models store), one ticket's count, and the dense parameters outside the routed
+weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -123,8 +125,9 @@ def macro_precision(y_true, y_pred, labels=None, zero_division: float = 0.0) -> 
         0.8333333333333334
     """
     y_true, y_pred, labels = _label_pair(y_true, y_pred, labels)
-    precision, _, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro",
-                                                         zero_division=_check_zero_division(zero_division))
+    precision, _, _, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average="macro", zero_division=_check_zero_division(zero_division)
+    )
     return float(precision)
 
 
@@ -145,8 +148,9 @@ def macro_recall(y_true, y_pred, labels=None, zero_division: float = 0.0) -> flo
         0.8333333333333334
     """
     y_true, y_pred, labels = _label_pair(y_true, y_pred, labels)
-    _, recall, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro",
-                                                      zero_division=_check_zero_division(zero_division))
+    _, recall, _, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average="macro", zero_division=_check_zero_division(zero_division)
+    )
     return float(recall)
 
 
@@ -185,8 +189,9 @@ def detector_metrics(scores, y_true, threshold: float = 0.5, zero_division: floa
         raise ValueError("scores must have at least one ticket column (K >= 1)")
     outside = y_true[(y_true < 0) | (y_true >= num_tickets)]
     if outside.size:
-        raise ValueError(f"y_true holds {int(outside[0])}, outside the tickets [0, {num_tickets}): map labels to "
-                         "ticket ids first")
+        raise ValueError(
+            f"y_true holds {int(outside[0])}, outside the tickets [0, {num_tickets}): map labels to ticket ids first"
+        )
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
         raise ValueError(f"threshold must be a number, got {threshold!r}")
     zero_division = _check_zero_division(zero_division)
@@ -293,8 +298,9 @@ def parameter_counts(model_or_masks, model: Optional[nn.Module] = None) -> Dict[
             weight = getattr(layer, "weight", None)
             if not isinstance(weight, Tensor) or tuple(weight.shape) != tuple(mask.shape[1:]):
                 shape = tuple(weight.shape) if isinstance(weight, Tensor) else None
-                raise ValueError(f"layer {name!r}: its weight has shape {shape}, the masks expect "
-                                 f"{tuple(mask.shape[1:])}")
+                raise ValueError(
+                    f"layer {name!r}: its weight has shape {shape}, the masks expect {tuple(mask.shape[1:])}"
+                )
             routed_weights.add(id(weight))
         # model.parameters() yields each shared Parameter once, so tied weights are not counted twice.
         counts["dense_extras"] = sum(p.numel() for p in model.parameters() if id(p) not in routed_weights)

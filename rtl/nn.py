@@ -9,6 +9,7 @@ pruned positions.
 A layer gets its route either as ``layer(x, route)`` or, for a whole model, from :class:`rtl.RoutedModel` /
 :func:`rtl.use_route`, which hand one route to every routed layer for the length of one call.
 """
+
 from __future__ import annotations
 
 import functools
@@ -180,7 +181,9 @@ class RoutedSparseModule:
             torch.Size([3, 4, 8])
         """
         if type(module) is not cls._dense_cls:
-            raise TypeError(f"{cls.__name__}.from_dense takes an {cls._dense_cls.__name__}, got {type(module).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_dense takes an {cls._dense_cls.__name__}, got {type(module).__name__}"
+            )
         prune_mask = getattr(module, "weight_mask", None)
         weight = getattr(module, "weight_orig", None) if prune_mask is not None else module.weight
         routed = cls.__new__(cls)
@@ -231,15 +234,20 @@ class RoutedSparseModule:
         _copy_layer_attributes(self, dense)
         with torch.no_grad():
             zero = torch.zeros((), dtype=self.weight.dtype, device=self.weight.device)
-            dense.weight = nn.Parameter(torch.where(self.weight_masks[ticket], self.weight, zero),
-                                        requires_grad=self.weight.requires_grad)
-            dense.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(),
-                                                                     requires_grad=self.bias.requires_grad)
+            dense.weight = nn.Parameter(
+                torch.where(self.weight_masks[ticket], self.weight, zero), requires_grad=self.weight.requires_grad
+            )
+            dense.bias = (
+                None
+                if self.bias is None
+                else nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+            )
         return dense
 
     # -- checkpoints -------------------------------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A dense checkpoint of the original model has no masks: keep the current ones (all-ones after
         # conversion). A checkpoint of a model pruned with torch.nn.utils.prune stores weight_orig / weight_mask:
         # the former is the weight, the latter becomes every ticket's mask.
@@ -252,8 +260,9 @@ class RoutedSparseModule:
                 )
         key = prefix + "weight_masks"
         no_masks = key not in state_dict
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if no_masks and key in missing_keys:
             missing_keys.remove(key)
 
@@ -335,8 +344,9 @@ class RoutedSparseLinear(RoutedSparseModule, nn.Linear):
 
     _dense_cls = nn.Linear
 
-    def __init__(self, in_features: int, out_features: int, num_tickets: int, bias: bool = True, device=None,
-                 dtype=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, num_tickets: int, bias: bool = True, device=None, dtype=None
+    ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_masks(num_tickets)
 
@@ -351,8 +361,7 @@ class RoutedSparseLinear(RoutedSparseModule, nn.Linear):
         route, grouping = self._resolve_route(route, rows.shape[0], x.device)
         if self._keeps_everything():
             return F.linear(x, self.weight, self.bias)
-        y = rtl_kernels.routed_masked_linear(rows, self.weight, self.weight_masks, route, self.bias,
-                                             grouping=grouping)
+        y = rtl_kernels.routed_masked_linear(rows, self.weight, self.weight_masks, route, self.bias, grouping=grouping)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -380,12 +389,35 @@ class RoutedSparseConv2d(RoutedSparseModule, nn.Conv2d):
 
     _dense_cls = nn.Conv2d
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, num_tickets: int, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None,
-                 dtype=None) -> None:
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                           dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
-                           dtype=dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        num_tickets: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self._init_masks(num_tickets)
 
     @_own_call
@@ -405,8 +437,18 @@ class RoutedSparseConv2d(RoutedSparseModule, nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        y = rtl_kernels.routed_masked_conv2d(x, self.weight, self.weight_masks, route, self.bias, self.stride,
-                                             padding, self.dilation, self.groups, grouping=grouping)
+        y = rtl_kernels.routed_masked_conv2d(
+            x,
+            self.weight,
+            self.weight_masks,
+            route,
+            self.bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            grouping=grouping,
+        )
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
@@ -433,12 +475,37 @@ class RoutedSparseConvTranspose2d(RoutedSparseModule, nn.ConvTranspose2d):
 
     _dense_cls = nn.ConvTranspose2d
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, num_tickets: int, stride=1, padding=0,
-                 output_padding=0, groups: int = 1, bias: bool = True, dilation=1, padding_mode: str = "zeros",
-                 device=None, dtype=None) -> None:
-        nn.ConvTranspose2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                                    output_padding=output_padding, groups=groups, bias=bias, dilation=dilation,
-                                    padding_mode=padding_mode, device=device, dtype=dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        num_tickets: int,
+        stride=1,
+        padding=0,
+        output_padding=0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation=1,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
+        nn.ConvTranspose2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            output_padding=output_padding,
+            groups=groups,
+            bias=bias,
+            dilation=dilation,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self._init_masks(num_tickets)
 
     @_own_call
@@ -454,19 +521,33 @@ class RoutedSparseConvTranspose2d(RoutedSparseModule, nn.ConvTranspose2d):
         if self._keeps_everything():
             y = nn.ConvTranspose2d.forward(self, x, output_size)
             return y.squeeze(0) if unbatched else y
-        output_padding = self._output_padding(x, output_size, list(self.stride), list(self.padding),
-                                              list(self.kernel_size), 2, list(self.dilation))
-        y = rtl_kernels.routed_masked_conv_transpose2d(x, self.weight, self.weight_masks, route, self.bias,
-                                                       self.stride, self.padding, output_padding, self.groups,
-                                                       self.dilation, grouping=grouping)
+        output_padding = self._output_padding(
+            x, output_size, list(self.stride), list(self.padding), list(self.kernel_size), 2, list(self.dilation)
+        )
+        y = rtl_kernels.routed_masked_conv_transpose2d(
+            x,
+            self.weight,
+            self.weight_masks,
+            route,
+            self.bias,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+            grouping=grouping,
+        )
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
         return f"{nn.ConvTranspose2d.extra_repr(self)}, {self._masks_repr()}"
 
 
-ROUTED_TYPES = {nn.Linear: RoutedSparseLinear, nn.Conv2d: RoutedSparseConv2d,
-                nn.ConvTranspose2d: RoutedSparseConvTranspose2d}
+ROUTED_TYPES = {
+    nn.Linear: RoutedSparseLinear,
+    nn.Conv2d: RoutedSparseConv2d,
+    nn.ConvTranspose2d: RoutedSparseConvTranspose2d,
+}
 
 
 def routed_modules(model: nn.Module) -> Iterator[Tuple[str, RoutedSparseModule]]:

@@ -3,14 +3,14 @@
 Alg. 2 of the paper updates the shared weight with ``∇L ⊙ m_k`` (Eq. 7, written for SGD). The routed kernels
 already return a weight gradient that is exactly zero outside the masks of the tickets a batch used, but a zero
 gradient does not stop a stateful optimizer: Adam's momentum, AdamW's decoupled weight decay and SGD's momentum
-buffer all keep moving weights that the step's tickets do not own (paper.md, open question 7). The wrapper makes
+buffer all keep moving weights that the step's tickets do not own (docs/paper_notes.md, choice 7). The wrapper makes
 the masked update exact for any optimizer: before the inner step it snapshots, for every routed weight, the values
 outside the union of the active tickets' masks and every optimizer-state tensor shaped like that weight
 (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...); after the step it writes them back. Those weights and
 their state come out bit-identical; weights inside the union, and every parameter that is not a routed weight
 (biases, BatchNorm, a dense classifier), step as the inner optimizer decides.
 
-Choices where the paper is silent (open question 7):
+Choices where the paper is silent (docs/paper_notes.md, choice 7):
     - one optimizer state per weight, shared by the tickets that keep it (option (a), "mask the final update"):
       a weight kept by tickets 0 and 2 carries the same Adam moments through the steps of both;
     - per-tensor scalars (Adam's ``step`` count, hence its bias correction) advance on every step, whatever the
@@ -28,6 +28,7 @@ Which tickets are active, by priority:
 Under DistributedDataParallel the active tickets of all processes are merged (one small all-reduce per step) so
 every process applies the same update even when their batches hold different tickets.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +75,7 @@ class TicketMaskedOptimizer(torch.optim.Optimizer):
     # argument, so the scaler unscales the gradients itself and calls a plain step().
     _step_supports_amp_scaling = False
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module,
-                 sync_tickets: Optional[bool] = None) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, sync_tickets: Optional[bool] = None) -> None:
         # Optimizer.__init__ is not called on purpose: param_groups, state and defaults are the inner optimizer's.
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -254,8 +254,10 @@ class TicketMaskedOptimizer(torch.optim.Optimizer):
         elif any(p is not None for p in self._recorded):
             # A layer that did not run since the previous step got no gradient from this step's batches.
             device = next(p.device for p in self._recorded if p is not None)
-            rows = [p.to(device) if p is not None else torch.zeros(num_tickets, dtype=torch.bool, device=device)
-                    for p in self._recorded]
+            rows = [
+                p.to(device) if p is not None else torch.zeros(num_tickets, dtype=torch.bool, device=device)
+                for p in self._recorded
+            ]
             presence = torch.stack(rows)
         else:
             presence = torch.ones(num_layers, num_tickets, dtype=torch.bool)

@@ -10,6 +10,7 @@ or in groups (blocks, vectors, output channels) so that the kernels can skip who
 :func:`ticket_sparsity` and :func:`prunable_count` measure what is pruned. The IMP driver (Alg. 1) lives in
 :mod:`rtl.imp` and is re-exported here as ``rtl.prune.IMP``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from .nn import RoutedSparseModule, routed_modules
 
-__all__ = ["IMP", "magnitude_prune_", "prunable_count", "ticket_sparsity"]
+__all__ = ["IMP", "magnitude_prune_", "prunable_count", "ticket_sparsity"]  # noqa: F822 (IMP: lazy, below)
 
 FilterFn = Callable[[str, nn.Module], bool]
 Granularity = Tuple  # normalised: ("unstructured",), ("block", bn, bk), ("vector", v), ("channel",)
@@ -122,9 +123,7 @@ def _check_granularity(granularity) -> Granularity:
         kind, sizes = granularity[0], tuple(granularity[1:])
         want = {"block": 2, "vector": 1}.get(kind) if isinstance(kind, str) else None
         if want is not None:
-            if len(sizes) != want or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes
-            ):
+            if len(sizes) != want or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
                 form = '("block", bn, bk)' if kind == "block" else '("vector", v)'
                 raise ValueError(f"granularity {granularity!r} must be {form} with positive int sizes")
             return (kind,) + sizes
@@ -176,8 +175,9 @@ def _check_importance(importance, layers: Layers) -> Optional[Dict[str, Tensor]]
     if importance is None:
         return None
     if not isinstance(importance, Mapping):
-        raise TypeError(f"importance must be a dict {{layer name: tensor (T, *weight.shape)}}, got "
-                        f"{type(importance).__name__}")
+        raise TypeError(
+            f"importance must be a dict {{layer name: tensor (T, *weight.shape)}}, got {type(importance).__name__}"
+        )
     names = [name for name, _ in layers]
     unknown = sorted(set(importance) - set(names))
     if unknown:
@@ -193,8 +193,9 @@ def _check_importance(importance, layers: Layers) -> Optional[Dict[str, Tensor]]
             raise TypeError(f"importance[{name!r}] must hold real numbers, got dtype {value.dtype}")
         want = tuple(m.weight_masks.shape)
         if tuple(value.shape) != want:
-            raise ValueError(f"importance[{name!r}] has shape {tuple(value.shape)}, expected (T, *weight.shape) = "
-                             f"{want}")
+            raise ValueError(
+                f"importance[{name!r}] has shape {tuple(value.shape)}, expected (T, *weight.shape) = {want}"
+            )
     return dict(importance)
 
 
@@ -274,8 +275,9 @@ def _drop_unstructured(keeps: List[Tensor], scores: List[Tensor], request: int) 
     return list(drop.split(sizes)), request
 
 
-def _drop_groups(keeps: List[Tensor], scores: List[Tensor], blocks: List[Tuple[int, int, int, int]],
-                 request: int) -> Tuple[List[Tensor], int]:
+def _drop_groups(
+    keeps: List[Tensor], scores: List[Tensor], blocks: List[Tuple[int, int, int, int]], request: int
+) -> Tuple[List[Tensor], int]:
     """Per-layer drop masks removing whole groups, lowest mean kept score first, while the count stays <= request.
 
     A group's score is the mean score of its kept weights and its size is its number of kept weights (a group
@@ -304,13 +306,21 @@ def _drop_groups(keeps: List[Tensor], scores: List[Tensor], blocks: List[Tuple[i
     removed = int(running[taken - 1]) if taken else 0
     chosen = torch.zeros(all_scores.numel(), dtype=torch.bool, device=all_scores.device)
     chosen[order[:taken]] = True
-    drops = [_block_expand(piece, block) & keep
-             for keep, block, piece in zip(keeps, blocks, chosen.split([t.numel() for t in tile_scores]))]
+    drops = [
+        _block_expand(piece, block) & keep
+        for keep, block, piece in zip(keeps, blocks, chosen.split([t.numel() for t in tile_scores]))
+    ]
     return drops, removed
 
 
-def _prune_ticket_(layers: Layers, ticket: int, scores: List[Tensor], request, scope: str,
-                   blocks: Optional[List[Tuple[int, int, int, int]]]) -> List[int]:
+def _prune_ticket_(
+    layers: Layers,
+    ticket: int,
+    scores: List[Tensor],
+    request,
+    scope: str,
+    blocks: Optional[List[Tuple[int, int, int, int]]],
+) -> List[int]:
     """Prune one ticket's masks in place; ``request`` is an int (global) or a list of ints per layer (layer).
 
     Args:
@@ -360,9 +370,15 @@ def _ticket_scores(layers: Layers, ticket: int, importance: Optional[Dict[str, T
     return scores
 
 
-def magnitude_prune_(model: nn.Module, amount: Union[int, float], tickets=None, scope: str = "global",
-                     granularity="unstructured", importance: Optional[Mapping[str, Tensor]] = None,
-                     filter_fn: Optional[FilterFn] = None) -> dict:
+def magnitude_prune_(
+    model: nn.Module,
+    amount: Union[int, float],
+    tickets=None,
+    scope: str = "global",
+    granularity="unstructured",
+    importance: Optional[Mapping[str, Tensor]] = None,
+    filter_fn: Optional[FilterFn] = None,
+) -> dict:
     """Prune every selected ticket's masks in place, dropping its lowest-importance kept weights.
 
     Each ticket is ranked on its own, among the weights it still keeps (masks only shrink, a pruned weight never
@@ -438,8 +454,10 @@ def magnitude_prune_(model: nn.Module, amount: Union[int, float], tickets=None, 
                 if isinstance(amount, float):
                     per_layer.append(_fraction_count(amount, remaining))
                 elif amount > remaining:
-                    raise ValueError(f"amount {amount} exceeds the {remaining} weights ticket {t} still keeps in "
-                                     f"layer {name!r} (scope='layer' removes the count from every layer)")
+                    raise ValueError(
+                        f"amount {amount} exceeds the {remaining} weights ticket {t} still keeps in "
+                        f"layer {name!r} (scope='layer' removes the count from every layer)"
+                    )
                 else:
                     per_layer.append(amount)
             requests[t] = per_layer

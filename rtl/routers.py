@@ -10,12 +10,13 @@ cluster label (CIFAR), the environment (speech), the region id (INR). This modul
 - :class:`ClusterRouter`: label-free routing to the nearest centroid of features (k-means, or the mean feature of
   each group of a fixed partition), so inference needs no label;
 - :func:`all_tickets_scores` and :func:`all_tickets_predict`: label-free multi-class decisions by running every
-  ticket and combining their scores (the paper leaves this open; its notes, open question 10).
+  ticket and combining their scores (the paper leaves this open: docs/paper_notes.md, choice 10).
 
 Every router is called as ``router(batch_info) -> route (B,) int64``, has ``num_tickets``, and saves as plain
 tensors, lists and ints through ``state_dict()`` / ``load_state_dict()`` (so ``torch.load(weights_only=True)``
 reads it back). An unknown label, id or name raises ValueError naming the first offending value.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -60,8 +61,9 @@ def _as_index_tensor(name: str, value: Any) -> torch.Tensor:
     """Integer ids given as a tensor or a sequence of ints -> int64 tensor (B,), on the tensor's own device."""
     if not isinstance(value, torch.Tensor):
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            raise TypeError(f"{name} must be an integer tensor of shape (B,) or a sequence of ints, "
-                            f"got {type(value).__name__}")
+            raise TypeError(
+                f"{name} must be an integer tensor of shape (B,) or a sequence of ints, got {type(value).__name__}"
+            )
         bad = next((v for v in value if not _is_int(v)), None)
         if bad is not None:
             raise TypeError(f"{name} must hold ints, got {bad!r} ({type(bad).__name__})")
@@ -129,6 +131,7 @@ def _check_state_keys(owner: str, state_dict: Any, keys: set) -> None:
 # LabelRouter
 # --------------------------------------------------------------------------------------------------------------
 
+
 class LabelRouter(Router):
     """Class label -> ticket through a lookup table (the paper's label / cluster routing).
 
@@ -174,20 +177,27 @@ class LabelRouter(Router):
         """(label, ticket) pairs and the default num_tickets, with labels checked non-negative and unique."""
         if isinstance(mapping, torch.Tensor):
             if mapping.dim() != 1 or mapping.dtype == torch.bool or mapping.is_floating_point():
-                raise TypeError(f"mapping as a tensor must be 1-D integer (index = label), "
-                                f"got dtype {mapping.dtype} and shape {tuple(mapping.shape)}")
+                raise TypeError(
+                    f"mapping as a tensor must be 1-D integer (index = label), "
+                    f"got dtype {mapping.dtype} and shape {tuple(mapping.shape)}"
+                )
             mapping = mapping.tolist()
         if isinstance(mapping, Mapping):
             pairs = list(mapping.items())
             partition = False
         elif isinstance(mapping, Sequence) and not isinstance(mapping, (str, bytes)):
-            group_like = [(isinstance(g, (Sequence, set, frozenset)) and not isinstance(g, (str, bytes)))
-                          or (isinstance(g, torch.Tensor) and g.dim() == 1) for g in mapping]
+            group_like = [
+                (isinstance(g, (Sequence, set, frozenset)) and not isinstance(g, (str, bytes)))
+                or (isinstance(g, torch.Tensor) and g.dim() == 1)
+                for g in mapping
+            ]
             partition = any(group_like)
             if partition and not all(group_like):
                 first = mapping[group_like.index(False)]
-                raise TypeError(f"mapping mixes groups (a partition) and single tickets, e.g. {first!r}; give either "
-                                f"a list of label groups or a list of tickets (index = label)")
+                raise TypeError(
+                    f"mapping mixes groups (a partition) and single tickets, e.g. {first!r}; give either "
+                    f"a list of label groups or a list of tickets (index = label)"
+                )
             if partition:
                 pairs = []
                 for ticket, group in enumerate(mapping):
@@ -196,8 +206,10 @@ class LabelRouter(Router):
             else:
                 pairs = list(enumerate(mapping))
         else:
-            raise TypeError(f"mapping must be a dict {{label: ticket}}, a sequence of tickets or a list of label "
-                            f"groups, got {type(mapping).__name__}")
+            raise TypeError(
+                f"mapping must be a dict {{label: ticket}}, a sequence of tickets or a list of label "
+                f"groups, got {type(mapping).__name__}"
+            )
         seen: dict[int, int] = {}
         for label, ticket in pairs:
             if not _is_int(label):
@@ -275,8 +287,7 @@ class LabelRouter(Router):
         bad = ~in_range | (route < 0)
         if bool(bad.any()):
             first = int(labels[bad.nonzero()[0, 0]])
-            raise ValueError(f"label {first} has no ticket: the router maps labels "
-                             f"{self._describe_labels()}")
+            raise ValueError(f"label {first} has no ticket: the router maps labels {self._describe_labels()}")
         return route
 
     def _describe_labels(self) -> str:
@@ -310,9 +321,11 @@ class LabelRouter(Router):
         _check_state_keys("LabelRouter", state_dict, {"table", "num_tickets"})
         table, num_tickets = state_dict["table"], _check_num_tickets(state_dict["num_tickets"])
         if not isinstance(table, torch.Tensor) or table.dim() != 1 or table.dtype != torch.int64:
-            raise ValueError(f"LabelRouter.load_state_dict: table must be a 1-D int64 tensor, got "
-                             f"{type(table).__name__} {getattr(table, 'dtype', '')} "
-                             f"{tuple(getattr(table, 'shape', ()))}")
+            raise ValueError(
+                f"LabelRouter.load_state_dict: table must be a 1-D int64 tensor, got "
+                f"{type(table).__name__} {getattr(table, 'dtype', '')} "
+                f"{tuple(getattr(table, 'shape', ()))}"
+            )
         if table.numel() and (int(table.min()) < -1 or int(table.max()) >= num_tickets):
             raise ValueError(f"LabelRouter.load_state_dict: table holds tickets outside [-1, {num_tickets})")
         self._set_state(table.detach().cpu().clone(), num_tickets)
@@ -324,6 +337,7 @@ class LabelRouter(Router):
 # --------------------------------------------------------------------------------------------------------------
 # EnvironmentRouter
 # --------------------------------------------------------------------------------------------------------------
+
 
 class EnvironmentRouter(Router):
     """Environment id or name -> ticket (the paper's speech set-up: one ticket per acoustic scene).
@@ -359,8 +373,9 @@ class EnvironmentRouter(Router):
         self.num_tickets = len(self.environments)
         self._index = index
 
-    def __call__(self, ids: torch.Tensor | Sequence[int] | Sequence[str], device: torch.device | str | None = None
-                 ) -> torch.Tensor:
+    def __call__(
+        self, ids: torch.Tensor | Sequence[int] | Sequence[str], device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """Route environments to tickets.
 
         Args:
@@ -378,8 +393,12 @@ class EnvironmentRouter(Router):
             >>> EnvironmentRouter(["a", "b"])(["b", "b", "a"]).tolist()
             [1, 1, 0]
         """
-        if not isinstance(ids, torch.Tensor) and isinstance(ids, Sequence) and not isinstance(ids, (str, bytes)) \
-                and any(isinstance(i, str) for i in ids):
+        if (
+            not isinstance(ids, torch.Tensor)
+            and isinstance(ids, Sequence)
+            and not isinstance(ids, (str, bytes))
+            and any(isinstance(i, str) for i in ids)
+        ):
             bad = next((i for i in ids if not isinstance(i, str)), None)
             if bad is not None:
                 raise TypeError(f"ids mixes names and non-names, e.g. {bad!r}: give all names or all ints")
@@ -388,16 +407,16 @@ class EnvironmentRouter(Router):
                 raise ValueError(f"unknown environment {unknown!r}; known environments: {self.environments}")
             return torch.tensor([self._index[i] for i in ids], dtype=torch.int64, device=device)
         if isinstance(ids, str):
-            raise TypeError(f"ids must be a sequence of names or ints, got the single name {ids!r}; "
-                            f"wrap it in a list")
+            raise TypeError(f"ids must be a sequence of names or ints, got the single name {ids!r}; wrap it in a list")
         route = _as_index_tensor("ids", ids)
         if device is not None and not isinstance(ids, torch.Tensor):
             route = route.to(device)
         bad = (route < 0) | (route >= self.num_tickets)
         if bool(bad.any()):
             first = int(route[bad.nonzero()[0, 0]])
-            raise ValueError(f"unknown environment id {first}: ids must be in [0, {self.num_tickets}) "
-                             f"({self.environments})")
+            raise ValueError(
+                f"unknown environment id {first}: ids must be in [0, {self.num_tickets}) ({self.environments})"
+            )
         return route.clone() if route is ids else route
 
     def state_dict(self) -> dict:
@@ -430,6 +449,7 @@ class EnvironmentRouter(Router):
 # ClusterRouter
 # --------------------------------------------------------------------------------------------------------------
 
+
 class ClusterRouter(Router):
     """Label-free routing: each input goes to the ticket of its nearest centroid (squared euclidean distance).
 
@@ -459,8 +479,10 @@ class ClusterRouter(Router):
 
     def _set_state(self, centroids: Any) -> None:
         if not isinstance(centroids, torch.Tensor) or not centroids.is_floating_point():
-            raise TypeError(f"centroids must be a floating tensor (T, D), got "
-                            f"{getattr(centroids, 'dtype', type(centroids).__name__)}")
+            raise TypeError(
+                f"centroids must be a floating tensor (T, D), got "
+                f"{getattr(centroids, 'dtype', type(centroids).__name__)}"
+            )
         if centroids.dim() != 2 or centroids.shape[0] < 1 or centroids.shape[1] < 1:
             raise ValueError(f"centroids must have shape (T, D) with T, D >= 1, got {tuple(centroids.shape)}")
         if not bool(torch.isfinite(centroids).all()):
@@ -482,14 +504,16 @@ class ClusterRouter(Router):
     @staticmethod
     def _check_features(name: str, features: Any, num_features: int | None = None) -> torch.Tensor:
         if not isinstance(features, torch.Tensor) or not features.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor (N, D), got "
-                            f"{getattr(features, 'dtype', type(features).__name__)}")
+            raise TypeError(
+                f"{name} must be a floating tensor (N, D), got {getattr(features, 'dtype', type(features).__name__)}"
+            )
         if features.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(features.shape)}"
-                             + ("; flatten inputs first or set feature_fn" if features.dim() > 2 else ""))
+            raise ValueError(
+                f"{name} must be 2-D (N, D), got shape {tuple(features.shape)}"
+                + ("; flatten inputs first or set feature_fn" if features.dim() > 2 else "")
+            )
         if num_features is not None and features.shape[1] != num_features:
-            raise ValueError(f"{name} have D = {features.shape[1]} features but the centroids have "
-                             f"D = {num_features}")
+            raise ValueError(f"{name} have D = {features.shape[1]} features but the centroids have D = {num_features}")
         finite = torch.isfinite(features).all(dim=1)
         if not bool(finite.all()):
             row = int((~finite).nonzero()[0, 0])
@@ -497,8 +521,13 @@ class ClusterRouter(Router):
         return features.detach()
 
     @classmethod
-    def fit(cls, features: torch.Tensor, num_tickets: int, seed: int = 0,
-            feature_fn: Callable[[Any], torch.Tensor] | None = None) -> "ClusterRouter":
+    def fit(
+        cls,
+        features: torch.Tensor,
+        num_tickets: int,
+        seed: int = 0,
+        feature_fn: Callable[[Any], torch.Tensor] | None = None,
+    ) -> "ClusterRouter":
         """Cluster training features with scikit-learn k-means; ticket t = cluster t.
 
         Runs ``sklearn.cluster.KMeans(n_clusters=num_tickets, n_init=10, random_state=seed)`` in float64 and keeps
@@ -525,8 +554,7 @@ class ClusterRouter(Router):
         num_tickets = _check_num_tickets(num_tickets)
         features = cls._check_features("features", features)
         if features.shape[0] < num_tickets:
-            raise ValueError(f"k-means needs at least num_tickets = {num_tickets} samples, got "
-                             f"{features.shape[0]}")
+            raise ValueError(f"k-means needs at least num_tickets = {num_tickets} samples, got {features.shape[0]}")
         if not _is_int(seed):
             raise TypeError(f"seed must be an int, got {seed!r}")
         kmeans = KMeans(n_clusters=num_tickets, n_init=_KMEANS_N_INIT, random_state=int(seed))
@@ -535,9 +563,13 @@ class ClusterRouter(Router):
         return cls(centroids, feature_fn=feature_fn)
 
     @classmethod
-    def from_partition(cls, features: torch.Tensor, labels: torch.Tensor | Sequence[int],
-                       partition: Mapping | Sequence | torch.Tensor | LabelRouter,
-                       feature_fn: Callable[[Any], torch.Tensor] | None = None) -> "ClusterRouter":
+    def from_partition(
+        cls,
+        features: torch.Tensor,
+        labels: torch.Tensor | Sequence[int],
+        partition: Mapping | Sequence | torch.Tensor | LabelRouter,
+        feature_fn: Callable[[Any], torch.Tensor] | None = None,
+    ) -> "ClusterRouter":
         """Centroid of ticket t = the mean training feature of the samples whose label is in group t.
 
         This turns a labelled partition (the paper's CIFAR-100 Table 5 clusters) into a router that needs no label
@@ -592,8 +624,12 @@ class ClusterRouter(Router):
             features = self.feature_fn(x) if self.feature_fn is not None else x
             name = "feature_fn(x)" if self.feature_fn is not None else "features"
             features = self._check_features(name, features, self.num_features)
-            if self.feature_fn is not None and isinstance(x, torch.Tensor) and x.dim() >= 1 \
-                    and features.shape[0] != x.shape[0]:
+            if (
+                self.feature_fn is not None
+                and isinstance(x, torch.Tensor)
+                and x.dim() >= 1
+                and features.shape[0] != x.shape[0]
+            ):
                 raise ValueError(f"feature_fn(x) has {features.shape[0]} rows but x has batch size {x.shape[0]}")
             dtype = torch.promote_types(features.dtype, self._centroids.dtype)
             key = (features.device, dtype)
@@ -606,9 +642,9 @@ class ClusterRouter(Router):
             rows = max(1, _DISTANCE_BLOCK_ELEMENTS // max(1, centroids.numel()))
             route = torch.empty(features.shape[0], dtype=torch.int64, device=features.device)
             for start in range(0, features.shape[0], rows):
-                block = features[start:start + rows]
+                block = features[start : start + rows]
                 dist = (block.unsqueeze(1) - centroids.unsqueeze(0)).square_().sum(dim=2)
-                route[start:start + rows] = dist.argmin(dim=1)  # first minimum: ties go to the lower ticket
+                route[start : start + rows] = dist.argmin(dim=1)  # first minimum: ties go to the lower ticket
             return route
 
     def state_dict(self) -> dict:
@@ -642,8 +678,13 @@ class ClusterRouter(Router):
 # All-tickets evaluation
 # --------------------------------------------------------------------------------------------------------------
 
-def all_tickets_scores(routed_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                       num_tickets: int, batch_size: int | None = None) -> torch.Tensor:
+
+def all_tickets_scores(
+    routed_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    num_tickets: int,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """Run every ticket on every input: scores[b, t] = routed_model(x, route filled with t)[b].
 
     T forward passes per input, under torch.no_grad(). The model's train/eval mode is left to the caller (call
@@ -679,7 +720,7 @@ def all_tickets_scores(routed_model: Callable[[torch.Tensor, torch.Tensor], torc
     chunks = []
     with torch.no_grad():
         for start in starts:
-            xb = x[start:start + step] if total else x
+            xb = x[start : start + step] if total else x
             b = xb.shape[0]
             per_ticket = []
             for t in range(num_tickets):
@@ -693,10 +734,15 @@ def all_tickets_scores(routed_model: Callable[[torch.Tensor, torch.Tensor], torc
     return torch.cat(chunks, dim=0)
 
 
-def all_tickets_predict(routed_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
-                        num_tickets: int, combine: str = "own_logit", ticket_to_class: Sequence[int] | None = None,
-                        batch_size: int | None = None) -> torch.Tensor:
-    """Label-free class predictions from all tickets (the paper's open question 10: it never gives a rule).
+def all_tickets_predict(
+    routed_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    num_tickets: int,
+    combine: str = "own_logit",
+    ticket_to_class: Sequence[int] | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Label-free class predictions from all tickets (docs/paper_notes.md, choice 10: the paper gives no rule).
 
     Runs :func:`all_tickets_scores` (T forwards per input) and combines the scores s (B, T, C):
 
@@ -734,8 +780,9 @@ def all_tickets_predict(routed_model: Callable[[torch.Tensor, torch.Tensor], tor
     if ticket_to_class is not None:
         ticket_to_class = _as_index_tensor("ticket_to_class", ticket_to_class)
         if ticket_to_class.shape[0] != num_tickets:
-            raise ValueError(f"ticket_to_class must have num_tickets = {num_tickets} entries, "
-                             f"got {ticket_to_class.shape[0]}")
+            raise ValueError(
+                f"ticket_to_class must have num_tickets = {num_tickets} entries, got {ticket_to_class.shape[0]}"
+            )
     scores = all_tickets_scores(routed_model, x, num_tickets, batch_size=batch_size)
     num_classes = scores.shape[2]
     if combine == "mean_logits":
@@ -746,8 +793,10 @@ def all_tickets_predict(routed_model: Callable[[torch.Tensor, torch.Tensor], tor
         return scores[torch.arange(scores.shape[0], device=scores.device), best].argmax(dim=1)
     if ticket_to_class is None:
         if num_tickets > num_classes:
-            raise ValueError(f"combine='own_logit' without ticket_to_class needs num_tickets <= C, got "
-                             f"num_tickets = {num_tickets} and C = {num_classes}")
+            raise ValueError(
+                f"combine='own_logit' without ticket_to_class needs num_tickets <= C, got "
+                f"num_tickets = {num_tickets} and C = {num_classes}"
+            )
         ticket_to_class = torch.arange(num_tickets)
     bad = (ticket_to_class < 0) | (ticket_to_class >= num_classes)
     if bool(bad.any()):

@@ -5,6 +5,7 @@ and removed afterwards (also when the call raises), and every layer applies its 
 attached, reading a routed layer's ``weight`` anywhere but in its own forward raises: a model that did so (a
 functional on ``layer.weight``) would use the weight unmasked and silently differ from its tickets.
 """
+
 from __future__ import annotations
 
 import contextlib

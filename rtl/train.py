@@ -7,20 +7,20 @@ Two loops over one shared weight:
     - :func:`train_mixed` takes one step per batch holding many tickets, each sample routed to its own (the
       kernels group the rows by ticket inside each layer call).
 Both wrap the optimizer in :class:`rtl.optim.TicketMaskedOptimizer` and set each step's active tickets, so no
-weight outside those tickets' masks moves, with Adam too (paper.md, open question 7).
+weight outside those tickets' masks moves, with Adam too (docs/paper_notes.md, choice 7).
 
 Choices where the paper is silent, each with its reason:
-    - BatchNorm (open question 8): shared by all tickets, one set of running statistics over every subset, as the
-      paper keeps BN dense and counts no per-ticket parameters. ``freeze_bn=True`` puts every BatchNorm /
-      InstanceNorm layer in eval mode for the run instead (running statistics frozen and used; their affine
-      weights still train).
+    - BatchNorm (docs/paper_notes.md, choice 8): shared by all tickets, one set of running statistics over every
+      subset, as the paper keeps BN dense and counts no per-ticket parameters. ``freeze_bn=True`` puts every BatchNorm
+      / InstanceNorm layer in eval mode for the run instead (running statistics frozen and used; their affine weights
+      still train).
     - The loss: ``loss_fn(output, target)``; a loss that needs the tickets (the paper's one-vs-rest detectors,
-      open question 9) declares a parameter named ``route``, which gets the (B,) int64 ticket of every sample
-      (all equal in :func:`train_sequential`), or ``ticket``, which gets the step's int ticket
+      docs/paper_notes.md choice 9) declares a parameter named ``route``, which gets the (B,) int64 ticket of every
+      sample (all equal in :func:`train_sequential`), or ``ticket``, which gets the step's int ticket
       (:func:`train_sequential` only). The parameter is found by name, not by position, so losses such as
-      ``F.cross_entropy`` (whose third positional parameter is ``weight``) are called correctly.
-      A loss may return a scalar or per-sample values (B,) or (B, ...): the step minimises their mean, and
-      per-sample values give per-ticket means in :func:`train_mixed` too.
+      ``F.cross_entropy`` (whose third positional parameter is ``weight``) are called correctly. A loss may return a
+      scalar or per-sample values (B,) or (B, ...): the step minimises their mean, and per-sample values give
+      per-ticket means in :func:`train_mixed` too.
     - Epochs: every epoch starts a fresh pass over every loader (a shuffling DataLoader reshuffles); in
       :func:`train_sequential` a loader that runs out before the longest one is re-iterated (cycled).
     - A ticket whose loader has no batch gets no step (an empty ticket is legal); train_sequential wants one
@@ -38,6 +38,7 @@ Choices where the paper is silent, each with its reason:
       checkpoint and shows progress, and reported losses are averaged over the processes. Every process must
       take the same number of steps (e.g. DistributedSampler, with drop_last for uneven data).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -124,9 +125,11 @@ def _loader_lengths(loaders) -> List[int]:
         try:
             lengths.append(len(loader))
         except TypeError:
-            raise TypeError(f"loaders[{k}] ({type(loader).__name__}) has no len(): the balanced schedule needs "
-                            f"every subset's number of batches; pass a list or a DataLoader over a map-style "
-                            f"dataset") from None
+            raise TypeError(
+                f"loaders[{k}] ({type(loader).__name__}) has no len(): the balanced schedule needs "
+                f"every subset's number of batches; pass a list or a DataLoader over a map-style "
+                f"dataset"
+            ) from None
     return lengths
 
 
@@ -134,8 +137,13 @@ class _Batches:
     """Draws batches from several loaders, re-iterating exhausted ones, and records the RNG state each iterator
     was made with so that a resumed run can make the same iterators again (``replay``)."""
 
-    def __init__(self, loaders: Sequence[Iterable], cycle: bool, epoch: int = 0,
-                 replay: Optional[List[Tuple[int, Dict[str, Any]]]] = None) -> None:
+    def __init__(
+        self,
+        loaders: Sequence[Iterable],
+        cycle: bool,
+        epoch: int = 0,
+        replay: Optional[List[Tuple[int, Dict[str, Any]]]] = None,
+    ) -> None:
         self.loaders = loaders
         self.cycle = cycle
         self.epoch = epoch
@@ -169,8 +177,9 @@ class _Batches:
         try:
             return next(self.iterators[k])
         except StopIteration:
-            raise ValueError(f"loaders[{k}] yielded no batch when iterated again, although len() said it has "
-                             f"some") from None
+            raise ValueError(
+                f"loaders[{k}] yielded no batch when iterated again, although len() said it has some"
+            ) from None
 
 
 def _balanced_plan(lengths: Sequence[int]) -> List[Tuple[int, int]]:
@@ -217,8 +226,13 @@ def _get_rng_state(cuda: bool = True) -> Dict[str, Any]:
         pass
     else:
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached": float(cached)}
+        state["numpy"] = {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        }
     if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -231,8 +245,7 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         import numpy as np
 
         s = state["numpy"]
-        np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
-                             s["cached"]))
+        np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -262,8 +275,12 @@ def _save_atomic(payload: Dict[str, Any], path: str) -> None:
 
 
 def _distributed(model: nn.Module) -> bool:
-    return (isinstance(model, nn.parallel.DistributedDataParallel) and dist.is_available()
-            and dist.is_initialized() and dist.get_world_size() > 1)
+    return (
+        isinstance(model, nn.parallel.DistributedDataParallel)
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    )
 
 
 # -- batches and losses ------------------------------------------------------------------------------------------
@@ -314,14 +331,27 @@ def _loss_keyword(loss_fn: Callable) -> Optional[str]:
 class _Trainer:
     """The state of one training run: model, optimizer wrapper, loss, accumulators, checkpointing."""
 
-    def __init__(self, kind: str, model: nn.Module, optimizer, loss_fn: Callable, epochs: int, device,
-                 progress: bool, callbacks, checkpoint, checkpoint_every, freeze_bn: bool) -> None:
+    def __init__(
+        self,
+        kind: str,
+        model: nn.Module,
+        optimizer,
+        loss_fn: Callable,
+        epochs: int,
+        device,
+        progress: bool,
+        callbacks,
+        checkpoint,
+        checkpoint_every,
+        freeze_bn: bool,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
-                                             or isinstance(checkpoint_every, bool) or checkpoint_every < 1):
+        if checkpoint_every is not None and (
+            not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1
+        ):
             raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {checkpoint_every!r}")
         if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError(f"checkpoint must be a path or None, got {type(checkpoint).__name__}")
@@ -369,16 +399,21 @@ class _Trainer:
         self.ticket_count = torch.zeros(self.num_tickets, dtype=torch.float64, device=dev)
 
     def _close_epoch(self) -> None:
-        sums = torch.cat([self.loss_sum.view(1), torch.tensor([float(self.step_count)], dtype=torch.float64,
-                                                              device=self.loss_sum.device),
-                          self.ticket_sum, self.ticket_count])
+        sums = torch.cat(
+            [
+                self.loss_sum.view(1),
+                torch.tensor([float(self.step_count)], dtype=torch.float64, device=self.loss_sum.device),
+                self.ticket_sum,
+                self.ticket_count,
+            ]
+        )
         if self.distributed:
             backend_device = self.weight_device if dist.get_backend() == "nccl" else torch.device("cpu")
             sums = sums.to(backend_device)
             dist.all_reduce(sums)
         sums = sums.cpu().tolist()
         total, count = sums[0], sums[1]
-        ticket_sum, ticket_count = sums[2:2 + self.num_tickets], sums[2 + self.num_tickets:]
+        ticket_sum, ticket_count = sums[2 : 2 + self.num_tickets], sums[2 + self.num_tickets :]
         self.result.epoch_losses.append(total / count if count else math.nan)
         self.result.ticket_losses.append([s / c if c else math.nan for s, c in zip(ticket_sum, ticket_count)])
         self._reset_epoch_sums()
@@ -407,8 +442,10 @@ class _Trainer:
             per_sample = None
             if loss.dim() > 0:
                 if loss.shape[0] != route.shape[0]:
-                    raise ValueError(f"loss_fn returned shape {tuple(loss.shape)}: return a scalar or per-sample "
-                                     f"values (B, ...) with B = {route.shape[0]}")
+                    raise ValueError(
+                        f"loss_fn returned shape {tuple(loss.shape)}: return a scalar or per-sample "
+                        f"values (B, ...) with B = {route.shape[0]}"
+                    )
                 per_sample = loss.reshape(loss.shape[0], -1).mean(1)
                 loss = per_sample.mean()
             loss.backward()
@@ -436,15 +473,27 @@ class _Trainer:
             return
         partial = None
         if position:
-            partial = {"loss_sum": self.loss_sum.detach().cpu(), "count": self.step_count,
-                       "ticket_sum": self.ticket_sum.detach().cpu(), "ticket_count": self.ticket_count.detach().cpu()}
+            partial = {
+                "loss_sum": self.loss_sum.detach().cpu(),
+                "count": self.step_count,
+                "ticket_sum": self.ticket_sum.detach().cpu(),
+                "ticket_count": self.ticket_count.detach().cpu(),
+            }
         payload = {
-            "format": _FORMAT, "version": _VERSION, "kind": self.kind, "num_tickets": self.num_tickets,
-            "epoch": epoch, "position": position, "steps": self.result.steps,
-            "epoch_losses": list(self.result.epoch_losses), "ticket_losses": [list(t) for t in
-                                                                              self.result.ticket_losses],
-            "partial": partial, "model": self.base.state_dict(), "optimizer": self.opt.state_dict(),
-            "rng": [g[0] for g in gathered], "data_rng": [g[1] for g in gathered],
+            "format": _FORMAT,
+            "version": _VERSION,
+            "kind": self.kind,
+            "num_tickets": self.num_tickets,
+            "epoch": epoch,
+            "position": position,
+            "steps": self.result.steps,
+            "epoch_losses": list(self.result.epoch_losses),
+            "ticket_losses": [list(t) for t in self.result.ticket_losses],
+            "partial": partial,
+            "model": self.base.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "rng": [g[0] for g in gathered],
+            "data_rng": [g[1] for g in gathered],
         }
         _save_atomic(payload, self.checkpoint)
 
@@ -456,17 +505,21 @@ class _Trainer:
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ValueError(f"checkpoint {self.checkpoint!r} is not an rtl.train checkpoint")
         if payload.get("version") != _VERSION:
-            raise ValueError(f"checkpoint {self.checkpoint!r} has version {payload.get('version')!r}, this rtl "
-                             f"reads version {_VERSION}")
+            raise ValueError(
+                f"checkpoint {self.checkpoint!r} has version {payload.get('version')!r}, this rtl "
+                f"reads version {_VERSION}"
+            )
         if payload["kind"] != self.kind:
             raise ValueError(f"checkpoint {self.checkpoint!r} was written by {payload['kind']}, not {self.kind}")
         if payload["num_tickets"] != self.num_tickets:
-            raise ValueError(f"checkpoint {self.checkpoint!r} has {payload['num_tickets']} tickets, the model "
-                             f"has {self.num_tickets}")
+            raise ValueError(
+                f"checkpoint {self.checkpoint!r} has {payload['num_tickets']} tickets, the model has {self.num_tickets}"
+            )
         self.base.load_state_dict(payload["model"])
         self.opt.load_state_dict(payload["optimizer"])
-        self.result = TrainResult(list(payload["epoch_losses"]), [list(t) for t in payload["ticket_losses"]],
-                                  payload["steps"])
+        self.result = TrainResult(
+            list(payload["epoch_losses"]), [list(t) for t in payload["ticket_losses"]], payload["steps"]
+        )
         partial = payload["partial"]
         if partial is not None:
             dev = self.weight_device
@@ -476,15 +529,23 @@ class _Trainer:
             self.ticket_count = partial["ticket_count"].to(dev)
         world = dist.get_world_size() if self.distributed else 1
         if len(payload["rng"]) != world:
-            warnings.warn(f"checkpoint {self.checkpoint!r} was written by {len(payload['rng'])} processes and is "
-                          f"resumed by {world}: the RNG states are not restored, so the run will not repeat the "
-                          f"uninterrupted one exactly", stacklevel=3)
+            warnings.warn(
+                f"checkpoint {self.checkpoint!r} was written by {len(payload['rng'])} processes and is "
+                f"resumed by {world}: the RNG states are not restored, so the run will not repeat the "
+                f"uninterrupted one exactly",
+                stacklevel=3,
+            )
             payload["rng"] = payload["data_rng"] = None
         return payload
 
     # -- the loop -----------------------------------------------------------------------------------------------
-    def run(self, loaders: Sequence[Iterable], cycle: bool, plan: Callable[[], Optional[List[Tuple[int, int]]]],
-            prepare: Callable[[Any, int], Tuple[Any, Any, Tensor, Optional[int]]]) -> TrainResult:
+    def run(
+        self,
+        loaders: Sequence[Iterable],
+        cycle: bool,
+        plan: Callable[[], Optional[List[Tuple[int, int]]]],
+        prepare: Callable[[Any, int], Tuple[Any, Any, Tensor, Optional[int]]],
+    ) -> TrainResult:
         """Run the epochs; ``plan()`` gives the epoch's (batch index, loader) order or None (one pass of loader 0),
         ``prepare(batch, k)`` gives (x, y, route, ticket or None) on the device."""
         modes = {m: m.training for m in self.model.modules()}
@@ -547,8 +608,16 @@ class _Trainer:
                 bar.update(1)
                 last = total is not None and step == total - 1
                 self.result.steps += 1
-                info = StepInfo(epoch=epoch, step=step, global_step=self.result.steps - 1, batch_index=batch_index,
-                                ticket=ticket, route=route, loss=loss, last_in_epoch=last)
+                info = StepInfo(
+                    epoch=epoch,
+                    step=step,
+                    global_step=self.result.steps - 1,
+                    batch_index=batch_index,
+                    ticket=ticket,
+                    route=route,
+                    loss=loss,
+                    last_in_epoch=last,
+                )
                 for cb in self.callbacks:
                     cb(info)
                 if not last and self.checkpoint_every is not None and (step + 1) % self.checkpoint_every == 0:
@@ -564,8 +633,9 @@ class _Trainer:
 # -- public loops ------------------------------------------------------------------------------------------------
 def _split_batch(batch, with_route: bool, where: str):
     if not isinstance(batch, (list, tuple)) or isinstance(batch, str):
-        raise TypeError(f"{where} must yield (x, y) batches{' or (x, y, route)' if with_route else ''}, got "
-                        f"{type(batch).__name__}")
+        raise TypeError(
+            f"{where} must yield (x, y) batches{' or (x, y, route)' if with_route else ''}, got {type(batch).__name__}"
+        )
     sizes = (2, 3) if with_route else (2,)
     if len(batch) not in sizes:
         expected = "(x, y) or (x, y, route)" if with_route else "(x, y)"
@@ -573,10 +643,19 @@ def _split_batch(batch, with_route: bool, where: str):
     return batch
 
 
-def train_sequential(model: nn.Module, loaders: Sequence[Iterable], optimizer: torch.optim.Optimizer,
-                     loss_fn: Callable, epochs: int = 1, device=None, progress: bool = True,
-                     callbacks: Sequence[Callable[[StepInfo], None]] = (), checkpoint=None,
-                     freeze_bn: bool = False, checkpoint_every: Optional[int] = None) -> TrainResult:
+def train_sequential(
+    model: nn.Module,
+    loaders: Sequence[Iterable],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    epochs: int = 1,
+    device=None,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    checkpoint=None,
+    freeze_bn: bool = False,
+    checkpoint_every: Optional[int] = None,
+) -> TrainResult:
     """Alg. 2 joint retraining: one optimizer step per (batch index m, ticket k), the batch routed to ticket k.
 
     The K subsets' batches come in :func:`balanced_cyclic_batches` order (the shorter subsets cycled up to the
@@ -619,10 +698,23 @@ def train_sequential(model: nn.Module, loaders: Sequence[Iterable], optimizer: t
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     num_tickets = model_num_tickets(_unwrap(model))
     if len(lengths) != num_tickets:
-        raise ValueError(f"loaders has {len(lengths)} loaders but the model has {num_tickets} tickets: give one "
-                         f"per ticket (an empty list for a ticket not to train)")
-    trainer = _Trainer("sequential", model, optimizer, loss_fn, epochs, device, progress, callbacks, checkpoint,
-                       checkpoint_every, freeze_bn)
+        raise ValueError(
+            f"loaders has {len(lengths)} loaders but the model has {num_tickets} tickets: give one "
+            f"per ticket (an empty list for a ticket not to train)"
+        )
+    trainer = _Trainer(
+        "sequential",
+        model,
+        optimizer,
+        loss_fn,
+        epochs,
+        device,
+        progress,
+        callbacks,
+        checkpoint,
+        checkpoint_every,
+        freeze_bn,
+    )
     plan = _balanced_plan(lengths)
 
     def prepare(batch, k: int):
@@ -634,10 +726,20 @@ def train_sequential(model: nn.Module, loaders: Sequence[Iterable], optimizer: t
     return trainer.run(list(loaders), cycle=True, plan=lambda: plan, prepare=prepare)
 
 
-def train_mixed(model: nn.Module, loader: Iterable, router_or_route_fn: Optional[Callable],
-                optimizer: torch.optim.Optimizer, loss_fn: Callable, epochs: int = 1, device=None,
-                progress: bool = True, callbacks: Sequence[Callable[[StepInfo], None]] = (), checkpoint=None,
-                freeze_bn: bool = False, checkpoint_every: Optional[int] = None) -> TrainResult:
+def train_mixed(
+    model: nn.Module,
+    loader: Iterable,
+    router_or_route_fn: Optional[Callable],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    epochs: int = 1,
+    device=None,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    checkpoint=None,
+    freeze_bn: bool = False,
+    checkpoint_every: Optional[int] = None,
+) -> TrainResult:
     """Joint retraining with one optimizer step per batch holding many tickets, each sample routed to its own.
 
     The step's gradient is the batch mean over all its samples, each through its ticket's mask; the optimizer
@@ -667,19 +769,25 @@ def train_mixed(model: nn.Module, loader: Iterable, router_or_route_fn: Optional
     if router_or_route_fn is not None and not callable(router_or_route_fn):
         raise TypeError(f"router_or_route_fn must be callable or None, got {type(router_or_route_fn).__name__}")
     if _loss_keyword(loss_fn) == "ticket":
-        raise TypeError("loss_fn asks for `ticket`, but a mixed batch holds several tickets: declare a `route` "
-                        "parameter instead, which receives every sample's ticket (B,)")
-    trainer = _Trainer("mixed", model, optimizer, loss_fn, epochs, device, progress, callbacks, checkpoint,
-                       checkpoint_every, freeze_bn)
+        raise TypeError(
+            "loss_fn asks for `ticket`, but a mixed batch holds several tickets: declare a `route` "
+            "parameter instead, which receives every sample's ticket (B,)"
+        )
+    trainer = _Trainer(
+        "mixed", model, optimizer, loss_fn, epochs, device, progress, callbacks, checkpoint, checkpoint_every, freeze_bn
+    )
 
     def prepare(batch, k: int):
         items = _split_batch(batch, with_route=True, where="loader")
         if len(items) == 3 and router_or_route_fn is not None:
-            raise ValueError("the loader yields (x, y, route) and router_or_route_fn is given too: pass None to use "
-                             "the loader's route, or yield (x, y)")
+            raise ValueError(
+                "the loader yields (x, y, route) and router_or_route_fn is given too: pass None to use "
+                "the loader's route, or yield (x, y)"
+            )
         if len(items) == 2 and router_or_route_fn is None:
-            raise ValueError("the loader yields (x, y) batches without a route: pass router_or_route_fn, or yield "
-                             "(x, y, route)")
+            raise ValueError(
+                "the loader yields (x, y) batches without a route: pass router_or_route_fn, or yield (x, y, route)"
+            )
         x, y = _to_device(items[0], trainer.device), _to_device(items[1], trainer.device)
         route = items[2] if len(items) == 3 else router_or_route_fn(x, y)
         route = check_route(route, trainer.num_tickets, batch=_batch_size(x), device=trainer.weight_device)

@@ -3,6 +3,7 @@
 Importing this package registers the ops with torch.library; it does not import Triton, load CUDA or need the
 compiled extension (backends load lazily, see :mod:`rtl_kernels.backends`).
 """
+
 from .backends import available_backends, get_backend, set_backend, set_default_backend, unavailable_reasons
 from .grouping import TicketGrouping, group_by_ticket
 from .layout_cache import clear_layout_cache, layout_cache_stats

@@ -3,6 +3,7 @@
 Static checks (types, shapes, dtypes, devices) run in both the real and the fake kernels, so they also fire
 under ``torch.compile``. Value checks (route ids in range) need the data and run only in the real kernels.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -77,9 +78,7 @@ def check_grouping(perm: Optional[Tensor], offsets: Optional[Tensor], batch: int
     check_tensor("ticket_perm", perm, ndim=1)
     check_tensor("ticket_offsets", offsets, ndim=1)
     if perm.dtype != torch.int64 or offsets.dtype != torch.int64:
-        raise TypeError(
-            f"ticket_perm and ticket_offsets must be torch.int64, got {perm.dtype} and {offsets.dtype}"
-        )
+        raise TypeError(f"ticket_perm and ticket_offsets must be torch.int64, got {perm.dtype} and {offsets.dtype}")
     if perm.shape[0] != batch:
         raise ValueError(f"ticket_perm must have {batch} entries (the batch size), got {perm.shape[0]}")
     if offsets.shape[0] != num_tickets + 1:
@@ -129,9 +128,7 @@ def check_masks(masks: Tensor, weight_shape: tuple) -> int:
     return masks.shape[0]
 
 
-def check_linear_args(
-    x: Tensor, weight: Tensor, masks: Tensor, route: Tensor, bias: Optional[Tensor]
-) -> int:
+def check_linear_args(x: Tensor, weight: Tensor, masks: Tensor, route: Tensor, bias: Optional[Tensor]) -> int:
     """Static checks of routed_masked_linear's arguments; return the number of tickets T."""
     check_tensor("x", x, ndim=2)
     check_tensor("weight", weight, ndim=2)

@@ -1,4 +1,5 @@
 """Loading of the compiled extensions, remembering why one could not be loaded."""
+
 from __future__ import annotations
 
 import importlib

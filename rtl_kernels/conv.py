@@ -6,6 +6,7 @@ autograd. Backends implement three conv2d primitives (forward, input gradient, w
 gradient, its input gradient the conv2d forward and its weight gradient the conv2d weight gradient with the roles
 of input and output swapped, as U-Net decoders need.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
@@ -110,6 +111,7 @@ def _images(backend, t: Tensor) -> Tensor:
 
 # -- conv2d ----------------------------------------------------------------------------------------------------
 
+
 def _conv2d_impl(
     x: Tensor,
     weight: Tensor,
@@ -136,8 +138,16 @@ def _conv2d_impl(
     perm, offsets = _grouping(route, num_tickets, ticket_perm, ticket_offsets)
     backend = select_backend(x.device, x.dtype)
     return backend.conv2d_forward(
-        _images(backend, x), weight.contiguous(), masks.contiguous(), bias, perm, offsets,
-        _t(stride), _t(padding), _t(dilation), groups,
+        _images(backend, x),
+        weight.contiguous(),
+        masks.contiguous(),
+        bias,
+        perm,
+        offsets,
+        _t(stride),
+        _t(padding),
+        _t(dilation),
+        groups,
     )
 
 
@@ -151,8 +161,19 @@ _routed_masked_conv2d = torch.library.custom_op(
 
 
 @_routed_masked_conv2d.register_fake
-def _(x, weight, masks, route, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-      ticket_perm=None, ticket_offsets=None):
+def _(
+    x,
+    weight,
+    masks,
+    route,
+    bias=None,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    groups=1,
+    ticket_perm=None,
+    ticket_offsets=None,
+):
     num_tickets = _check_conv_args(x, weight, masks, route, bias, groups, transposed=False)
     _checks.check_grouping(ticket_perm, ticket_offsets, x.shape[0], num_tickets)
     ho, wo = _check_geometry(x, weight, stride, padding, dilation)
@@ -161,15 +182,32 @@ def _(x, weight, masks, route, bias=None, stride=(1, 1), padding=(0, 0), dilatio
 
 @torch.library.custom_op("rtl_kernels::routed_masked_conv2d_grad_input", mutates_args=())
 def _conv2d_grad_input(
-    grad_y: Tensor, weight: Tensor, masks: Tensor, route: Tensor, ticket_perm: Tensor, ticket_offsets: Tensor,
-    input_shape: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
+    grad_y: Tensor,
+    weight: Tensor,
+    masks: Tensor,
+    route: Tensor,
+    ticket_perm: Tensor,
+    ticket_offsets: Tensor,
+    input_shape: List[int],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
 ) -> Tensor:
     if grad_y.shape[0] == 0:
         return grad_y.new_zeros(tuple(input_shape))
     backend = select_backend(grad_y.device, grad_y.dtype)
     return backend.conv2d_grad_input(
-        _images(backend, grad_y), weight.contiguous(), masks.contiguous(), ticket_perm, ticket_offsets,
-        tuple(int(s) for s in input_shape), _t(stride), _t(padding), _t(dilation), groups,
+        _images(backend, grad_y),
+        weight.contiguous(),
+        masks.contiguous(),
+        ticket_perm,
+        ticket_offsets,
+        tuple(int(s) for s in input_shape),
+        _t(stride),
+        _t(padding),
+        _t(dilation),
+        groups,
     )
 
 
@@ -180,15 +218,30 @@ def _(grad_y, weight, masks, route, ticket_perm, ticket_offsets, input_shape, st
 
 @torch.library.custom_op("rtl_kernels::routed_masked_conv2d_grad_weight", mutates_args=())
 def _conv2d_grad_weight(
-    grad_y: Tensor, x: Tensor, masks: Tensor, route: Tensor, ticket_perm: Tensor, ticket_offsets: Tensor,
-    stride: List[int], padding: List[int], dilation: List[int], groups: int,
+    grad_y: Tensor,
+    x: Tensor,
+    masks: Tensor,
+    route: Tensor,
+    ticket_perm: Tensor,
+    ticket_offsets: Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
 ) -> Tensor:
     if grad_y.shape[0] == 0:
         return grad_y.new_zeros(tuple(masks.shape[1:]))
     backend = select_backend(grad_y.device, grad_y.dtype)
     return backend.conv2d_grad_weight(
-        _images(backend, grad_y), _images(backend, x), masks.contiguous(), ticket_perm, ticket_offsets,
-        _t(stride), _t(padding), _t(dilation), groups,
+        _images(backend, grad_y),
+        _images(backend, x),
+        masks.contiguous(),
+        ticket_perm,
+        ticket_offsets,
+        _t(stride),
+        _t(padding),
+        _t(dilation),
+        groups,
     )
 
 
@@ -202,8 +255,8 @@ def _needs(ctx, count):
 
 
 def _conv2d_setup(ctx, inputs, output):
-    x, weight, masks, route, bias, stride, padding, dilation, groups, perm, offsets = (
-        list(inputs) + [None] * (11 - len(inputs))
+    x, weight, masks, route, bias, stride, padding, dilation, groups, perm, offsets = list(inputs) + [None] * (
+        11 - len(inputs)
     )
     ctx.geometry = (list(stride or (1, 1)), list(padding or (0, 0)), list(dilation or (1, 1)), groups or 1)
     ctx.has_bias = bias is not None
@@ -309,6 +362,7 @@ def routed_masked_conv2d(
 
 # -- conv_transpose2d ------------------------------------------------------------------------------------------
 
+
 def _transposed_shape(x, weight, stride, padding, output_padding, dilation, groups):
     for i in range(2):
         if output_padding[i] >= max(stride[i], dilation[i]):
@@ -352,8 +406,16 @@ def _conv_transpose2d_impl(
     # The transposed conv is the input gradient of the conv2d whose weight (C_in, C_out/g, kh, kw) maps the
     # output's C_out channels to x's C_in channels.
     y = backend.conv2d_grad_input(
-        _images(backend, x), weight.contiguous(), masks.contiguous(), perm, offsets, tuple(out_shape),
-        _t(stride), _t(padding), _t(dilation), groups,
+        _images(backend, x),
+        weight.contiguous(),
+        masks.contiguous(),
+        perm,
+        offsets,
+        tuple(out_shape),
+        _t(stride),
+        _t(padding),
+        _t(dilation),
+        groups,
     )
     if bias is not None:
         y += bias.view(1, -1, 1, 1)
@@ -370,17 +432,29 @@ _routed_masked_conv_transpose2d = torch.library.custom_op(
 
 
 @_routed_masked_conv_transpose2d.register_fake
-def _(x, weight, masks, route, bias=None, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
-      dilation=(1, 1), ticket_perm=None, ticket_offsets=None):
+def _(
+    x,
+    weight,
+    masks,
+    route,
+    bias=None,
+    stride=(1, 1),
+    padding=(0, 0),
+    output_padding=(0, 0),
+    groups=1,
+    dilation=(1, 1),
+    ticket_perm=None,
+    ticket_offsets=None,
+):
     num_tickets = _check_conv_args(x, weight, masks, route, bias, groups, transposed=True)
     _checks.check_grouping(ticket_perm, ticket_offsets, x.shape[0], num_tickets)
     return x.new_empty(_transposed_shape(x, weight, stride, padding, output_padding, dilation, groups))
 
 
 def _transpose_setup(ctx, inputs, output):
-    x, weight, masks, route, bias, stride, padding, output_padding, groups, dilation, perm, offsets = (
-        list(inputs) + [None] * (12 - len(inputs))
-    )
+    x, weight, masks, route, bias, stride, padding, output_padding, groups, dilation, perm, offsets = list(inputs) + [
+        None
+    ] * (12 - len(inputs))
     ctx.geometry = (list(stride or (1, 1)), list(padding or (0, 0)), list(dilation or (1, 1)), groups or 1)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, masks, route, perm, offsets)
@@ -455,8 +529,9 @@ def routed_masked_conv_transpose2d(
     if grouping is not None:
         perm, offsets = grouping.perm, grouping.offsets
     if _checks.eager_call_ok(x, weight, masks, route, bias, perm, offsets):
-        return _conv_transpose2d_impl(x, weight, masks, route, bias, stride, padding, output_padding, groups,
-                                      dilation, perm, offsets)
+        return _conv_transpose2d_impl(
+            x, weight, masks, route, bias, stride, padding, output_padding, groups, dilation, perm, offsets
+        )
     return torch.ops.rtl_kernels.routed_masked_conv_transpose2d(
         x, weight, masks, route, bias, stride, padding, output_padding, groups, dilation, perm, offsets
     )

@@ -3,6 +3,7 @@
 Every routed op groups its batch this way; a model whose layers share one route can group once with
 :func:`group_by_ticket` and pass the result to every layer.
 """
+
 from __future__ import annotations
 
 import weakref

@@ -1,4 +1,5 @@
 """``python -m rtl_kernels.info``: versions, and which backends can run here and why not."""
+
 from __future__ import annotations
 
 import os

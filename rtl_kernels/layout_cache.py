@@ -5,6 +5,7 @@ stale entry) plus its version counter and data pointer: any in-place edit (``mas
 ``masks.copy_(...)``, ``masks.logical_and_(...)``) bumps the version and forces a recompile. Writes that bypass
 autograd's version counter (``masks.data[...] = ...``) are not seen; call :func:`clear_layout_cache` after those.
 """
+
 from __future__ import annotations
 
 import threading

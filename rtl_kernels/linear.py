@@ -4,6 +4,7 @@ Registered with torch.library as ``torch.ops.rtl_kernels.routed_masked_linear`` 
 so ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work. The two gradient ops are custom ops too.
 The backend is chosen at run time by :mod:`rtl_kernels.backends`.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from . import _checks
 from .backends import register_autograd_on_forward_backend, select_backend
-from .grouping import TicketGrouping, checked_grouping, group_by_ticket, group_by_ticket_tensors
+from .grouping import TicketGrouping, checked_grouping, group_by_ticket_tensors
 
 
 def _grouping(route: Tensor, num_tickets: int, perm: Optional[Tensor], offsets: Optional[Tensor]):

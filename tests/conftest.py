@@ -1,4 +1,5 @@
 """Test set-up: Triton runs under its interpreter on machines without a GPU; TF32 is off for fp32 checks."""
+
 import os
 
 import torch

@@ -5,6 +5,7 @@ layer's invariants (masked optimizer steps, pruning, save/load).
 Example counts are fixed and the search derandomised, so `make test` runs the same examples every time in bounded
 time; RTL_HYPOTHESIS_EXAMPLES=N scales every count by N / 100 for a longer local search.
 """
+
 import os
 
 import pytest
@@ -29,11 +30,16 @@ _SCALE = int(os.environ.get("RTL_HYPOTHESIS_EXAMPLES", "100")) / 100
 
 
 def _settings(examples):
-    return settings(max_examples=max(1, int(examples * _SCALE)), deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=max(1, int(examples * _SCALE)),
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # -- drawn inputs ------------------------------------------------------------------------------------------------
+
 
 @st.composite
 def routes(draw, batch, tickets):
@@ -84,6 +90,7 @@ def _close(got, want, scale_of, tol):
 
 
 # -- linear ------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @_settings(150)
@@ -136,6 +143,7 @@ def _linear_case(backend, data):
 
 
 # -- conv2d and transposed conv ----------------------------------------------------------------------------------
+
 
 @st.composite
 def conv_geometry(draw):
@@ -224,23 +232,33 @@ def _conv_case(backend, transposed, data):
 
 # -- the method layer --------------------------------------------------------------------------------------------
 
+
 def _small_model(tickets, seed):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                                torch.nn.Linear(4 * 5 * 5, 6))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 5, 6)
+    )
     return rtl.convert_(model, tickets)
 
 
 @_settings(25)
-@given(tickets=st.integers(1, 5), seed=st.integers(0, 10_000), optimizer=st.sampled_from(["sgd", "adam", "adamw"]),
-       steps=st.integers(1, 3), density=st.sampled_from([0.1, 0.5, 0.9]))
+@given(
+    tickets=st.integers(1, 5),
+    seed=st.integers(0, 10_000),
+    optimizer=st.sampled_from(["sgd", "adam", "adamw"]),
+    steps=st.integers(1, 3),
+    density=st.sampled_from([0.1, 0.5, 0.9]),
+)
 def test_weights_outside_the_active_masks_never_move(tickets, seed, optimizer, steps, density):
     model = _small_model(tickets, seed)
     g = torch.Generator().manual_seed(seed)
     for _, m in rtl.nn.routed_modules(model):
         m.weight_masks.copy_(torch.rand(m.weight_masks.shape, generator=g) < density)
-    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
-            "adam": lambda p: torch.optim.Adam(p, lr=0.05), "adamw": lambda p: torch.optim.AdamW(p, lr=0.05)}
+    make = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+        "adam": lambda p: torch.optim.Adam(p, lr=0.05),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=0.05),
+    }
     opt = rtl.optim.TicketMaskedOptimizer(make[optimizer](model.parameters()), model)
     for _ in range(steps):
         route = torch.randint(0, tickets, (4,), generator=g)
@@ -256,9 +274,13 @@ def test_weights_outside_the_active_masks_never_move(tickets, seed, optimizer, s
 
 
 @_settings(25)
-@given(tickets=st.integers(1, 4), seed=st.integers(0, 10_000), amount=st.sampled_from([0.1, 0.3, 0.7, 5, 40]),
-       scope=st.sampled_from(["global", "layer"]),
-       granularity=st.sampled_from(["unstructured", ("block", 2, 3), ("vector", 4), "channel"]))
+@given(
+    tickets=st.integers(1, 4),
+    seed=st.integers(0, 10_000),
+    amount=st.sampled_from([0.1, 0.3, 0.7, 5, 40]),
+    scope=st.sampled_from(["global", "layer"]),
+    granularity=st.sampled_from(["unstructured", ("block", 2, 3), ("vector", 4), "channel"]),
+)
 def test_pruning_only_shrinks_masks(tickets, seed, amount, scope, granularity):
     model = _small_model(tickets, seed)
     for _ in range(2):

@@ -1,4 +1,5 @@
 """The README's code examples run as written."""
+
 import pathlib
 import re
 

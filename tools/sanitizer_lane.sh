@@ -28,7 +28,7 @@ export RTL_BUILD_CPU=0 RTL_BUILD_CUDA=0
 cd "$LIB"  # first on sys.path: the sanitized rtl_kernels is the one imported
 "$PY" -c "import rtl_kernels._C as c, sys; assert c.__file__.startswith('$LIB'), c.__file__; print('sanitized:', c.__file__)"
 start=$(date +%s)
-"$PY" -m pytest "$ROOT/tests/rtl_kernels" "$ROOT/tests/test_properties.py" -c "$ROOT/pytest.ini" --rootdir "$ROOT" \
+"$PY" -m pytest "$ROOT/tests/rtl_kernels" "$ROOT/tests/test_properties.py" -c "$ROOT/pyproject.toml" --rootdir "$ROOT" \
     --ignore "$ROOT/tests/rtl_kernels/test_triton_linear.py" --ignore "$ROOT/tests/rtl_kernels/test_triton_conv2d.py" \
     --ignore "$ROOT/tests/rtl_kernels/test_cuda_linear.py" --ignore "$ROOT/tests/rtl_kernels/test_cuda_conv2d.py" \
     -p no:cacheprovider -q "$@"

@@ -139,8 +139,8 @@ std::vector<int64_t> run_tickets(const TicketImages& g) {
 
 // Packs the images of every run ticket into scratch slot `slot`; `slack` zeros follow the last block, for reads
 // of dropped grid positions and of partial tiles past it.
-Operand pack(const Packing& p, const TicketImages& g, const std::vector<int64_t>& run, const float* src,
-             Strides4 ss, int slot, int64_t slack) {
+Operand pack(const Packing& p, const TicketImages& g, const std::vector<int64_t>& run, const float* src, Strides4 ss,
+             int slot, int64_t slack) {
   Operand op;
   op.base.assign(g.num_tickets + 1, 0);
   for (int64_t t = 0; t < g.num_tickets; ++t)
@@ -170,8 +170,8 @@ Operand in_place(const float* data, Strides4 s) {
 // A pointwise conv (1x1, stride 1, no padding) over planes of h x w floats stored row after row, whose size is a
 // whole number of 8-float vectors (a partial tile would read past the last plane), reads its operand in place.
 bool reads_in_place(const ConvShape& s, Strides4 st, int64_t h, int64_t w) {
-  return s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 &&
-         s.pad_w == 0 && st.w == 1 && st.h == w && (h * w) % 8 == 0;
+  return s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 && s.pad_h == 0 && s.pad_w == 0 &&
+         st.w == 1 && st.h == w && (h * w) % 8 == 0;
 }
 
 // ---- grids and tiles --------------------------------------------------------------------------------------------
@@ -246,8 +246,8 @@ void grid_tiles(const TicketImages& g, const std::vector<int64_t>& run, const Op
       for (int64_t i = 0; i < n; ++i)
         emit(t, op.data + imgs[i] * op.strides.n, op2 ? op2->data + imgs[i] * op2->strides.n : nullptr, imgs + i, 1);
     } else {
-      emit(t, op.data + op.base[t] + gr.first_row * n * gr.operand_cols, op2 ? op2->data + op2->base[t] : nullptr,
-           imgs, n);
+      emit(t, op.data + op.base[t] + gr.first_row * n * gr.operand_cols, op2 ? op2->data + op2->base[t] : nullptr, imgs,
+           n);
     }
   }
 }
@@ -286,8 +286,8 @@ const char* check_index(const TicketImages& g, const std::vector<int64_t>& run, 
 // Runs every (tile, block of outputs) through the spmm kernel in table mode: out at the tiles' positions =
 // w . operand. ptr_rows(t, phase) is the index row pointer of the ticket's outputs in that phase, lut(t) its table.
 template <typename PtrRows, typename Lut>
-void run_spmm(const std::vector<GridTile>& tiles, const std::vector<OutRun>& out_runs, int64_t n_out,
-              PtrRows ptr_rows, const int32_t* idx, Lut lut, const float* w, int64_t w_stride, int64_t rows_per_group,
+void run_spmm(const std::vector<GridTile>& tiles, const std::vector<OutRun>& out_runs, int64_t n_out, PtrRows ptr_rows,
+              const int32_t* idx, Lut lut, const float* w, int64_t w_stride, int64_t rows_per_group,
               const std::vector<int64_t>& group_stride, const float* bias, float* out, int64_t out_o_stride,
               int num_threads) {
   const int64_t n_blocks = (n_out + kOutBlock - 1) / kOutBlock;
@@ -384,9 +384,9 @@ std::vector<std::vector<int64_t>> forward_luts(const ConvShape& s, const Forward
     for (int64_t cl = 0; cl < in_per_group; ++cl)
       for (int64_t tap = 0; tap < taps; ++tap)
         lut[t][cl * taps + tap] =
-            op.in_place ? cl * op.strides.c
-                        : ((cl * f.in.phases() + f.tap_plane[tap]) * f.in.hq + f.tap_row[tap]) * n * f.in.wq +
-                              f.tap_col[tap];
+            op.in_place
+                ? cl * op.strides.c
+                : ((cl * f.in.phases() + f.tap_plane[tap]) * f.in.hq + f.tap_row[tap]) * n * f.in.wq + f.tap_col[tap];
   }
   return lut;
 }
@@ -455,9 +455,9 @@ bool depthwise_by_lanes(const ConvShape& s) {
   return s.out_channels == s.channels && s.kernel_h * s.kernel_w <= 9 && s.out_height * s.out_width <= 16;
 }
 
-void depthwise_forward_lanes(const ConvShape& s, const TicketImages& g, const std::vector<int64_t>& run,
-                             const float* x, Strides4 xs, const float* w, const float* bias, const int64_t* ptr,
-                             const int32_t* idx, float* y, Strides4 ys) {
+void depthwise_forward_lanes(const ConvShape& s, const TicketImages& g, const std::vector<int64_t>& run, const float* x,
+                             Strides4 xs, const float* w, const float* bias, const int64_t* ptr, const int32_t* idx,
+                             float* y, Strides4 ys) {
   const int64_t taps = s.kernel_h * s.kernel_w, c = s.channels, c8 = (c + 7) / 8 * 8;
   const PlaneLayout l = plane_layout(s);
   // per run ticket, its masked weights (taps, c8): zero where pruned (a select, so an inf pruned away stays away)
@@ -553,8 +553,8 @@ const char* depthwise_forward(const ConvShape& s, const TicketImages& g, const s
 }
 
 const char* depthwise_grad_input(const ConvShape& s, const TicketImages& g, const std::vector<int64_t>& run,
-                                 const float* dy, Strides4 dys, const float* w, const int64_t* ptr,
-                                 const int32_t* idx, int64_t nnz, float* dx, Strides4 dxs) {
+                                 const float* dy, Strides4 dys, const float* w, const int64_t* ptr, const int32_t* idx,
+                                 int64_t nnz, float* dx, Strides4 dxs) {
   const int64_t taps = s.kernel_h * s.kernel_w, m = s.out_channels / s.channels;
   if (const char* bad = check_taps(g, run, ptr, idx, nnz, s.out_channels, taps)) return bad;
   const std::vector<int64_t> ticket = ticket_of_image(g, run);
@@ -661,14 +661,15 @@ const char* routed_conv2d_forward(const ConvShape& s, const TicketImages& g, con
   gr.rows = s.out_height;
   gr.cols = direct ? s.out_width : f.in.wq;
   gr.operand_cols = f.in.wq;
-  grid_tiles<true>(g, run, op, nullptr, gr,
-                   [&](int64_t ho, int64_t wo, int64_t img) -> int64_t {
-                     return wo < s.out_width ? img * ys.n + ho * ys.h + wo * ys.w : -1;
-                   },
-                   tiles, out_runs);
-  run_spmm(tiles, out_runs, s.out_channels, [&](int64_t t, int64_t) { return csr_ptr + t * s.out_channels; },
-           csr_idx, [&](int64_t t) { return lut[t].data(); }, w, k_in, out_per_group, group_stride, bias, y, ys.c,
-           g.num_threads);
+  grid_tiles<true>(
+      g, run, op, nullptr, gr,
+      [&](int64_t ho, int64_t wo, int64_t img) -> int64_t {
+        return wo < s.out_width ? img * ys.n + ho * ys.h + wo * ys.w : -1;
+      },
+      tiles, out_runs);
+  run_spmm(
+      tiles, out_runs, s.out_channels, [&](int64_t t, int64_t) { return csr_ptr + t * s.out_channels; }, csr_idx,
+      [&](int64_t t) { return lut[t].data(); }, w, k_in, out_per_group, group_stride, bias, y, ys.c, g.num_threads);
   return nullptr;
 }
 
@@ -731,20 +732,21 @@ const char* routed_conv2d_grad_input(const ConvShape& s, const TicketImages& g, 
       gr.rows = a_hi - gr.first_row + 1;
       gr.cols = direct ? s.width : p.wq;
       gr.operand_cols = p.wq;
-      grid_tiles<true>(g, run, op, nullptr, gr,
-                       [&](int64_t a, int64_t bb, int64_t img) -> int64_t {
-                         const int64_t h = a * sh + ph - s.pad_h, wcol = bb * sw + pw - s.pad_w;
-                         const bool inside = h >= 0 && h < s.height && wcol >= 0 && wcol < s.width;
-                         return inside ? img * dxs.n + h * dxs.h + wcol * dxs.w : -1;
-                       },
-                       tiles, out_runs);
+      grid_tiles<true>(
+          g, run, op, nullptr, gr,
+          [&](int64_t a, int64_t bb, int64_t img) -> int64_t {
+            const int64_t h = a * sh + ph - s.pad_h, wcol = bb * sw + pw - s.pad_w;
+            const bool inside = h >= 0 && h < s.height && wcol >= 0 && wcol < s.width;
+            return inside ? img * dxs.n + h * dxs.h + wcol * dxs.w : -1;
+          },
+          tiles, out_runs);
     }
   // Every x position is a * sh + ph - pad_h (and likewise for columns) for exactly one phase and one grid position:
   // every (c, h, w) of a run image is written exactly once, zero where no kept weight reaches it.
-  run_spmm(tiles, out_runs, s.channels,
-           [&](int64_t t, int64_t phase) { return in_ptr + (t * phases + phase) * s.channels; }, in_idx,
-           [&](int64_t t) { return lut[t].data(); }, wt, entries, in_per_group, group_stride, nullptr, dx, dxs.c,
-           g.num_threads);
+  run_spmm(
+      tiles, out_runs, s.channels, [&](int64_t t, int64_t phase) { return in_ptr + (t * phases + phase) * s.channels; },
+      in_idx, [&](int64_t t) { return lut[t].data(); }, wt, entries, in_per_group, group_stride, nullptr, dx, dxs.c,
+      g.num_threads);
   return nullptr;
 }
 

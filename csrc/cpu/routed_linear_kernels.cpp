@@ -24,9 +24,9 @@ using namespace tile;
 
 struct Tile {
   int64_t ticket;
-  int64_t first;   // position in perm of the tile's first row
+  int64_t first;  // position in perm of the tile's first row
   int nrows;
-  int width;       // nrows rounded up to 8
+  int width;  // nrows rounded up to 8
 };
 
 std::vector<Tile> make_tiles(const RoutedRows& r) {
@@ -88,8 +88,8 @@ void gather_values(const RoutedRows& r, int64_t n_out, const float* w, int64_t w
 
 // out rows (of length n_out) of the sparse tickets = tiles of src (transposed, inputs n_in) times kept weights.
 void spmm_all(const RoutedRows& r, int64_t n_out, const float* w, int64_t w_out_stride, int64_t w_in_stride,
-              const int64_t* ptr, const int64_t* chunk_ptr, int64_t n_chunks, const int32_t* idx,
-              const float* src, int64_t n_in, const float* bias, float* out) {
+              const int64_t* ptr, const int64_t* chunk_ptr, int64_t n_chunks, const int32_t* idx, const float* src,
+              int64_t n_in, const float* bias, float* out) {
   std::vector<Tile> tiles = make_tiles(r);
   if (tiles.empty()) return;
   std::vector<int64_t> off = tile_offsets(tiles, n_in);
@@ -173,20 +173,20 @@ void routed_linear_forward(const RoutedRows& rows, int64_t n_out, int64_t k_in, 
   }
   RoutedRows rest = rows;
   rest.ticket_sparse = tiled.data();
-  spmm_all(rest, n_out, w, /*w_out_stride=*/k_in, /*w_in_stride=*/1, csr_ptr, chunk_ptr, n_chunks, csr_idx, x,
-           k_in, bias, y);
+  spmm_all(rest, n_out, w, /*w_out_stride=*/k_in, /*w_in_stride=*/1, csr_ptr, chunk_ptr, n_chunks, csr_idx, x, k_in,
+           bias, y);
 }
 
-void routed_linear_grad_input(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* dy,
-                              const float* w, const int64_t* csc_ptr, const int64_t* chunk_ptr, int64_t n_chunks,
+void routed_linear_grad_input(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* dy, const float* w,
+                              const int64_t* csc_ptr, const int64_t* chunk_ptr, int64_t n_chunks,
                               const int32_t* csc_idx, float* dx) {
   // Roles swap: outputs are the K inputs, reached through the transposed (CSC) index; w[n, k] = w[k + n * K].
-  spmm_all(rows, k_in, w, /*w_out_stride=*/1, /*w_in_stride=*/k_in, csc_ptr, chunk_ptr, n_chunks, csc_idx, dy,
-           n_out, nullptr, dx);
+  spmm_all(rows, k_in, w, /*w_out_stride=*/1, /*w_in_stride=*/k_in, csc_ptr, chunk_ptr, n_chunks, csc_idx, dy, n_out,
+           nullptr, dx);
 }
 
-void routed_linear_grad_weight(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* dy,
-                               const float* x, const int64_t* csr_ptr, const int32_t* csr_idx, float* dw) {
+void routed_linear_grad_weight(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* dy, const float* x,
+                               const int64_t* csr_ptr, const int32_t* csr_idx, float* dw) {
   std::vector<Tile> tiles = make_tiles(rows);
   if (tiles.empty()) return;
   std::vector<int64_t> x_off = tile_offsets(tiles, k_in);

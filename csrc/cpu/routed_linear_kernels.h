@@ -18,10 +18,10 @@
 namespace rtl_cpu {
 
 struct RoutedRows {
-  int64_t batch;             // B
-  int64_t num_tickets;       // T
-  const int64_t* perm;       // (B)
-  const int64_t* offsets;    // (T + 1)
+  int64_t batch;                 // B
+  int64_t num_tickets;           // T
+  const int64_t* perm;           // (B)
+  const int64_t* offsets;        // (T + 1)
   const uint8_t* ticket_sparse;  // (T): 1 = computed by these kernels
   int num_threads;
 };
@@ -32,14 +32,14 @@ void routed_linear_forward(const RoutedRows& rows, int64_t n_out, int64_t k_in, 
                            const int32_t* csr_idx, float* y);
 
 // dx[r, :] = dy[r, :] @ (w * mask_t), for the rows r of sparse tickets (other rows untouched).
-void routed_linear_grad_input(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* dy,
-                              const float* w, const int64_t* csc_ptr, const int64_t* chunk_ptr, int64_t n_chunks,
+void routed_linear_grad_input(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* dy, const float* w,
+                              const int64_t* csc_ptr, const int64_t* chunk_ptr, int64_t n_chunks,
                               const int32_t* csc_idx, float* dx);
 
 // dw[n, k] += sum over sparse tickets t keeping (n, k) of sum_{r in t} dy[r, n] * x[r, k]. Positions kept by no
 // sparse ticket are not written. Deterministic: each dw row is owned by one thread, tickets in order.
-void routed_linear_grad_weight(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* dy,
-                               const float* x, const int64_t* csr_ptr, const int32_t* csr_idx, float* dw);
+void routed_linear_grad_weight(const RoutedRows& rows, int64_t n_out, int64_t k_in, const float* dy, const float* x,
+                               const int64_t* csr_ptr, const int32_t* csr_idx, float* dw);
 
 // Which instruction set the kernels run with: "avx512", "avx2" or "generic" (the widest the CPU has, capped by
 // the environment variable RTL_CPU_ISA=avx2 or =generic).

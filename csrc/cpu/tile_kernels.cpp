@@ -34,21 +34,37 @@ const Isa& isa() {
     // a user can opt out of 512-bit vectors where they lower the clock); a cap above the CPU is ignored. The
     // Python side refuses any other value before this runs.
     const char* forced = std::getenv("RTL_CPU_ISA");
-    const int cap = forced == nullptr                      ? 2
+    const int cap = forced == nullptr                     ? 2
                     : std::strcmp(forced, "generic") == 0 ? 0
                     : std::strcmp(forced, "avx2") == 0    ? 1
                                                           : 2;
     const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (cap >= 2 && has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
-      return Isa{avx512::spmm_tile, avx512::sddmm_row, avx512::transpose_rows8, avx512::depthwise_forward_plane,
-                 avx512::depthwise_grad_input_plane, avx512::depthwise_grad_weight_plane,
-                 avx512::depthwise_lanes_image, "avx512"};
-    if (cap >= 1 && has_avx2) return Isa{avx2::spmm_tile, avx2::sddmm_row, avx2::transpose_rows8, avx2::depthwise_forward_plane,
-                 avx2::depthwise_grad_input_plane, avx2::depthwise_grad_weight_plane,
-                 avx2::depthwise_lanes_image, "avx2"};
-    return Isa{generic::spmm_tile, generic::sddmm_row, generic::transpose_rows8, generic::depthwise_forward_plane,
-                 generic::depthwise_grad_input_plane, generic::depthwise_grad_weight_plane,
-                 generic::depthwise_lanes_image, "generic"};
+      return Isa{avx512::spmm_tile,
+                 avx512::sddmm_row,
+                 avx512::transpose_rows8,
+                 avx512::depthwise_forward_plane,
+                 avx512::depthwise_grad_input_plane,
+                 avx512::depthwise_grad_weight_plane,
+                 avx512::depthwise_lanes_image,
+                 "avx512"};
+    if (cap >= 1 && has_avx2)
+      return Isa{avx2::spmm_tile,
+                 avx2::sddmm_row,
+                 avx2::transpose_rows8,
+                 avx2::depthwise_forward_plane,
+                 avx2::depthwise_grad_input_plane,
+                 avx2::depthwise_grad_weight_plane,
+                 avx2::depthwise_lanes_image,
+                 "avx2"};
+    return Isa{generic::spmm_tile,
+               generic::sddmm_row,
+               generic::transpose_rows8,
+               generic::depthwise_forward_plane,
+               generic::depthwise_grad_input_plane,
+               generic::depthwise_grad_weight_plane,
+               generic::depthwise_lanes_image,
+               "generic"};
   }();
   return chosen;
 }

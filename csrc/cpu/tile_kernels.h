@@ -26,12 +26,12 @@ struct OutRun {
 
 // One (tile, block of outputs) of a sparse matrix product: out rows of the tile = kept weights times xt.
 struct SpmmTile {
-  const float* vals;     // kept weights in index order (entry e of idx)
-  const int64_t* ptr;    // this ticket's row pointer: kept inputs of output o at idx[ptr[o] .. ptr[o + 1])
+  const float* vals;         // kept weights in index order (entry e of idx)
+  const int64_t* ptr;        // this ticket's row pointer: kept inputs of output o at idx[ptr[o] .. ptr[o + 1])
   const int64_t* chunk_ptr;  // the same entries split by input chunk: (o, c) at chunk_ptr[o * n_chunks + c]
-  int64_t n_chunks;      // 1: walk whole rows (ptr) instead
+  int64_t n_chunks;          // 1: walk whole rows (ptr) instead
   const int32_t* idx;
-  const float* xt;       // transposed tile: input i of tile row j at xt[i * xt_stride + j]
+  const float* xt;  // transposed tile: input i of tile row j at xt[i * xt_stride + j]
   int64_t xt_stride;
   int width;
   int nrows;
@@ -42,7 +42,7 @@ struct SpmmTile {
   int64_t out_o_stride;
   const OutRun* runs = nullptr;  // scattered: the tile's rows as runs of consecutive outputs (out_rows unused)
   int n_runs = 0;
-  const float* bias;     // (outputs) or nullptr
+  const float* bias;  // (outputs) or nullptr
   int64_t o_begin, o_end;
   // Table mode (lut not null): idx holds weight positions k; entry k of output o weighs w[o * w_stride + k] and reads
   // tile row xt + (o / rows_per_group) * group_stride + lut[k] (vals and xt_stride unused).
@@ -63,10 +63,10 @@ struct SddmmRow {
   const float* xt;       // input i of tile row j at xt[i * xt_stride + j]
   int64_t xt_stride;
   int width;
-  int nrows;             // lanes at or past nrows are ignored
+  int nrows;  // lanes at or past nrows are ignored
   const int32_t* idx;
   int64_t e_begin, e_end;
-  float* acc;            // per-entry accumulators, indexed like idx
+  float* acc;                    // per-entry accumulators, indexed like idx
   const int64_t* lut = nullptr;  // not null: entry e's tile row is xt + lut[idx[e]] (xt_stride unused)
 };
 
@@ -80,10 +80,10 @@ struct DepthwisePlane {
   int64_t y_h, y_w;
   int64_t h, w, ho, wo;
   int64_t stride_h, stride_w, pad_h, pad_w;
-  int64_t wp;          // columns of buf; its rows hold the bordered plane, then 8 floats of slack
+  int64_t wp;  // columns of buf; its rows hold the bordered plane, then 8 floats of slack
   float* buf;
-  const float* wts;    // (count) weights of the kept taps
-  const int64_t* offs; // (count) kh * dil_h * wp + kw * dil_w
+  const float* wts;     // (count) weights of the kept taps
+  const int64_t* offs;  // (count) kh * dil_h * wp + kw * dil_w
   int count;
   float bias;
 };
@@ -99,7 +99,7 @@ struct DepthwiseLanes {
   int64_t channels, c8, h, w, ho, wo;
   int64_t stride_h, stride_w, pad_h, pad_w, wp;
   const float* wmask;
-  const float* bias8;      // (c8) or nullptr
+  const float* bias8;         // (c8) or nullptr
   const int64_t* tap_offset;  // (taps) (kh * dil_h * wp + kw * dil_w) * c8
   int64_t taps;
   float* buf;

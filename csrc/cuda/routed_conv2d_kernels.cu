@@ -126,8 +126,7 @@ __global__ void __launch_bounds__(kThreads) conv_mm_kernel(const ConvArgs args) 
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
 
   int64_t ticket = 0, first_image = 0, row0 = 0, rows = 0;
-  if (!find_conv_tile(args.offsets, s.num_tickets, rows_per_image, blockIdx.x, ticket, first_image, row0, rows))
-    return;
+  if (!find_conv_tile(args.offsets, s.num_tickets, rows_per_image, blockIdx.x, ticket, first_image, row0, rows)) return;
 
   __shared__ float As[kBK][kBM];
   __shared__ float Bs[kBK][kBN + 1];  // +1: the column-major stores of the B loads hit distinct banks
@@ -149,8 +148,8 @@ __global__ void __launch_bounds__(kThreads) conv_mm_kernel(const ConvArgs args) 
     const int64_t pix = m % rows_per_image;
     p0 = pix / row_w;
     p1 = pix % row_w;
-    a_img = kGradInput ? a_src + (img * s.out_channels + g * og) * out_pix
-                       : a_src + (img * s.channels + g * cg) * in_pix;
+    a_img =
+        kGradInput ? a_src + (img * s.out_channels + g * og) * out_pix : a_src + (img * s.channels + g * cg) * in_pix;
   }
   // B loads: inner element bk, GEMM columns bn + 16 j.
   const int bk = tid % kBK;
@@ -464,8 +463,7 @@ std::string conv2d_grid_problem(const Conv2dShape& s) {
   if (!valid_shape(s)) return "invalid conv2d shape (groups, strides, dilations, padding or tickets)";
   if (s.groups > kMaxGridYZ) return "groups = " + std::to_string(s.groups) + " exceeds 65535";
   const int64_t cg = s.channels / s.groups, og = s.out_channels / s.groups;
-  if (cdiv(og, kBN) > kMaxGridYZ || cdiv(cg, kBN) > kMaxGridYZ)
-    return "channels per group exceed 65535 * 64";
+  if (cdiv(og, kBN) > kMaxGridYZ || cdiv(cg, kBN) > kMaxGridYZ) return "channels per group exceed 65535 * 64";
   if (cdiv(s.batch * s.out_h * s.out_w, kBM) + s.num_tickets > kMaxGridX ||
       cdiv(s.batch * s.height * s.width, kBM) + s.num_tickets > kMaxGridX)
     return "batch * pixels exceeds the grid limit (2^31 - 1 tiles of 64 pixels)";

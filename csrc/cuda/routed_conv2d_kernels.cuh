@@ -28,7 +28,7 @@ constexpr int kConvTileN = 64;
 constexpr int kConvTileK = 16;
 
 struct Conv2dShape {
-  int64_t batch, channels, height, width;   // x (B, C, H, W)
+  int64_t batch, channels, height, width;    // x (B, C, H, W)
   int64_t out_channels, kernel_h, kernel_w;  // w (O, C / groups, kh, kw)
   int64_t out_h, out_w;                      // dy / y (B, O, Ho, Wo)
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;

@@ -58,11 +58,11 @@ struct Num<__nv_bfloat16> {
 // (kVec elements) in kRowsPerThread rows kRowStep apart, so a warp reads whole 128/256-byte row segments.
 template <typename T>
 struct TileCfg {
-  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));            // 8 (16-bit) or 4 (fp32)
-  static constexpr int kThreads = std::is_same_v<T, float> ? 256 : 128;     // SIMT fp32: 4x4 outputs a thread
-  static constexpr int kChunksPerRow = kTile / kVec;                        // 8 or 16
-  static constexpr int kRowStep = kThreads / kChunksPerRow;                 // 16
-  static constexpr int kRowsPerThread = kTile / kRowStep;                   // 4
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));          // 8 (16-bit) or 4 (fp32)
+  static constexpr int kThreads = std::is_same_v<T, float> ? 256 : 128;  // SIMT fp32: 4x4 outputs a thread
+  static constexpr int kChunksPerRow = kTile / kVec;                     // 8 or 16
+  static constexpr int kRowStep = kThreads / kChunksPerRow;              // 16
+  static constexpr int kRowsPerThread = kTile / kRowStep;                // 4
   // One mask byte per element of a chunk, loaded as one word.
   using MaskWord = std::conditional_t<kVec == 8, unsigned long long, unsigned int>;
   static_assert(kThreads % kChunksPerRow == 0 && kTile % kRowStep == 0, "tile split");
@@ -123,8 +123,8 @@ __device__ __forceinline__ void apply_mask(Chunk& c, typename TileCfg<T>::MaskWo
 // cumulative count passes i; one round for T <= 32 (the paper uses T = 3-10). Every warp computes the same answer,
 // so no shared memory or barrier is needed and the block can exit uniformly.
 // ---------------------------------------------------------------------------------------------------------------
-__device__ bool find_row_tile(const int64_t* offsets, int64_t num_tickets, int64_t tile, int64_t& ticket,
-                              int64_t& row0, int& rows) {
+__device__ bool find_row_tile(const int64_t* offsets, int64_t num_tickets, int64_t tile, int64_t& ticket, int64_t& row0,
+                              int& rows) {
   const int lane = threadIdx.x & 31;
   int64_t before = 0;  // tiles of the tickets of earlier rounds
   for (int64_t base = 0; base < num_tickets; base += 32) {
@@ -161,18 +161,18 @@ __device__ bool find_row_tile(const int64_t* offsets, int64_t num_tickets, int64
 // forward / grad_input
 // ---------------------------------------------------------------------------------------------------------------
 struct MmArgs {
-  const void* a;          // (B, a_cols): x (forward, a_cols = K) or dy (grad_input, a_cols = N)
-  const void* w;          // (N, K)
-  const uint8_t* masks;   // (T, N, K)
-  const void* bias;       // (N) or null; forward only
-  const int64_t* perm;    // (B)
-  const int64_t* offsets; // (T + 1)
-  const int32_t* ptr;     // (T * out_blocks + 1): row_ptr (forward) or t_col_ptr (grad_input)
-  const int32_t* idx;     // (nnz): col_idx (block kb) or t_row_idx (block nb)
-  const int8_t* full;     // (nnz)
-  void* out;              // (B, out_cols): y (out_cols = N) or dx (out_cols = K)
+  const void* a;           // (B, a_cols): x (forward, a_cols = K) or dy (grad_input, a_cols = N)
+  const void* w;           // (N, K)
+  const uint8_t* masks;    // (T, N, K)
+  const void* bias;        // (N) or null; forward only
+  const int64_t* perm;     // (B)
+  const int64_t* offsets;  // (T + 1)
+  const int32_t* ptr;      // (T * out_blocks + 1): row_ptr (forward) or t_col_ptr (grad_input)
+  const int32_t* idx;      // (nnz): col_idx (block kb) or t_row_idx (block nb)
+  const int8_t* full;      // (nnz)
+  void* out;               // (B, out_cols): y (out_cols = N) or dx (out_cols = K)
   int64_t n, k, num_tickets, out_blocks;
-  bool a_vec, w_vec;      // 16-byte loads allowed for a / for w and the masks
+  bool a_vec, w_vec;  // 16-byte loads allowed for a / for w and the masks
 };
 
 // Per-thread register stage of one step (one layout entry): a chunk of the A tile, of the W tile and its mask.
@@ -421,8 +421,8 @@ struct GwArgs {
   const int64_t* offsets;  // (T + 1)
   const int32_t* w_ptr;    // (NB * KB + 1)
   const int32_t* w_tickets;
-  void* out;               // (N, K) in the element type, when partial is null
-  float* partial;          // (splits, N, K) fp32, when splits > 1
+  void* out;       // (N, K) in the element type, when partial is null
+  float* partial;  // (splits, N, K) fp32, when splits > 1
   int64_t n, k, batch, kb_count, rows_per_split;
   bool dy_vec, x_vec;
 };
@@ -472,9 +472,9 @@ __global__ void __launch_bounds__(128) grad_weight_tc_kernel(const GwArgs args) 
   constexpr int NT = 128;
   constexpr int LD = kTile + 8;
   constexpr int LDC = kTile + 4;
-  constexpr int kPerThread = kTile * kTile / NT;  // 32 outputs of the W block a thread owns in the epilogue
-  __shared__ __align__(128) T Ds[kTile * LD];     // dy tile [m][n]
-  __shared__ __align__(128) T Xs[kTile * LD];     // x tile [m][k]
+  constexpr int kPerThread = kTile * kTile / NT;    // 32 outputs of the W block a thread owns in the epilogue
+  __shared__ __align__(128) T Ds[kTile * LD];       // dy tile [m][n]
+  __shared__ __align__(128) T Xs[kTile * LD];       // x tile [m][k]
   __shared__ __align__(128) float Cs[kTile * LDC];  // one ticket's fp32 product, for the mask select
 
   const int64_t blk = blockIdx.x;
@@ -539,8 +539,7 @@ __global__ void __launch_bounds__(128) grad_weight_tc_kernel(const GwArgs args) 
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(Cs + (wm * 32 + 16 * i) * LDC + wn * 32 + 16 * j, acc[i][j], LDC,
-                                wmma::mem_row_major);
+        wmma::store_matrix_sync(Cs + (wm * 32 + 16 * i) * LDC + wn * 32 + 16 * j, acc[i][j], LDC, wmma::mem_row_major);
     __syncthreads();
     // Thread tid owns column kl = tid % 64 and rows nl = tid / 64 + 2 q: one running mask pointer (few registers,
     // coalesced: 64 consecutive mask bytes a row).
@@ -778,9 +777,9 @@ cudaError_t linear_forward(DType dtype, const RoutedRows& rows, int64_t n, int64
   return dispatch_mm<false>(dtype, args, row_tile_bound(rows.batch, rows.num_tickets), stream);
 }
 
-cudaError_t linear_grad_input(DType dtype, const RoutedRows& rows, int64_t n, int64_t k, const void* dy,
-                              const void* w, const uint8_t* masks, const int32_t* t_col_ptr,
-                              const int32_t* t_row_idx, const int8_t* t_full, void* dx, cudaStream_t stream) {
+cudaError_t linear_grad_input(DType dtype, const RoutedRows& rows, int64_t n, int64_t k, const void* dy, const void* w,
+                              const uint8_t* masks, const int32_t* t_col_ptr, const int32_t* t_row_idx,
+                              const int8_t* t_full, void* dx, cudaStream_t stream) {
   if (rows.batch <= 0 || k <= 0) return cudaSuccess;
   const int v = vec_elems(dtype);
   MmArgs args{};
@@ -823,9 +822,9 @@ int grad_weight_splits(int64_t batch, int64_t n, int64_t k, int device) {
   return static_cast<int>(cdiv(batch, per_split));
 }
 
-cudaError_t linear_grad_weight(DType dtype, const RoutedRows& rows, int64_t n, int64_t k, const void* dy,
-                               const void* x, const uint8_t* masks, const int32_t* w_ptr, const int32_t* w_tickets,
-                               int splits, float* workspace, void* dw, cudaStream_t stream) {
+cudaError_t linear_grad_weight(DType dtype, const RoutedRows& rows, int64_t n, int64_t k, const void* dy, const void* x,
+                               const uint8_t* masks, const int32_t* w_ptr, const int32_t* w_tickets, int splits,
+                               float* workspace, void* dw, cudaStream_t stream) {
   if (n <= 0 || k <= 0) return cudaSuccess;
   if (splits < 1 || (splits > 1 && workspace == nullptr)) return cudaErrorInvalidValue;
   const int v = vec_elems(dtype);
@@ -881,8 +880,8 @@ std::string device_problem(int device) {
   cudaSetDevice(previous);
   if (err != cudaSuccess) {
     cudaGetLastError();
-    return "rtl_kernels._C_cuda holds no kernel image for compute capability " + cc + " (" +
-           cudaGetErrorString(err) + "); rebuild with TORCH_CUDA_ARCH_LIST=" + cc;
+    return "rtl_kernels._C_cuda holds no kernel image for compute capability " + cc + " (" + cudaGetErrorString(err) +
+           "); rebuild with TORCH_CUDA_ARCH_LIST=" + cc;
   }
   return {};
 }

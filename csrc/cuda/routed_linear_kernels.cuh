@@ -48,9 +48,9 @@ cudaError_t linear_forward(DType dtype, const RoutedRows& rows, int64_t n, int64
                            const int8_t* full, void* y, cudaStream_t stream);
 
 // dx[r] = dy[r] @ (w * masks[t(r)]) for every row r (every element of dx (B, K) is written).
-cudaError_t linear_grad_input(DType dtype, const RoutedRows& rows, int64_t n, int64_t k, const void* dy,
-                              const void* w, const uint8_t* masks, const int32_t* t_col_ptr,
-                              const int32_t* t_row_idx, const int8_t* t_full, void* dx, cudaStream_t stream);
+cudaError_t linear_grad_input(DType dtype, const RoutedRows& rows, int64_t n, int64_t k, const void* dy, const void* w,
+                              const uint8_t* masks, const int32_t* t_col_ptr, const int32_t* t_row_idx,
+                              const int8_t* t_full, void* dx, cudaStream_t stream);
 
 // How many row splits grad_weight uses for this shape on this device (>= 1), from shapes only. With more than one
 // split the caller passes a float32 workspace of splits * n * k elements.
@@ -58,9 +58,9 @@ int grad_weight_splits(int64_t batch, int64_t n, int64_t k, int device);
 
 // dw (N, K) = sum over tickets t (ascending) of where(masks[t], dy[rows of t].T @ x[rows of t], 0): every element
 // written once, exactly zero where no ticket with rows keeps the weight; deterministic (no atomics).
-cudaError_t linear_grad_weight(DType dtype, const RoutedRows& rows, int64_t n, int64_t k, const void* dy,
-                               const void* x, const uint8_t* masks, const int32_t* w_ptr, const int32_t* w_tickets,
-                               int splits, float* workspace, void* dw, cudaStream_t stream);
+cudaError_t linear_grad_weight(DType dtype, const RoutedRows& rows, int64_t n, int64_t k, const void* dy, const void* x,
+                               const uint8_t* masks, const int32_t* w_ptr, const int32_t* w_tickets, int splits,
+                               float* workspace, void* dw, cudaStream_t stream);
 
 // Empty when the kernels can run on that device; else why not (compute capability, missing kernel image).
 std::string device_problem(int device);

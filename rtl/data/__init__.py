@@ -9,10 +9,20 @@
 
 Everything is deterministic given its seed.
 """
-from .cifar import (CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR100_CLUSTERS, CIFAR_MEAN, CIFAR_STD, CIFARData,
-                    CIFARTensorDataset, cifar100_cluster_partition, cifar_dataset, load_cifar)
-from .digits import (CORRUPTIONS, DigitsSplit, EnvironmentSplit, corrupt, load_digits_split,
-                     make_environment_split)
+
+from .cifar import (
+    CIFAR10_CLASSES,
+    CIFAR100_CLASSES,
+    CIFAR100_CLUSTERS,
+    CIFAR_MEAN,
+    CIFAR_STD,
+    CIFARData,
+    CIFARTensorDataset,
+    cifar100_cluster_partition,
+    cifar_dataset,
+    load_cifar,
+)
+from .digits import CORRUPTIONS, DigitsSplit, EnvironmentSplit, corrupt, load_digits_split, make_environment_split
 from .inr_image import INR_IMAGES, INRImage, load_inr_image
 
 __all__ = [

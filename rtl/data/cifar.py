@@ -17,6 +17,7 @@ archive's; with ``download=False`` and ``verify_checksums=False`` (the default) 
 files only have to exist and unpickle, so a re-packed or reduced copy in the same format loads too. Pass
 ``verify_checksums=True`` to insist on the official files.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,16 +50,106 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 #: CIFAR-100 fine class names in label order (as in the ``meta`` file's ``fine_label_names``: alphabetical).
 CIFAR100_CLASSES = (
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
-    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
-    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish",
-    "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion",
-    "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
-    "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine",
-    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
-    "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank",
-    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
-    "willow_tree", "wolf", "woman", "worm",
+    "apple",
+    "aquarium_fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn_mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple_tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak_tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm_tree",
+    "pear",
+    "pickup_truck",
+    "pine_tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet_pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow_tree",
+    "wolf",
+    "woman",
+    "worm",
 )
 
 #: Per-channel mean of the training images (RGB, on the [0, 1] scale), used to normalise.
@@ -126,8 +217,9 @@ def cifar100_cluster_partition(class_names: Sequence[str] | None = None) -> list
     missing = sorted(set(wanted) - set(index))
     unknown = sorted(set(index) - set(wanted))
     if missing or unknown:
-        raise ValueError(f"class_names must hold exactly the 100 CIFAR-100 classes; missing {missing}, "
-                         f"unknown {unknown}")
+        raise ValueError(
+            f"class_names must hold exactly the 100 CIFAR-100 classes; missing {missing}, unknown {unknown}"
+        )
     return [sorted(index[c] for c in classes) for classes in CIFAR100_CLUSTERS.values()]
 
 
@@ -173,8 +265,9 @@ def _unchecked_class(name: str) -> type:
     return _Unchecked
 
 
-def _read(name: str, root: str | os.PathLike, train: bool, download: bool,
-          verify_checksums: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _read(
+    name: str, root: str | os.PathLike, train: bool, download: bool, verify_checksums: bool
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The split's images (N, 3, 32, 32) uint8, labels (N,) int64 and class names, through torchvision."""
     from torchvision.datasets import CIFAR10, CIFAR100
 
@@ -185,29 +278,34 @@ def _read(name: str, root: str | os.PathLike, train: bool, download: bool,
         _check_flag(arg, value)
     root_path = Path(root).expanduser()
     pretty, folder = _PRETTY[name], _FOLDERS[name]
-    how = (f"Pass download=True (--download on the command line) to fetch it, or extract {_ARCHIVES[name]} so that "
-           f"the folder {folder}/ lies under {str(root_path)!r}.")
+    how = (
+        f"Pass download=True (--download on the command line) to fetch it, or extract {_ARCHIVES[name]} so that "
+        f"the folder {folder}/ lies under {str(root_path)!r}."
+    )
     if not download:
         if not root_path.is_dir():
             raise FileNotFoundError(f"{pretty} root {str(root_path)!r} does not exist. {how}")
         missing = _missing_files(name, root_path)
         if missing:
-            raise FileNotFoundError(f"{pretty} not found under {str(root_path)!r}: missing {', '.join(missing)}. "
-                                    f"{how}")
+            raise FileNotFoundError(f"{pretty} not found under {str(root_path)!r}: missing {', '.join(missing)}. {how}")
     if download or verify_checksums:
         cls = CIFAR10 if name == "cifar10" else CIFAR100
         try:
             dataset = cls(str(root_path), train=train, download=download)
         except RuntimeError as e:
-            raise ValueError(f"{pretty} files under {str(root_path)!r} are not the official ones (MD5 mismatch: "
-                             f"{e}). Re-extract {_ARCHIVES[name]}, or pass verify_checksums=False to read them "
-                             f"anyway.") from e
+            raise ValueError(
+                f"{pretty} files under {str(root_path)!r} are not the official ones (MD5 mismatch: "
+                f"{e}). Re-extract {_ARCHIVES[name]}, or pass verify_checksums=False to read them "
+                f"anyway."
+            ) from e
     else:
         try:
             dataset = _unchecked_class(name)(str(root_path), train=train, download=False)
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
-            raise ValueError(f"{pretty} files under {str(root_path / folder)!r} are not CIFAR python pickles "
-                             f"({type(e).__name__}: {e}). Re-extract {_ARCHIVES[name]}.") from e
+            raise ValueError(
+                f"{pretty} files under {str(root_path / folder)!r} are not CIFAR python pickles "
+                f"({type(e).__name__}: {e}). Re-extract {_ARCHIVES[name]}."
+            ) from e
     images = np.ascontiguousarray(np.asarray(dataset.data, dtype=np.uint8).transpose(0, 3, 1, 2))
     labels = np.asarray(dataset.targets, dtype=np.int64)
     return images, labels, list(dataset.classes)
@@ -234,8 +332,14 @@ class CIFARData(NamedTuple):
     classes: list[str]
 
 
-def load_cifar(name: str = "cifar10", root: str | os.PathLike = "data", download: bool = False, train: bool = True,
-               normalize: bool = True, verify_checksums: bool = False) -> CIFARData:
+def load_cifar(
+    name: str = "cifar10",
+    root: str | os.PathLike = "data",
+    download: bool = False,
+    train: bool = True,
+    normalize: bool = True,
+    verify_checksums: bool = False,
+) -> CIFARData:
     """Load a whole CIFAR-10 or CIFAR-100 split as tensors.
 
     Args:
@@ -295,17 +399,32 @@ class CIFARTensorDataset(Dataset):
         (torch.Size([3, 32, 32]), 2)
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, augment: bool = False):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        classes: Sequence[str],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        augment: bool = False,
+    ):
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-            raise TypeError(f"images must be a uint8 tensor, got "
-                            f"{images.dtype if isinstance(images, torch.Tensor) else type(images).__name__}")
+            raise TypeError(
+                f"images must be a uint8 tensor, got "
+                f"{images.dtype if isinstance(images, torch.Tensor) else type(images).__name__}"
+            )
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
-        if not isinstance(labels, torch.Tensor) or labels.dtype == torch.bool or labels.is_floating_point() \
-                or labels.is_complex():
-            raise TypeError(f"labels must be an integer tensor (N,), got "
-                            f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if (
+            not isinstance(labels, torch.Tensor)
+            or labels.dtype == torch.bool
+            or labels.is_floating_point()
+            or labels.is_complex()
+        ):
+            raise TypeError(
+                f"labels must be an integer tensor (N,), got "
+                f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+            )
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must have shape ({images.shape[0]},) to match images, got {tuple(labels.shape)}")
         if (mean is None) != (std is None):
@@ -321,8 +440,9 @@ class CIFARTensorDataset(Dataset):
         if augment:
             from torchvision.transforms import v2
 
-            self._transform = v2.Compose([v2.RandomCrop(images.shape[-1], padding=4, fill=0),
-                                          v2.RandomHorizontalFlip(p=0.5)])
+            self._transform = v2.Compose(
+                [v2.RandomCrop(images.shape[-1], padding=4, fill=0), v2.RandomHorizontalFlip(p=0.5)]
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -337,9 +457,15 @@ class CIFARTensorDataset(Dataset):
         return x, int(self.labels[index])
 
 
-def cifar_dataset(name: str = "cifar10", root: str | os.PathLike = "data", download: bool = False,
-                  train: bool = True, augment: bool = False, normalize: bool = True,
-                  verify_checksums: bool = False) -> CIFARTensorDataset:
+def cifar_dataset(
+    name: str = "cifar10",
+    root: str | os.PathLike = "data",
+    download: bool = False,
+    train: bool = True,
+    augment: bool = False,
+    normalize: bool = True,
+    verify_checksums: bool = False,
+) -> CIFARTensorDataset:
     """A CIFAR split as a ``torch.utils.data.Dataset`` (for a ``DataLoader``), optionally augmented.
 
     Args:
@@ -361,5 +487,6 @@ def cifar_dataset(name: str = "cifar10", root: str | os.PathLike = "data", downl
     _check_flag("augment", augment)
     images, labels, classes = _read(name, root, train, download, verify_checksums)
     mean, std = (CIFAR_MEAN[name], CIFAR_STD[name]) if normalize else (None, None)
-    return CIFARTensorDataset(torch.from_numpy(images), torch.from_numpy(labels), classes, mean=mean, std=std,
-                              augment=augment)
+    return CIFARTensorDataset(
+        torch.from_numpy(images), torch.from_numpy(labels), classes, mean=mean, std=std, augment=augment
+    )

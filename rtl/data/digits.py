@@ -12,6 +12,7 @@ holds
 Everything is deterministic given the seed: the split uses scikit-learn's ``random_state`` and the corruptions and
 environment assignment use their own ``torch.Generator`` (the global torch RNG is never touched).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -122,8 +123,11 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit
         >>> split.x_train.shape, split.x_test.shape
         (torch.Size([1347, 1, 8, 8]), torch.Size([450, 1, 8, 8]))
     """
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) \
-            or not 0.0 < float(test_fraction) < 1.0:
+    if (
+        isinstance(test_fraction, bool)
+        or not isinstance(test_fraction, numbers.Real)
+        or not 0.0 < float(test_fraction) < 1.0
+    ):
         raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
     seed = _check_seed(seed)
     from sklearn.datasets import load_digits
@@ -133,18 +137,23 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> DigitsSplit
     x = torch.from_numpy(digits.images).to(torch.float32).div_(_DIGITS_MAX).unsqueeze(1)
     y = torch.from_numpy(digits.target).to(torch.int64)
     index = torch.arange(len(y)).numpy()
-    train_index, test_index = train_test_split(index, test_size=float(test_fraction), random_state=seed,
-                                               stratify=y.numpy())
+    train_index, test_index = train_test_split(
+        index, test_size=float(test_fraction), random_state=seed, stratify=y.numpy()
+    )
     train_index = torch.from_numpy(train_index)
     test_index = torch.from_numpy(test_index)
-    return DigitsSplit(x_train=x[train_index].contiguous(), y_train=y[train_index].contiguous(),
-                       x_test=x[test_index].contiguous(), y_test=y[test_index].contiguous())
+    return DigitsSplit(
+        x_train=x[train_index].contiguous(),
+        y_train=y[train_index].contiguous(),
+        x_test=x[test_index].contiguous(),
+        y_test=y[test_index].contiguous(),
+    )
 
 
 def _blur_kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The fixed 3x3 Gaussian kernel (1, 1, 3, 3), normalised to sum 1."""
     taps = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
-    g = torch.exp(-taps ** 2 / (2.0 * BLUR_SIGMA ** 2))
+    g = torch.exp(-(taps**2) / (2.0 * BLUR_SIGMA**2))
     kernel = torch.outer(g, g)
     kernel = kernel / kernel.sum()
     return kernel.view(1, 1, 3, 3).to(dtype=dtype, device=device)
@@ -184,8 +193,9 @@ def corrupt(x: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
         raise ValueError(f"kind must be one of {CORRUPTIONS}, got {kind!r}")
     seed = _check_seed(seed)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got "
-                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise TypeError(
+            f"x must be a floating-point tensor, got {x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
     if x.dim() != 4 or tuple(x.shape[1:]) != (1, 8, 8):
         raise ValueError(f"x must have shape (N, 1, 8, 8), got {tuple(x.shape)}")
     kind_id = CORRUPTIONS.index(kind)
@@ -266,5 +276,6 @@ def make_environment_split(split: DigitsSplit, seed: int = 0) -> EnvironmentSpli
         env = _assign_environments(y, part_seed)
         parts.append((_corrupt_by_environment(x, env, part_seed), y.clone(), env))
     (x_train, y_train, env_train), (x_test, y_test, env_test) = parts
-    return EnvironmentSplit(x_train=x_train, y_train=y_train, env_train=env_train,
-                            x_test=x_test, y_test=y_test, env_test=env_test)
+    return EnvironmentSplit(
+        x_train=x_train, y_train=y_train, env_train=env_train, x_test=x_test, y_test=y_test, env_test=env_test
+    )

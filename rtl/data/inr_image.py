@@ -18,6 +18,7 @@ computed from the image itself:
 
 Any stage is deterministic given ``seed`` (k-means ``random_state``).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -32,9 +33,30 @@ __all__ = ["INR_IMAGES", "INRImage", "load_inr_image"]
 #: The scikit-image images that ship with the package (no download); grey ones are replicated to 3 channels,
 #: an alpha channel is dropped.
 INR_IMAGES = (
-    "astronaut", "brick", "camera", "cat", "cell", "chelsea", "checkerboard", "clock", "coffee", "coins",
-    "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo",
-    "microaneurysms", "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text",
+    "astronaut",
+    "brick",
+    "camera",
+    "cat",
+    "cell",
+    "chelsea",
+    "checkerboard",
+    "clock",
+    "coffee",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "shepp_logan_phantom",
+    "text",
 )
 
 # k-means restarts: fixed (not "auto") so a seed gives the same regions whatever scikit-learn's default becomes.
@@ -93,8 +115,9 @@ def _as_rgb(image: np.ndarray, what: str) -> np.ndarray:
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{what} must be a grey (H, W), RGB (H, W, 3) or RGBA (H, W, 4) image, "
-                         f"got shape {image.shape}")
+        raise ValueError(
+            f"{what} must be a grey (H, W), RGB (H, W, 3) or RGBA (H, W, 4) image, got shape {image.shape}"
+        )
     if image.dtype == bool:
         image = image.astype(np.float64)
     image = img_as_float(image).astype(np.float64)
@@ -111,7 +134,7 @@ def _resize(image: np.ndarray, size: Any) -> np.ndarray:
         h, w = image.shape[:2]
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
-        image = image[top:top + side, left:left + side]
+        image = image[top : top + side, left : left + side]
         out_shape = (int(size), int(size))
     elif isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(s) and s >= 2 for s in size):
         out_shape = (int(size[0]), int(size[1]))
@@ -184,8 +207,14 @@ def _reassign_small_pieces(labels: np.ndarray, min_piece_pixels: int) -> None:
             changed |= _absorb(labels, pieces == piece_id)
 
 
-def _segment(image: np.ndarray, num_regions: int, seed: int, position_weight: float,
-             min_region_fraction: float, min_piece_pixels: int) -> np.ndarray:
+def _segment(
+    image: np.ndarray,
+    num_regions: int,
+    seed: int,
+    position_weight: float,
+    min_region_fraction: float,
+    min_piece_pixels: int,
+) -> np.ndarray:
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
@@ -196,8 +225,9 @@ def _segment(image: np.ndarray, num_regions: int, seed: int, position_weight: fl
     # One thread: on a busy machine scikit-learn's OpenMP k-means on a few thousand points ran 50x slower with
     # a thread per core (20 s instead of 0.4 s for 4,096 x 5 features, 10 restarts, 2 cores under load).
     with threadpool_limits(limits=1):
-        labels = KMeans(n_clusters=num_regions, n_init=_KMEANS_N_INIT, random_state=seed) \
-            .fit_predict(features).reshape(h, w)
+        labels = (
+            KMeans(n_clusters=num_regions, n_init=_KMEANS_N_INIT, random_state=seed).fit_predict(features).reshape(h, w)
+        )
     for _ in range(_MAX_ROUNDS):
         _reassign_small_pieces(labels, min_piece_pixels)
         present, sizes = np.unique(labels, return_counts=True)
@@ -220,13 +250,15 @@ def _segment(image: np.ndarray, num_regions: int, seed: int, position_weight: fl
         axis = np.linalg.svd(points, full_matrices=False)[2][0]
         rank = np.argsort(points @ axis, kind="stable")
         free = int(min(set(range(num_regions)) - set(present.tolist())))
-        labels[np.unravel_index(inside[rank[len(rank) // 2:]], (h, w))] = free
+        labels[np.unravel_index(inside[rank[len(rank) // 2 :]], (h, w))] = free
     present, sizes = np.unique(labels, return_counts=True)
     if len(present) != num_regions or sizes.min() < min_pixels:
-        raise ValueError(f"could not cut the image into num_regions={num_regions} regions of at least "
-                         f"min_region_fraction={min_region_fraction} of the pixels each (got sizes "
-                         f"{sorted(sizes.tolist(), reverse=True)}); ask for fewer regions, a larger size or a "
-                         f"smaller min_region_fraction")
+        raise ValueError(
+            f"could not cut the image into num_regions={num_regions} regions of at least "
+            f"min_region_fraction={min_region_fraction} of the pixels each (got sizes "
+            f"{sorted(sizes.tolist(), reverse=True)}); ask for fewer regions, a larger size or a "
+            f"smaller min_region_fraction"
+        )
     # Number by size, largest first; ties by the first pixel in raster order, so the numbering is deterministic.
     first = np.array([np.flatnonzero(labels.ravel() == k)[0] for k in present])
     order = sorted(range(len(present)), key=lambda i: (-sizes[i], first[i]))
@@ -235,9 +267,15 @@ def _segment(image: np.ndarray, num_regions: int, seed: int, position_weight: fl
     return relabel[labels]
 
 
-def load_inr_image(name: str | np.ndarray = "astronaut", size: int | tuple[int, int] = 64, num_regions: int = 6,
-                   seed: int = 0, position_weight: float = 0.5, min_region_fraction: float = 0.02,
-                   min_piece_pixels: int | None = None) -> INRImage:
+def load_inr_image(
+    name: str | np.ndarray = "astronaut",
+    size: int | tuple[int, int] = 64,
+    num_regions: int = 6,
+    seed: int = 0,
+    position_weight: float = 0.5,
+    min_region_fraction: float = 0.02,
+    min_piece_pixels: int | None = None,
+) -> INRImage:
     """Load a bundled image, resize it, and cut it into regions, one ticket per region.
 
     Args:
@@ -283,13 +321,22 @@ def load_inr_image(name: str | np.ndarray = "astronaut", size: int | tuple[int, 
         raise ValueError(f"num_regions must be a positive int, got {num_regions!r}")
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    if isinstance(position_weight, bool) or not isinstance(position_weight, numbers.Real) \
-            or not np.isfinite(position_weight) or position_weight < 0:
+    if (
+        isinstance(position_weight, bool)
+        or not isinstance(position_weight, numbers.Real)
+        or not np.isfinite(position_weight)
+        or position_weight < 0
+    ):
         raise ValueError(f"position_weight must be a finite number >= 0, got {position_weight!r}")
-    if isinstance(min_region_fraction, bool) or not isinstance(min_region_fraction, numbers.Real) \
-            or not 0.0 <= min_region_fraction <= 1.0 / num_regions:
-        raise ValueError(f"min_region_fraction must be a number in [0, 1/num_regions] = [0, {1.0 / num_regions:g}], "
-                         f"got {min_region_fraction!r}")
+    if (
+        isinstance(min_region_fraction, bool)
+        or not isinstance(min_region_fraction, numbers.Real)
+        or not 0.0 <= min_region_fraction <= 1.0 / num_regions
+    ):
+        raise ValueError(
+            f"min_region_fraction must be a number in [0, 1/num_regions] = [0, {1.0 / num_regions:g}], "
+            f"got {min_region_fraction!r}"
+        )
     image = _resize(_as_rgb(raw, "name"), size)
     h, w = image.shape[:2]
     if num_regions > h * w:
@@ -298,12 +345,18 @@ def load_inr_image(name: str | np.ndarray = "astronaut", size: int | tuple[int, 
         min_piece_pixels = max(2, int(round(0.005 * h * w)))
     elif not _is_int(min_piece_pixels) or min_piece_pixels < 1:
         raise ValueError(f"min_piece_pixels must be a positive int or None, got {min_piece_pixels!r}")
-    regions = _segment(image, int(num_regions), int(seed), float(position_weight), float(min_region_fraction),
-                       int(min_piece_pixels))
+    regions = _segment(
+        image, int(num_regions), int(seed), float(position_weight), float(min_region_fraction), int(min_piece_pixels)
+    )
 
     image_t = torch.from_numpy(image.astype(np.float32))
     ys, xs = torch.meshgrid(torch.linspace(-1.0, 1.0, h), torch.linspace(-1.0, 1.0, w), indexing="ij")
     coords = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
-    return INRImage(image=image_t, coords=coords, pixels=image_t.reshape(-1, 3).clone(),
-                    regions=torch.from_numpy(regions.reshape(-1)).to(torch.int64),
-                    region_names=[f"region_{k}" for k in range(int(num_regions))], name=label)
+    return INRImage(
+        image=image_t,
+        coords=coords,
+        pixels=image_t.reshape(-1, 3).clone(),
+        regions=torch.from_numpy(regions.reshape(-1)).to(torch.int64),
+        region_names=[f"region_{k}" for k in range(int(num_regions))],
+        name=label,
+    )

@@ -13,6 +13,7 @@ computes exactly what an uninterrupted one would:
 6. ``multi@s``: the same masks, but K independent weight copies, each trained on its own subset only.
 7. ``speed``: inference time of the routed model (rtl kernels) vs the dense model and the naive per-ticket loop.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,19 +91,24 @@ class StageStore:
                 with open(cfg_path) as fh:
                     saved = json.load(fh)
             except (OSError, ValueError) as exc:
-                raise RunStateError(f"{cfg_path} is unreadable ({exc}); refusing to resume: restore it, or start "
-                                    f"the run again in another --out") from exc
+                raise RunStateError(
+                    f"{cfg_path} is unreadable ({exc}); refusing to resume: restore it, or start "
+                    f"the run again in another --out"
+                ) from exc
             if not isinstance(saved, dict):
-                raise RunStateError(f"{cfg_path} is not an rtl run configuration; refusing to resume: restore it, "
-                                    f"or start the run again in another --out")
+                raise RunStateError(
+                    f"{cfg_path} is not an rtl run configuration; refusing to resume: restore it, "
+                    f"or start the run again in another --out"
+                )
             keys = ("experiment", "seed", "sparsities", "quick", "overrides", "state_version")
             diff = {k: (saved.get(k), config.get(k)) for k in keys if saved.get(k) != config.get(k)}
             if diff:
                 raise RunStateError(f"{out_dir} was made with another configuration {diff}; refusing to resume")
         else:
             if os.path.isdir(self.dir) and os.listdir(self.dir):
-                raise RunStateError(f"{out_dir} already holds a run: pass --resume {out_dir} to continue it, or "
-                                    f"choose another --out")
+                raise RunStateError(
+                    f"{out_dir} already holds a run: pass --resume {out_dir} to continue it, or choose another --out"
+                )
             os.makedirs(self.dir, exist_ok=True)
             _atomic_json(config, cfg_path)
         os.makedirs(self.dir, exist_ok=True)
@@ -117,11 +123,14 @@ class StageStore:
         try:
             blob = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as exc:  # a truncated or foreign file: refuse, never overwrite silently
-            raise RunStateError(f"checkpoint {path} is corrupt or not an rtl checkpoint ({_first_line(exc)}): "
-                                f"delete it to compute that stage again") from exc
+            raise RunStateError(
+                f"checkpoint {path} is corrupt or not an rtl checkpoint ({_first_line(exc)}): "
+                f"delete it to compute that stage again"
+            ) from exc
         if not isinstance(blob, dict) or blob.get("rtl_stage") != stage or blob.get("version") != STATE_VERSION:
-            raise RunStateError(f"checkpoint {path} is not this run's stage {stage!r}: delete it to compute that "
-                                f"stage again")
+            raise RunStateError(
+                f"checkpoint {path} is not this run's stage {stage!r}: delete it to compute that stage again"
+            )
         return blob["data"]
 
     def save(self, stage: str, data) -> None:
@@ -129,6 +138,7 @@ class StageStore:
 
 
 # -- training loops --------------------------------------------------------------------------------------------
+
 
 def _optimizer(task: Task, model: nn.Module, total_steps: int, masked: bool):
     """Adam (paper A.2 / C.4), wrapped so pruned weights stay put when ``masked``, and its LR schedule.
@@ -152,7 +162,9 @@ def _step(opt, scheduler) -> None:
         scheduler.step()
 
 
-def train_plain(task: Task, model: nn.Module, epochs: int, gen: torch.Generator, route_all: bool = False) -> List[float]:
+def train_plain(
+    task: Task, model: nn.Module, epochs: int, gen: torch.Generator, route_all: bool = False
+) -> List[float]:
     """Train on the whole training set (dense baseline, single-mask IMP). Returns the mean loss per epoch."""
     per_epoch = -(-task.x_train.shape[0] // task.settings.batch_size)
     # a converted single-ticket model (route_all): pruned weights and their Adam state stay still
@@ -175,8 +187,9 @@ def train_plain(task: Task, model: nn.Module, epochs: int, gen: torch.Generator,
     return losses
 
 
-def train_ticket_steps(task: Task, model: nn.Module, ticket: int, steps: int, gen: torch.Generator,
-                       route_ticket: Optional[int] = None) -> float:
+def train_ticket_steps(
+    task: Task, model: nn.Module, ticket: int, steps: int, gen: torch.Generator, route_ticket: Optional[int] = None
+) -> float:
     """``steps`` optimizer steps on ticket ``ticket``'s subset and objective. Returns the mean loss.
 
     Alg. 1's inner training routes the batch to ``ticket``; an independent one-mask model of the multi-model
@@ -233,6 +246,7 @@ def train_joint(task: Task, model: nn.Module, epochs: int, gen: torch.Generator)
 
 # -- mask extraction -------------------------------------------------------------------------------------------
 
+
 def _masks_of(model: nn.Module) -> Dict[str, Tensor]:
     return {name: m.weight_masks.clone() for name, m in model.named_modules() if hasattr(m, "weight_masks")}
 
@@ -244,9 +258,14 @@ def _load_masks(model: nn.Module, masks: Dict[str, Tensor]) -> None:
             modules[name].weight_masks.copy_(mask)
 
 
-def extract_masks(task: Task, model: nn.Module, sparsities: Sequence[float],
-                  make_train_fn: Callable[[float], Callable[[nn.Module, int, int], object]],
-                  checkpoint_dir: Optional[str] = None, progress: bool = True) -> Dict:
+def extract_masks(
+    task: Task,
+    model: nn.Module,
+    sparsities: Sequence[float],
+    make_train_fn: Callable[[float], Callable[[nn.Module, int, int], object]],
+    checkpoint_dir: Optional[str] = None,
+    progress: bool = True,
+) -> Dict:
     """Alg. 1 with :class:`rtl.prune.IMP` from the model's current weights (θ0), masks snapshotted per target.
 
     One IMP run per target sparsity, in increasing order, each continuing from the previous masks (masks only
@@ -267,13 +286,22 @@ def extract_masks(task: Task, model: nn.Module, sparsities: Sequence[float],
         key = f"{target:g}"
         if target > 0:
             ckpt = None if checkpoint_dir is None else os.path.join(checkpoint_dir, key)
-            imp = IMP(model, make_train_fn(target), target, amount=task.settings.prune_fraction, checkpoint_dir=ckpt,
-                      granularity=parse_granularity(task.settings.granularity), progress=progress)
+            imp = IMP(
+                model,
+                make_train_fn(target),
+                target,
+                amount=task.settings.prune_fraction,
+                checkpoint_dir=ckpt,
+                granularity=parse_granularity(task.settings.granularity),
+                progress=progress,
+            )
             try:
                 imp.run()
             except CheckpointError as exc:
-                raise RunStateError(f"{exc}. Delete that file to redo the rounds of sparsity {key} from their "
-                                    f"start (the finished stages are kept)") from exc
+                raise RunStateError(
+                    f"{exc}. Delete that file to redo the rounds of sparsity {key} from their "
+                    f"start (the finished stages are kept)"
+                ) from exc
             log += [dict(entry, target=target) for entry in imp.log]
         snapshots[key] = _masks_of(model)
     return {"masks": snapshots, "log": log}
@@ -287,8 +315,13 @@ def extract_masks(task: Task, model: nn.Module, sparsities: Sequence[float],
 WARMUP, MIN_REPEATS, MAX_REPEATS, MIN_SECONDS, SPREAD_FLAG = 3, 11, 101, 0.5, 0.2
 
 
-def interleaved_ms(fns: Dict[str, Callable[[], object]], warmup: int = WARMUP, min_repeats: int = MIN_REPEATS,
-                   max_repeats: int = MAX_REPEATS, min_seconds: float = MIN_SECONDS) -> Dict[str, Dict[str, float]]:
+def interleaved_ms(
+    fns: Dict[str, Callable[[], object]],
+    warmup: int = WARMUP,
+    min_repeats: int = MIN_REPEATS,
+    max_repeats: int = MAX_REPEATS,
+    min_seconds: float = MIN_SECONDS,
+) -> Dict[str, Dict[str, float]]:
     """Median, p10 and p90 ms of each function, timed in turn (one call of each per round).
 
     Args:
@@ -326,6 +359,7 @@ def measure_speed(task: Task, dense: nn.Module, routed_model: nn.Module, backend
     routed_model.eval()
     routed = RoutedModel(routed_model)
     with torch.no_grad():
+
         def ours():
             if backend:
                 with rtl_kernels.set_backend(backend):
@@ -349,6 +383,7 @@ def measure_speed(task: Task, dense: nn.Module, routed_model: nn.Module, backend
 
 # -- the protocol -----------------------------------------------------------------------------------------------
 
+
 def _routed_fn(task: Task, model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
     routed = RoutedModel(model)
     return lambda x, route: task.forward(lambda inp: routed(inp, route), x)
@@ -367,6 +402,7 @@ def _multi_fn(task: Task, models: List[nn.Module]) -> Callable[[Tensor, Tensor],
                 out = y.new_empty((x.shape[0],) + tuple(y.shape[1:]))
             out[rows] = y
         return out
+
     return fn
 
 
@@ -374,12 +410,22 @@ def _single_fn(task: Task, model: nn.Module) -> Callable[[Tensor], Tensor]:
     def fn(x):
         with use_route(model, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)):
             return task.forward(model, x)
+
     return fn
 
 
-def run_protocol(task: Task, out_dir: str, sparsities: Sequence[float], seed: int, config: Dict,
-                 resume: bool = False, backend: Optional[str] = None, progress: bool = True, device="cpu",
-                 log: Callable[[str], None] = print) -> Dict:
+def run_protocol(
+    task: Task,
+    out_dir: str,
+    sparsities: Sequence[float],
+    seed: int,
+    config: Dict,
+    resume: bool = False,
+    backend: Optional[str] = None,
+    progress: bool = True,
+    device="cpu",
+    log: Callable[[str], None] = print,
+) -> Dict:
     """Run (or resume) every stage of the protocol on ``task`` and return the metrics (also in metrics.json).
 
     Args:
@@ -433,8 +479,10 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
         log(f"[{name}] {time.perf_counter() - start:.1f} s")
         return data
 
-    theta0 = stage("init", lambda gen: {"dense": task.build_model(seed).state_dict(),
-                                        "single": _single_model(task, seed).state_dict()})
+    theta0 = stage(
+        "init",
+        lambda gen: {"dense": task.build_model(seed).state_dict(), "single": _single_model(task, seed).state_dict()},
+    )
 
     def routed_model(tickets: int, single: bool = False) -> nn.Module:
         model = _single_model(task, seed) if single else task.build_model(seed)
@@ -447,7 +495,12 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
         model.load_state_dict(theta0["dense"])
         model.to(device)
         losses = train_plain(task, model, task.settings.dense_epochs, gen)
-        return {"state": model.state_dict(), "losses": losses, "metrics": task.evaluate_single(lambda x: task.forward(model, x))}
+        return {
+            "state": model.state_dict(),
+            "losses": losses,
+            "metrics": task.evaluate_single(lambda x: task.forward(model, x)),
+        }
+
     dense = stage("dense", dense_stage)
 
     # single-mask IMP
@@ -458,17 +511,25 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
 
     def single_masks_stage(gen):
         model = routed_model(1, single=True)
-        make = lambda target: lambda m, t, r: train_plain(
-            task, m, task.settings.single_epochs, round_gen("single_masks", target, t, r), route_all=True)
+        make = lambda target: (
+            lambda m, t, r: train_plain(
+                task, m, task.settings.single_epochs, round_gen("single_masks", target, t, r), route_all=True
+            )
+        )
         return extract_masks(task, model, sparsities, make, os.path.join(store.dir, "single_masks_imp"), progress)
+
     single_masks = stage("single_masks", single_masks_stage)
 
     # RTL Alg. 1
     def rtl_masks_stage(gen):
         model = routed_model(T)
-        make = lambda target: lambda m, t, r: train_ticket_steps(
-            task, m, t, task.settings.ticket_steps, round_gen("rtl_masks", target, t, r))
+        make = lambda target: (
+            lambda m, t, r: train_ticket_steps(
+                task, m, t, task.settings.ticket_steps, round_gen("rtl_masks", target, t, r)
+            )
+        )
         return extract_masks(task, model, sparsities, make, os.path.join(store.dir, "rtl_masks_imp"), progress)
+
     rtl_masks = stage("rtl_masks", rtl_masks_stage)
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     for name, data in (("single_masks", single_masks), ("rtl_masks", rtl_masks)):
@@ -477,25 +538,32 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
 
     results: Dict = {"dense": dense["metrics"], "sparsities": {}}
     for s, key in zip(sparsities, s_keys):
+
         def single_stage(gen, key=key):
             model = routed_model(1, single=True)
             _load_masks(model, single_masks[key])
             # the paper gives the single model twice the epochs of the tickets to match data exposure (A.2)
             epochs = task.settings.retrain_epochs * (2 if task.kind == "detector" else 1)
             losses = train_plain(task, model, epochs, gen, route_all=True)
-            return {"losses": losses, "metrics": task.evaluate_single(_single_fn(task, model)),
-                    "counts": rtl_metrics.parameter_counts(model)}
+            return {
+                "losses": losses,
+                "metrics": task.evaluate_single(_single_fn(task, model)),
+                "counts": rtl_metrics.parameter_counts(model),
+            }
 
         def rtl_stage(gen, key=key):
             model = routed_model(T)
             _load_masks(model, rtl_masks[key])
             losses = train_joint(task, model, task.settings.retrain_epochs, gen)
-            return {"state": model.state_dict(), "losses": losses,
-                    "metrics": task.evaluate_routed(_routed_fn(task, model)),
-                    "counts": rtl_metrics.parameter_counts(model),
-                    "jaccard": diagnostics.jaccard_matrix(model),
-                    "similarity": diagnostics.ticket_similarity_scores(model),
-                    "similarity_chance_corrected": diagnostics.chance_corrected_similarity(model)}
+            return {
+                "state": model.state_dict(),
+                "losses": losses,
+                "metrics": task.evaluate_routed(_routed_fn(task, model)),
+                "counts": rtl_metrics.parameter_counts(model),
+                "jaccard": diagnostics.jaccard_matrix(model),
+                "similarity": diagnostics.ticket_similarity_scores(model),
+                "similarity_chance_corrected": diagnostics.chance_corrected_similarity(model),
+            }
 
         def multi_stage(gen, key=key):
             models = []
@@ -512,11 +580,14 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
         multi_r = stage(f"multi@{key}", multi_stage)
         results["sparsities"][key] = {
             "single": {"metrics": single_r["metrics"], "counts": single_r["counts"]},
-            "rtl": {"metrics": rtl_r["metrics"], "counts": rtl_r["counts"],
-                    "jaccard": rtl_r["jaccard"].tolist(), "similarity": rtl_r["similarity"].tolist(),
-                    "similarity_chance_corrected": rtl_r["similarity_chance_corrected"].tolist()},
-            "multi": {"metrics": multi_r["metrics"],
-                      "counts": {"sum": rtl_r["counts"]["sum"], "models": T}},
+            "rtl": {
+                "metrics": rtl_r["metrics"],
+                "counts": rtl_r["counts"],
+                "jaccard": rtl_r["jaccard"].tolist(),
+                "similarity": rtl_r["similarity"].tolist(),
+                "similarity_chance_corrected": rtl_r["similarity_chance_corrected"].tolist(),
+            },
+            "multi": {"metrics": multi_r["metrics"], "counts": {"sum": rtl_r["counts"]["sum"], "models": T}},
         }
 
     def speed_stage(gen):
@@ -529,11 +600,16 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
             model.load_state_dict(store.load(f"rtl@{key}")["state"])
             out[key] = measure_speed(task, dense_model, model, backend)
         return out
+
     results["speed"] = stage("speed", speed_stage)
-    results["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
-                              "machine": platform.processor() or platform.machine(),
-                              "threads": torch.get_num_threads(), "backend": backend or "auto",
-                              "backends": rtl_kernels.available_backends()}
+    results["environment"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "backend": backend or "auto",
+        "backends": rtl_kernels.available_backends(),
+    }
     _atomic_json(_jsonable(results), os.path.join(out_dir, "metrics.json"))
     return results
 

@@ -3,6 +3,7 @@
 Plots (matplotlib, Agg backend): accuracy vs sparsity per method; per-ticket similarity vs sparsity next to each
 ticket's accuracy (the paper's Fig. 2 view); the T x T Jaccard matrix at the highest sparsity.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,20 +24,29 @@ def _method_rows(kind: str, entry: Dict) -> List[Tuple[str, Optional[Dict], Opti
     union, total = entry["rtl"]["counts"]["union"], entry["rtl"]["counts"]["sum"]
     single_n = entry["single"]["counts"]["single"]
     if kind == "inr":
-        return [("RTL (region routing)", rtl_m["image"], union), ("IMP single (region embedding)", single_m["image"],
-                single_n), ("IMP multi (independent models)", multi_m["image"], total)]
+        return [
+            ("RTL (region routing)", rtl_m["image"], union),
+            ("IMP single (region embedding)", single_m["image"], single_n),
+            ("IMP multi (independent models)", multi_m["image"], total),
+        ]
     rows = []
     if kind == "detector":
-        rows += [("RTL, detectors (paper Table 1 protocol)", rtl_m["detectors"], union),
-                 ("IMP multi, detectors", multi_m["detectors"], total)]
+        rows += [
+            ("RTL, detectors (paper Table 1 protocol)", rtl_m["detectors"], union),
+            ("IMP multi, detectors", multi_m["detectors"], total),
+        ]
         if "all_tickets" in rtl_m:
-            rows += [("RTL, all tickets, argmax (label-free)", rtl_m["all_tickets"], union),
-                     ("IMP multi, all tickets, argmax (label-free)", multi_m["all_tickets"], total)]
+            rows += [
+                ("RTL, all tickets, argmax (label-free)", rtl_m["all_tickets"], union),
+                ("IMP multi, all tickets, argmax (label-free)", multi_m["all_tickets"], total),
+            ]
     else:
-        rows += [("RTL, oracle environment routing", rtl_m["oracle"], union),
-                 ("RTL, cluster routing (label-free)", rtl_m["cluster"], union),
-                 ("RTL, all tickets, most confident (label-free)", rtl_m["all_tickets"], union),
-                 ("IMP multi, oracle routing", multi_m["oracle"], total)]
+        rows += [
+            ("RTL, oracle environment routing", rtl_m["oracle"], union),
+            ("RTL, cluster routing (label-free)", rtl_m["cluster"], union),
+            ("RTL, all tickets, most confident (label-free)", rtl_m["all_tickets"], union),
+            ("IMP multi, oracle routing", multi_m["oracle"], total),
+        ]
     rows.append(("IMP single (C-way classifier)", single_m["multiclass"], single_n))
     return rows
 
@@ -65,60 +75,94 @@ def write_report(run_dir: str) -> str:
     kind = config["kind"]
     label, unit = headline_metric(kind)
     keys = sorted(metrics["sparsities"], key=float)
-    lines = [f"# rtl run: {config['experiment']}", "",
-             f"{config['description']}", "",
-             f"- seed {config['seed']}, sparsities {', '.join(keys)}, {'quick' if config['quick'] else 'full'} "
-             f"settings, {config['num_tickets']} tickets ({', '.join(config['ticket_names'])})",
-             f"- machine: {metrics['environment']['machine']}, {metrics['environment']['threads']} threads, "
-             f"torch {metrics['environment']['torch']}, rtl_kernels backend {metrics['environment']['backend']}",
-             f"- prunable weights: {config.get('prunable_weights', '?')}", ""]
+    lines = [
+        f"# rtl run: {config['experiment']}",
+        "",
+        f"{config['description']}",
+        "",
+        f"- seed {config['seed']}, sparsities {', '.join(keys)}, {'quick' if config['quick'] else 'full'} "
+        f"settings, {config['num_tickets']} tickets ({', '.join(config['ticket_names'])})",
+        f"- machine: {metrics['environment']['machine']}, {metrics['environment']['threads']} threads, "
+        f"torch {metrics['environment']['torch']}, rtl_kernels backend {metrics['environment']['backend']}",
+        f"- prunable weights: {config.get('prunable_weights', '?')}",
+        "",
+    ]
     dense = metrics["dense"]
     dense_m = dense["image"] if kind == "inr" else dense["multiclass"]
-    lines += ["## Results", "", "Dense model (no pruning): " + (
-        f"PSNR {dense_m['psnr']:.2f} dB" if kind == "inr" else
-        f"balanced accuracy {dense_m['balanced_accuracy']:.3f}, precision {dense_m['precision']:.3f}, "
-        f"recall {dense_m['recall']:.3f}, accuracy {dense_m['accuracy']:.3f}"), ""]
+    lines += [
+        "## Results",
+        "",
+        "Dense model (no pruning): "
+        + (
+            f"PSNR {dense_m['psnr']:.2f} dB"
+            if kind == "inr"
+            else f"balanced accuracy {dense_m['balanced_accuracy']:.3f}, precision {dense_m['precision']:.3f}, "
+            f"recall {dense_m['recall']:.3f}, accuracy {dense_m['accuracy']:.3f}"
+        ),
+        "",
+    ]
     if kind == "inr":
         lines += ["| sparsity | method | PSNR (dB) | stored weights |", "|---:|:---|---:|---:|"]
     else:
-        lines += ["| sparsity | method | bal. acc | precision | recall | stored weights |",
-                  "|---:|:---|---:|---:|---:|---:|"]
+        lines += [
+            "| sparsity | method | bal. acc | precision | recall | stored weights |",
+            "|---:|:---|---:|---:|---:|---:|",
+        ]
     for key in keys:
         for name, m, count in _method_rows(kind, metrics["sparsities"][key]):
             if kind == "inr":
                 lines.append(f"| {key} | {name} | {_fmt(m['psnr'], 2)} | {_count(count)} |")
             else:
-                lines.append(f"| {key} | {name} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['precision'])} | "
-                             f"{_fmt(m['recall'])} | {_count(count)} |")
-    lines += ["", "Stored weights: RTL keeps the union of its tickets' masks over one shared weight; independent "
-              "models keep the sum of theirs; the single model keeps one mask. Dense layers left unpruned "
-              "(BatchNorm, classifier) are not counted.", ""]
-    lines += ["## Ticket similarity (the paper's diagnostic)", "",
-              "Mean Jaccard of each ticket's mask to the others' (S_k), and its chance-corrected variant (0: as "
-              "similar as independent random masks of the same densities, 1: identical).", "",
-              "| sparsity | mean S_k | min S_k | max S_k | mean chance-corrected |", "|---:|---:|---:|---:|---:|"]
+                lines.append(
+                    f"| {key} | {name} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['precision'])} | "
+                    f"{_fmt(m['recall'])} | {_count(count)} |"
+                )
+    lines += [
+        "",
+        "Stored weights: RTL keeps the union of its tickets' masks over one shared weight; independent "
+        "models keep the sum of theirs; the single model keeps one mask. Dense layers left unpruned "
+        "(BatchNorm, classifier) are not counted.",
+        "",
+    ]
+    lines += [
+        "## Ticket similarity (the paper's diagnostic)",
+        "",
+        "Mean Jaccard of each ticket's mask to the others' (S_k), and its chance-corrected variant (0: as "
+        "similar as independent random masks of the same densities, 1: identical).",
+        "",
+        "| sparsity | mean S_k | min S_k | max S_k | mean chance-corrected |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for key in keys:
         sim = metrics["sparsities"][key]["rtl"]["similarity"]
         cc = metrics["sparsities"][key]["rtl"]["similarity_chance_corrected"]
-        lines.append(f"| {key} | {sum(sim) / len(sim):.3f} | {min(sim):.3f} | {max(sim):.3f} | "
-                     f"{sum(cc) / len(cc):.3f} |")
+        lines.append(
+            f"| {key} | {sum(sim) / len(sim):.3f} | {min(sim):.3f} | {max(sim):.3f} | {sum(cc) / len(cc):.3f} |"
+        )
     speed = metrics.get("speed", {})
     if speed:
-        lines += ["", "## Inference speed of the routed model", "",
-                  "One mixed-ticket batch of test inputs; the three models timed in turn, median of at least 11 "
-                  "rounds after 3 warm-up rounds (more until each model ran half a second). dense: the unpruned "
-                  "model; naive: the per-ticket loop (rtl_kernels' reference backend); rtl: the rtl kernels. Ratios "
-                  "> 1 mean rtl is faster. spread: the largest (p90 - p10) / median of the three; above 20 % the "
-                  "machine was too noisy for the ratios to be read closely (flagged !).", "",
-                  "| sparsity | batch | dense ms | naive ms | rtl ms | rtl vs dense | rtl vs naive | spread |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Inference speed of the routed model",
+            "",
+            "One mixed-ticket batch of test inputs; the three models timed in turn, median of at least 11 "
+            "rounds after 3 warm-up rounds (more until each model ran half a second). dense: the unpruned "
+            "model; naive: the per-ticket loop (rtl_kernels' reference backend); rtl: the rtl kernels. Ratios "
+            "> 1 mean rtl is faster. spread: the largest (p90 - p10) / median of the three; above 20 % the "
+            "machine was too noisy for the ratios to be read closely (flagged !).",
+            "",
+            "| sparsity | batch | dense ms | naive ms | rtl ms | rtl vs dense | rtl vs naive | spread |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for key in keys:
             s = speed.get(key)
             if s:
                 spread = max((s.get(f"{n}_spread", 0.0) for n in ("dense", "naive", "rtl")), default=0.0)
                 flag = " !" if s.get("unstable") else ""
-                lines.append(f"| {key} | {s['batch']} | {s['dense_ms']:.2f} | {s['naive_ms']:.2f} | {s['rtl_ms']:.2f} "
-                             f"| {s['rtl_vs_dense']:.2f}x | {s['rtl_vs_naive']:.2f}x | {spread:.0%}{flag} |")
+                lines.append(
+                    f"| {key} | {s['batch']} | {s['dense_ms']:.2f} | {s['naive_ms']:.2f} | {s['rtl_ms']:.2f} "
+                    f"| {s['rtl_vs_dense']:.2f}x | {s['rtl_vs_naive']:.2f}x | {spread:.0%}{flag} |"
+                )
     plots = _plots(run_dir, kind, metrics, keys, label, unit, config)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{title}]({name})" for name, title in plots]
@@ -172,8 +216,10 @@ def _plots(run_dir, kind, metrics, keys, label, unit, config) -> List[Tuple[str,
     names = config["ticket_names"]
     for t, name in enumerate(names):
         sims = [metrics["sparsities"][k]["rtl"]["similarity"][t] for k in keys]
-        accs = [(_per_ticket(kind, metrics["sparsities"][k]["rtl"]["metrics"]) or [float("nan")] * len(names))[t]
-                for k in keys]
+        accs = [
+            (_per_ticket(kind, metrics["sparsities"][k]["rtl"]["metrics"]) or [float("nan")] * len(names))[t]
+            for k in keys
+        ]
         ax1.plot(xs, sims, marker="o", label=name)
         ax2.plot(xs, accs, marker="o", label=name)
     ax1.set_xlabel("sparsity")

@@ -3,6 +3,7 @@
 The lock is an ``fcntl.flock`` on the open file, so the kernel drops it when its process ends, however it ends: a
 lock file left by a killed run is stale by construction and never blocks ``--resume``.
 """
+
 from __future__ import annotations
 
 import fcntl

@@ -1,10 +1,10 @@
 """The experiments' tasks: data, model, objectives and evaluation, behind one small interface the protocol runs.
 
-Three kinds of ticket (paper.md 1.2 and 1.4):
+Three kinds of ticket (docs/paper_notes.md, the method):
 
 - ``detector``: one ticket per class (or cluster of classes). Each ticket is a one-vs-rest detector trained on
-  balanced batches (its positives and as many negatives drawn from the other subsets), scored by binary cross
-  entropy on its own logit, as the paper trains its CIFAR tickets (App. A.2, open question 9: we read "binary
+  balanced batches (its positives and as many negatives drawn from the other subsets), scored by binary cross entropy
+  on its own logit, as the paper trains its CIFAR tickets (App. A.2, docs/paper_notes.md choice 9: we read "binary
   classifier" as the ticket's own logit under a sigmoid).
 - ``classifier``: one ticket per environment; each ticket is a full C-way classifier trained on its subset only
   (the paper's speech tickets: no negatives).
@@ -13,6 +13,7 @@ Three kinds of ticket (paper.md 1.2 and 1.4):
 Every method is evaluated through a ``routed_fn(x, route) -> outputs``: the routed model, or K independent
 models dispatched by route, or a single model that ignores the route.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class Settings:
 
 
 def parse_granularity(text: str):
-    """"unstructured" | "channel" | "vector:V" | "block:BNxBK" -> the granularity rtl.prune takes."""
+    """ "unstructured" | "channel" | "vector:V" | "block:BNxBK" -> the granularity rtl.prune takes."""
     kind, _, arg = text.partition(":")
     try:
         if kind in ("unstructured", "channel") and not arg:
@@ -185,6 +186,7 @@ def classification_metrics(y_true: Tensor, y_pred: Tensor, num_classes: int) -> 
 
 # -- digits-classes: one detector ticket per class --------------------------------------------------------------
 
+
 class DigitsClasses(Task):
     """scikit-learn's digits, one ticket per class; each ticket a one-vs-rest detector (the paper's CIFAR-10 set-up)."""
 
@@ -240,10 +242,13 @@ class DigitsClasses(Task):
 
     def evaluate_routed(self, routed_fn):
         batch = self.settings.eval_batch
-        scores = torch.stack([
-            predict_routed(routed_fn, self.x_test, torch.full_like(self.t_test, t), batch)[:, t]
-            for t in range(self.num_tickets)
-        ], dim=1)  # (N, T): ticket t's own logit on every test image
+        scores = torch.stack(
+            [
+                predict_routed(routed_fn, self.x_test, torch.full_like(self.t_test, t), batch)[:, t]
+                for t in range(self.num_tickets)
+            ],
+            dim=1,
+        )  # (N, T): ticket t's own logit on every test image
         detect = rtl_metrics.detector_metrics(torch.sigmoid(scores), self.y_test)
         own = scores.argmax(1)  # label-free: every ticket scores every image, the most confident detector wins
         return {
@@ -253,6 +258,7 @@ class DigitsClasses(Task):
 
 
 # -- digits-environments: one classifier ticket per corruption --------------------------------------------------
+
 
 def environment_features(x: Tensor) -> Tensor:
     """Label-free statistics that tell the corruptions apart. x (N, 1, 8, 8) -> (N, 5).
@@ -264,16 +270,19 @@ def environment_features(x: Tensor) -> Tensor:
     lap = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=x.dtype, device=x.device)
     lap = lap.view(1, 1, 3, 3)
     high = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), lap).abs().flatten(1).mean(1)
-    return torch.stack([flat.mean(1), flat.std(1), high, (flat < 0.02).float().mean(1),
-                        (flat > 0.98).float().mean(1)], dim=1)
+    return torch.stack(
+        [flat.mean(1), flat.std(1), high, (flat < 0.02).float().mean(1), (flat > 0.98).float().mean(1)], dim=1
+    )
 
 
 class DigitsEnvironments(Task):
     """Digits under three corruption environments (noise, blur, occlusion), one classifier ticket per environment."""
 
     name = "digits-environments"
-    description = ("scikit-learn digits under 3 deterministic corruptions (noise, blur, occlusion), one ticket per "
-                   "environment (10-way classifiers), small CNN")
+    description = (
+        "scikit-learn digits under 3 deterministic corruptions (noise, blur, occlusion), one ticket per "
+        "environment (10-way classifiers), small CNN"
+    )
     kind = "classifier"
 
     def __init__(self, settings: Settings, seed: int = 0) -> None:
@@ -292,7 +301,8 @@ class DigitsEnvironments(Task):
         feats = environment_features(self.x_train)
         self._mu, self._sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
         self.cluster_router = routers.ClusterRouter.from_partition(
-            (feats - self._mu) / self._sd, self.t_train,
+            (feats - self._mu) / self._sd,
+            self.t_train,
             [[t] for t in range(self.num_tickets)],
             feature_fn=lambda x: (environment_features(x) - self._mu) / self._sd,
         )
@@ -309,24 +319,33 @@ class DigitsEnvironments(Task):
         oracle = predict_routed(routed_fn, self.x_test, self.t_test, batch).argmax(1)
         routed = self.cluster_router(self.x_test)
         cluster = predict_routed(routed_fn, self.x_test, routed, batch).argmax(1)
-        probs = torch.stack([
-            predict_routed(routed_fn, self.x_test, torch.full_like(self.t_test, t), batch).softmax(1)
-            for t in range(self.num_tickets)
-        ], dim=1)  # (N, T, C)
+        probs = torch.stack(
+            [
+                predict_routed(routed_fn, self.x_test, torch.full_like(self.t_test, t), batch).softmax(1)
+                for t in range(self.num_tickets)
+            ],
+            dim=1,
+        )  # (N, T, C)
         best = probs.amax(2).argmax(1)  # the most confident ticket decides
         all_pred = probs[torch.arange(probs.shape[0]), best].argmax(1)
-        per_ticket = [float((oracle[self.t_test == t] == self.y_test[self.t_test == t]).double().mean())
-                      for t in range(self.num_tickets)]
+        per_ticket = [
+            float((oracle[self.t_test == t] == self.y_test[self.t_test == t]).double().mean())
+            for t in range(self.num_tickets)
+        ]
         return {
-            "oracle": dict(classification_metrics(self.y_test, oracle, self.num_classes),
-                           per_ticket_accuracy=per_ticket),
-            "cluster": dict(classification_metrics(self.y_test, cluster, self.num_classes),
-                            routing_accuracy=float((routed == self.t_test).double().mean())),
+            "oracle": dict(
+                classification_metrics(self.y_test, oracle, self.num_classes), per_ticket_accuracy=per_ticket
+            ),
+            "cluster": dict(
+                classification_metrics(self.y_test, cluster, self.num_classes),
+                routing_accuracy=float((routed == self.t_test).double().mean()),
+            ),
             "all_tickets": classification_metrics(self.y_test, all_pred, self.num_classes),
         }
 
 
 # -- inr-regions: one ticket per region of a bundled image -------------------------------------------------------
+
 
 class _ConditionedINR(nn.Module):
     """The paper's single-model INR baseline: Fourier features plus a learned 16-dim region embedding."""
@@ -350,8 +369,10 @@ class INRRegions(Task):
     """
 
     name = "inr-regions"
-    description = ("INR (Fourier features + 5-layer MLP 34-128-128-128-128-3) of scikit-image's astronaut, one ticket "
-                   "per colour/position region; PSNR")
+    description = (
+        "INR (Fourier features + 5-layer MLP 34-128-128-128-128-3) of scikit-image's astronaut, one ticket "
+        "per colour/position region; PSNR"
+    )
     kind = "inr"
 
     def __init__(self, settings: Settings, seed: int = 0, size: int = 48, num_regions: int = 6) -> None:
@@ -402,8 +423,9 @@ class INRRegions(Task):
         return F.mse_loss(out, target)
 
     def _psnr(self, pred: Tensor) -> Dict[str, float]:
-        per_region = [rtl_metrics.psnr(pred[self.t_test == t], self.y_test[self.t_test == t])
-                      for t in range(self.num_tickets)]
+        per_region = [
+            rtl_metrics.psnr(pred[self.t_test == t], self.y_test[self.t_test == t]) for t in range(self.num_tickets)
+        ]
         return {"psnr": rtl_metrics.psnr(pred, self.y_test), "psnr_per_region": per_region}
 
     def evaluate_single(self, fn):
@@ -415,13 +437,21 @@ class INRRegions(Task):
 
 # -- CIFAR (the paper's own data, when the user has it) ------------------------------------------------------------
 
+
 class CifarTickets(DigitsClasses):
     """CIFAR-10 with one detector ticket per class, or CIFAR-100 with the paper's 8 text clusters (Table 5)."""
 
     kind = "detector"
 
-    def __init__(self, settings: Settings, seed: int = 0, dataset: str = "cifar10", data_root: Optional[str] = None,
-                 download: bool = False, limit: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        seed: int = 0,
+        dataset: str = "cifar10",
+        data_root: Optional[str] = None,
+        download: bool = False,
+        limit: Optional[int] = None,
+    ) -> None:
         from ..data.cifar import cifar100_cluster_partition, load_cifar
 
         if data_root is None:
@@ -472,9 +502,12 @@ class CifarTickets(DigitsClasses):
         if self.ticket_classes is None:
             return super().evaluate_routed(routed_fn)
         batch = self.settings.eval_batch
-        scores = torch.stack([
-            predict_routed(routed_fn, self.x_test, torch.full_like(self.t_test, t), batch)[:, cls].logsumexp(1)
-            for t, cls in enumerate(self.ticket_classes)
-        ], dim=1)
+        scores = torch.stack(
+            [
+                predict_routed(routed_fn, self.x_test, torch.full_like(self.t_test, t), batch)[:, cls].logsumexp(1)
+                for t, cls in enumerate(self.ticket_classes)
+            ],
+            dim=1,
+        )
         detect = rtl_metrics.detector_metrics(torch.sigmoid(scores), self.t_test)
         return {"detectors": {k: detect[k] for k in ("balanced_accuracy", "precision", "recall", "per_ticket")}}

@@ -12,6 +12,7 @@ Models (prunable weights):
     - :class:`FourierINR` (53,888): implicit neural representation of an image, paper App. C.3.
     - :class:`SmallCNN` (22,160): 8x8 digits, rtl's quick CPU model (not in the paper).
 """
+
 from torch import nn
 
 from .ghostnet import GhostNet
@@ -19,8 +20,16 @@ from .inr import FourierINR, coords
 from .small_cnn import SmallCNN
 from .unet import SpeechUNet, apply_complex_mask
 
-__all__ = ["MODELS", "FourierINR", "GhostNet", "SmallCNN", "SpeechUNet", "apply_complex_mask", "coords",
-           "count_prunable"]
+__all__ = [
+    "MODELS",
+    "FourierINR",
+    "GhostNet",
+    "SmallCNN",
+    "SpeechUNet",
+    "apply_complex_mask",
+    "coords",
+    "count_prunable",
+]
 
 MODELS = {
     "ghostnet": GhostNet,

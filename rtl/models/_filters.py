@@ -1,4 +1,5 @@
 """Argument checks shared by the models' ``prunable_filter`` methods."""
+
 from torch import nn
 
 

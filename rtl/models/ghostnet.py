@@ -6,7 +6,7 @@ depthwise stride convs and the conv shortcuts, the 1x1 80->184 conv and the head
 width 1.0, the paper's "approximately 126K prunable parameters". Batch norm, the squeeze-and-excitation
 convs and the final classifier stay dense.
 
-Bottleneck configuration, (kernel, expansion, out, SE, stride), the one that reproduces 125,832 (paper.md 1.5):
+Bottleneck configuration, (kernel, expansion, out, SE, stride), the one that reproduces 125,832 (docs/paper_notes.md):
 
     B1 (3,  16, 16, -,  1)   B2 (3,  48, 24, -,  2)   B3 (3,  72, 24, -,  1)
     B4 (5,  72, 40, SE, 2)   B5 (5, 120, 40, SE, 1)   B6 (3, 240, 80, -,  2)
@@ -15,6 +15,7 @@ Bottleneck configuration, (kernel, expansion, out, SE, stride), the one that rep
 B5's kernel size (5, as in GhostNet's stage of B4) does not change the count: a stride-1 block with an identity
 shortcut has no depthwise kxk conv.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,11 +74,13 @@ class GhostModule(nn.Module):
         cheap_channels = init_channels * (ratio - 1)
         act = nn.ReLU(inplace=True) if relu else nn.Identity()
         self.primary_conv = nn.Sequential(
-            nn.Conv2d(in_channels, init_channels, 1, bias=False), nn.BatchNorm2d(init_channels), act)
+            nn.Conv2d(in_channels, init_channels, 1, bias=False), nn.BatchNorm2d(init_channels), act
+        )
         self.cheap_operation = nn.Sequential(
-            nn.Conv2d(init_channels, cheap_channels, dw_size, padding=dw_size // 2, groups=init_channels,
-                      bias=False),
-            nn.BatchNorm2d(cheap_channels), act)
+            nn.Conv2d(init_channels, cheap_channels, dw_size, padding=dw_size // 2, groups=init_channels, bias=False),
+            nn.BatchNorm2d(cheap_channels),
+            act,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, C, H, W) -> (B, O, H, W)."""
@@ -137,13 +140,27 @@ class GhostBottleneck(nn.Module):
         torch.Size([2, 24, 4, 4])
     """
 
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, se: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        mid_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        se: bool = False,
+    ):
         super().__init__()
         self.ghost1 = GhostModule(in_channels, mid_channels, relu=True)
         if stride > 1:
-            self.conv_dw = nn.Conv2d(mid_channels, mid_channels, kernel_size, stride=stride,
-                                     padding=kernel_size // 2, groups=mid_channels, bias=False)
+            self.conv_dw = nn.Conv2d(
+                mid_channels,
+                mid_channels,
+                kernel_size,
+                stride=stride,
+                padding=kernel_size // 2,
+                groups=mid_channels,
+                bias=False,
+            )
             self.bn_dw = nn.BatchNorm2d(mid_channels)
         else:
             self.conv_dw = None
@@ -154,8 +171,15 @@ class GhostBottleneck(nn.Module):
             self.shortcut = nn.Identity()
         else:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, in_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                          groups=in_channels, bias=False),
+                nn.Conv2d(
+                    in_channels,
+                    in_channels,
+                    kernel_size,
+                    stride=stride,
+                    padding=kernel_size // 2,
+                    groups=in_channels,
+                    bias=False,
+                ),
                 nn.BatchNorm2d(in_channels),
                 nn.Conv2d(in_channels, out_channels, 1, bias=False),
                 nn.BatchNorm2d(out_channels),
@@ -253,7 +277,6 @@ class GhostNet(nn.Module):
         """
         check_filter_args(name, module)
         return isinstance(module, nn.Conv2d) and "se" not in name.split(".")
-
 
 
 def _kaiming_init_(model: nn.Module) -> None:

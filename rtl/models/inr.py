@@ -4,7 +4,7 @@ A pixel coordinate (x, y) in [-1, 1]^2 is encoded as [x, y, sin(f_k x), sin(f_k 
 over num_fourier frequencies f_k (input dim 2 + 4 * 8 = 34, as the paper), then a ReLU MLP
 34-128-128-128-128-3 maps it to RGB. The five Linear layers are the pruning scope: 53,888 weights.
 
-Decisions where the paper is silent (paper.md open question 16):
+Decisions where the paper is silent (docs/paper_notes.md, choice 16):
     - Frequencies f_k = scale * 2^k * pi for k = 0 .. num_fourier - 1 (the NeRF positional encoding), scale 1.0:
       the coarsest is one period across the image, the finest (k = 7) 128 periods, about the Nyquist limit of a
       256-pixel side. The raw coordinates are kept in the input.
@@ -14,6 +14,7 @@ Decisions where the paper is silent (paper.md open question 16):
       single-mask baseline feeds a 16-dim class embedding (input dim 50), and the paper derives the RTL model's
       init from the baseline's by deleting those input columns of the first layer ("fair init").
 """
+
 from __future__ import annotations
 
 import math
@@ -91,8 +92,9 @@ class FourierFeatures(nn.Module):
     def forward(self, p: Tensor) -> Tensor:
         """p (*, D) -> (*, D * (1 + 2 * num_fourier))."""
         if p.shape[-1] != self.in_features:
-            raise ValueError(f"coordinates must have {self.in_features} values in their last dim, got shape "
-                             f"{tuple(p.shape)}")
+            raise ValueError(
+                f"coordinates must have {self.in_features} values in their last dim, got shape {tuple(p.shape)}"
+            )
         if self.num_fourier == 0:
             return p
         angles = (p.unsqueeze(-2) * self.freqs.to(p.dtype).unsqueeze(-1)).flatten(-2)  # (*, K * D)
@@ -124,11 +126,23 @@ class FourierINR(nn.Module):
 
     coords = staticmethod(coords)
 
-    def __init__(self, num_fourier: int = 8, hidden: int = 128, depth: int = 5, out_features: int = 3,
-                 scale: float = 1.0, output_sigmoid: bool = True, cond_features: int = 0):
+    def __init__(
+        self,
+        num_fourier: int = 8,
+        hidden: int = 128,
+        depth: int = 5,
+        out_features: int = 3,
+        scale: float = 1.0,
+        output_sigmoid: bool = True,
+        cond_features: int = 0,
+    ):
         super().__init__()
-        for arg, value, low in (("hidden", hidden, 1), ("depth", depth, 1), ("out_features", out_features, 1),
-                                ("cond_features", cond_features, 0)):
+        for arg, value, low in (
+            ("hidden", hidden, 1),
+            ("depth", depth, 1),
+            ("out_features", out_features, 1),
+            ("cond_features", cond_features, 0),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
         self.features = FourierFeatures(num_fourier, scale)
@@ -151,8 +165,10 @@ class FourierINR(nn.Module):
         if self.cond_features:
             if cond is None or cond.shape[:-1] != coords.shape[:-1] or cond.shape[-1] != self.cond_features:
                 got = None if cond is None else tuple(cond.shape)
-                raise ValueError(f"cond must be (*, {self.cond_features}) with the leading dims of coords "
-                                 f"{tuple(coords.shape[:-1])}, got {got}")
+                raise ValueError(
+                    f"cond must be (*, {self.cond_features}) with the leading dims of coords "
+                    f"{tuple(coords.shape[:-1])}, got {got}"
+                )
             x = torch.cat((x, cond.to(x.dtype)), dim=-1)
         elif cond is not None:
             raise ValueError("cond given but the model has cond_features=0")

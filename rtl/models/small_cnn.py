@@ -4,6 +4,7 @@ Not from the paper; it mirrors the paper's vision setup (App. A.1) at a size tha
 convs and the hidden Linear are the pruning scope, batch norm and the classifier stay dense, as the paper keeps
 GhostNet's classifier dense. Prunable weights: 144 + 4,608 + 9,216 + 8,192 = 22,160.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F

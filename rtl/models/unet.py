@@ -6,7 +6,7 @@ channels [12, 12, 12, 24, 48] and five decoder transposed convs 48->24, 48->12, 
 decoder output but the last concatenated with the encoder output of the same resolution. All ten convs are the
 pruning scope: 37,368 weights, the paper's ~37.4K.
 
-Decisions where the paper is silent or ambiguous (paper.md open question 17):
+Decisions where the paper is silent or ambiguous (docs/paper_notes.md, choice 17):
     - Every encoder conv has stride (1, 2) and every decoder conv upsamples by (1, 2): this is the only layout in
       which the decoder inputs 48, 24, 24, 24 are a previous output concatenated with an encoder output of the same
       resolution. The stride acts on the LAST axis, F (frequency), as the shape [C, T, F] with stride (1, 2)
@@ -19,6 +19,7 @@ Decisions where the paper is silent or ambiguous (paper.md open question 17):
     - The mask is bounded with tanh on its real and imaginary parts (``mask_activation="tanh"``), so each
       component lies in (-1, 1); ``mask_activation=None`` leaves it unbounded.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -90,17 +91,23 @@ class SpeechUNet(nn.Module):
         in_channels = 2
         for level, out_channels in enumerate(ENCODER_CHANNELS):
             kernel = (3, 5) if level == 0 else (3, 3)
-            self.encoder.append(nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel, stride=(1, 2), padding=(1, kernel[1] // 2),
-                          bias=False),
-                nn.BatchNorm2d(out_channels), nn.ELU(inplace=True)))
+            self.encoder.append(
+                nn.Sequential(
+                    nn.Conv2d(
+                        in_channels, out_channels, kernel, stride=(1, 2), padding=(1, kernel[1] // 2), bias=False
+                    ),
+                    nn.BatchNorm2d(out_channels),
+                    nn.ELU(inplace=True),
+                )
+            )
             in_channels = out_channels
         self.decoder = nn.ModuleList()
         last = len(DECODER_CHANNELS) - 1
         for level, (in_channels, out_channels) in enumerate(DECODER_CHANNELS):
             kernel = (3, 5) if level == last else (3, 3)
-            conv = nn.ConvTranspose2d(in_channels, out_channels, kernel, stride=(1, 2),
-                                      padding=(1, kernel[1] // 2), bias=level == last)
+            conv = nn.ConvTranspose2d(
+                in_channels, out_channels, kernel, stride=(1, 2), padding=(1, kernel[1] // 2), bias=level == last
+            )
             # The last block is the bare mask conv; the others follow the encoder's conv -> BN -> ELU.
             block = [conv] if level == last else [conv, nn.BatchNorm2d(out_channels), nn.ELU(inplace=True)]
             self.decoder.append(nn.Sequential(*block))

@@ -7,6 +7,7 @@ gradients of an op run on the backend chosen where its forward ran, whichever th
 ``auto`` takes the fastest backend that can run on the tensors' device and dtype, and warns once when it has to fall
 back from the preferred one. An explicitly chosen backend that cannot run raises, listing every backend's reason.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -113,9 +114,7 @@ def select_backend(device: torch.device, dtype: torch.dtype) -> Backend:
         backend = get_backend_module(choice)
         reason = backend.unavailable_reason(device, dtype)
         if reason is not None:
-            listing = "; ".join(
-                f"{n}: {r or 'available'}" for n, r in unavailable_reasons(device, dtype).items()
-            )
+            listing = "; ".join(f"{n}: {r or 'available'}" for n, r in unavailable_reasons(device, dtype).items())
             raise RuntimeError(
                 f"backend {choice!r} cannot run on device {device} with dtype {dtype}: {reason}. "
                 f"Backends here: {listing}"

@@ -4,6 +4,7 @@ Shapes used throughout:
     x (B, K), weight (N, K), masks bool (T, N, K), bias (N,) or None,
     perm (B,) int64 rows sorted by ticket, offsets (T + 1,) int64 (ticket t owns perm[offsets[t]:offsets[t + 1]]).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -44,22 +45,48 @@ class Backend:
     # per image; stride, padding, dilation are (int, int) with symmetric padding (the op resolves 'same'/'valid'
     # and asymmetric padding before calling). The transposed conv is composed from these three by the op.
     def conv2d_forward(
-        self, x: Tensor, weight: Tensor, masks: Tensor, bias: Optional[Tensor], perm: Tensor, offsets: Tensor,
-        stride: tuple, padding: tuple, dilation: tuple, groups: int,
+        self,
+        x: Tensor,
+        weight: Tensor,
+        masks: Tensor,
+        bias: Optional[Tensor],
+        perm: Tensor,
+        offsets: Tensor,
+        stride: tuple,
+        padding: tuple,
+        dilation: tuple,
+        groups: int,
     ) -> Tensor:
         """y (B, O, Ho, Wo) with y[i] = conv2d(x[i], weight * masks[route[i]], bias, ...)."""
         raise NotImplementedError
 
     def conv2d_grad_input(
-        self, grad_y: Tensor, weight: Tensor, masks: Tensor, perm: Tensor, offsets: Tensor, input_shape: tuple,
-        stride: tuple, padding: tuple, dilation: tuple, groups: int,
+        self,
+        grad_y: Tensor,
+        weight: Tensor,
+        masks: Tensor,
+        perm: Tensor,
+        offsets: Tensor,
+        input_shape: tuple,
+        stride: tuple,
+        padding: tuple,
+        dilation: tuple,
+        groups: int,
     ) -> Tensor:
         """dx (B, C, H, W) = conv2d's input gradient through weight * masks[route[i]] per image."""
         raise NotImplementedError
 
     def conv2d_grad_weight(
-        self, grad_y: Tensor, x: Tensor, masks: Tensor, perm: Tensor, offsets: Tensor,
-        stride: tuple, padding: tuple, dilation: tuple, groups: int,
+        self,
+        grad_y: Tensor,
+        x: Tensor,
+        masks: Tensor,
+        perm: Tensor,
+        offsets: Tensor,
+        stride: tuple,
+        padding: tuple,
+        dilation: tuple,
+        groups: int,
     ) -> Tensor:
         """dW (O, C // groups, kh, kw) = sum_t masks[t] * conv2d weight gradient over the images of t; exactly zero
         outside the union of the masks of the tickets present."""

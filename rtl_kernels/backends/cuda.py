@@ -6,15 +6,16 @@ the bool masks through it, skip blocks a ticket does not keep and apply the mask
 results are exact for any mask. Rows are grouped by ticket through ``perm``/``offsets`` on the device: no kernel
 here syncs with the host, so a forward can be captured in a CUDA graph once the layout is compiled.
 
-Why 64 x 64 blocks: the kernels' tile is 64 (rows) x 64 (outputs) x 64 (inputs), the largest whose two fp16
-operand tiles plus the fp32 result fit in static shared memory (36 KB) with several blocks resident per SM, and
-one layout block = one tile step, so no index arithmetic inside the loop. Per performance.md, PyTorch's
-block-sparse kernels beat dense from about 60 % sparsity at block 64 but only at 90 % for block 32, while 128
-blocks would make block-granular pruning coarser and unstructured masks (which fill nearly every block anyway)
-no faster.
+Why 64 x 64 blocks: the kernels' tile is 64 (rows) x 64 (outputs) x 64 (inputs), the largest whose two fp16 operand
+tiles plus the fp32 result fit in static shared memory (36 KB) with several blocks resident per SM, and one layout
+block = one tile step, so no index arithmetic inside the loop. PyTorch's block-sparse kernels (docs/benchmarks.md,
+figures from elsewhere) beat dense from about 60 % sparsity at block 64 but only at 90 % for block 32, while 128
+blocks would make block-granular pruning coarser and unstructured masks (which fill nearly every block anyway) no
+faster.
 
 Importing this module imports only torch; the extension is loaded on first use.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,8 +106,18 @@ class CudaBackend(Backend):
             return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
         layout = _layout(masks)
         _ops()._cuda_linear_forward(
-            x, weight, masks, None if bias is None else bias.contiguous(), perm, offsets,
-            layout.row_ptr, layout.col_idx, layout.full, BLOCK_N, BLOCK_K, y,
+            x,
+            weight,
+            masks,
+            None if bias is None else bias.contiguous(),
+            perm,
+            offsets,
+            layout.row_ptr,
+            layout.col_idx,
+            layout.full,
+            BLOCK_N,
+            BLOCK_K,
+            y,
         )
         return y
 
@@ -117,8 +128,17 @@ class CudaBackend(Backend):
         dx = torch.empty((grad_y.shape[0], k), dtype=grad_y.dtype, device=grad_y.device)
         layout = _layout(masks)
         _ops()._cuda_linear_grad_input(
-            grad_y, weight, masks, perm, offsets,
-            layout.t_col_ptr, layout.t_row_idx, layout.t_full, BLOCK_N, BLOCK_K, dx,
+            grad_y,
+            weight,
+            masks,
+            perm,
+            offsets,
+            layout.t_col_ptr,
+            layout.t_row_idx,
+            layout.t_full,
+            BLOCK_N,
+            BLOCK_K,
+            dx,
         )
         return dx
 
@@ -129,7 +149,16 @@ class CudaBackend(Backend):
         dw = torch.empty((n, k), dtype=grad_y.dtype, device=grad_y.device)  # every element written by the kernel
         layout = _layout(masks)
         _ops()._cuda_linear_grad_weight(
-            grad_y, x, masks, perm, offsets, layout.w_ptr, layout.w_tickets, BLOCK_N, BLOCK_K, dw,
+            grad_y,
+            x,
+            masks,
+            perm,
+            offsets,
+            layout.w_ptr,
+            layout.w_tickets,
+            BLOCK_N,
+            BLOCK_K,
+            dw,
         )
         return dw
 
@@ -142,8 +171,17 @@ class CudaBackend(Backend):
         if y.numel() == 0:
             return y
         _ops()._cuda_conv2d_forward(
-            x.contiguous(), weight.contiguous(), masks.contiguous(), None if bias is None else bias.contiguous(),
-            perm, offsets, list(stride), list(padding), list(dilation), int(groups), y,
+            x.contiguous(),
+            weight.contiguous(),
+            masks.contiguous(),
+            None if bias is None else bias.contiguous(),
+            perm,
+            offsets,
+            list(stride),
+            list(padding),
+            list(dilation),
+            int(groups),
+            y,
         )
         return y
 
@@ -154,8 +192,16 @@ class CudaBackend(Backend):
         if grad_y.numel() == 0:  # no output channels (or pixels): nothing flows back
             return dx.zero_()
         _ops()._cuda_conv2d_grad_input(
-            grad_y.contiguous(), weight.contiguous(), masks.contiguous(), perm, offsets,
-            list(stride), list(padding), list(dilation), int(groups), dx,
+            grad_y.contiguous(),
+            weight.contiguous(),
+            masks.contiguous(),
+            perm,
+            offsets,
+            list(stride),
+            list(padding),
+            list(dilation),
+            int(groups),
+            dx,
         )
         return dx
 
@@ -166,8 +212,16 @@ class CudaBackend(Backend):
         if grad_y.numel() == 0 or x.numel() == 0:  # no images (or pixels): the gradient is zero
             return dw.zero_()
         _ops()._cuda_conv2d_grad_weight(
-            grad_y.contiguous(), x.contiguous(), masks.contiguous(), perm, offsets,
-            list(stride), list(padding), list(dilation), int(groups), dw,
+            grad_y.contiguous(),
+            x.contiguous(),
+            masks.contiguous(),
+            perm,
+            offsets,
+            list(stride),
+            list(padding),
+            list(dilation),
+            int(groups),
+            dw,
         )
         return dw
 

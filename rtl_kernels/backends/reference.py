@@ -1,11 +1,12 @@
 """The reference backend: pure torch, any device and dtype. Ground truth for tests and the naive baseline (B1).
 
 It loops over the tickets present, selects their rows (images for convs), runs F.linear / F.conv2d with
-weight * masks[t] and writes the rows back. It syncs with the device to read the ticket counts, so it is not capturable in a CUDA graph.
+weight * masks[t] and writes the rows back. It syncs with the device to read the ticket counts, so it is not
+capturable in a CUDA graph.
 """
+
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,13 @@ class ReferenceBackend(Backend):
         dx = grad_y.new_zeros(input_shape)
         for t, rows in _present_tickets(perm, offsets):
             dx[rows] = torch.nn.grad.conv2d_input(
-                (rows.shape[0],) + tuple(input_shape[1:]), _masked_weight(weight, masks[t]), grad_y[rows],
-                stride, padding, dilation, groups,
+                (rows.shape[0],) + tuple(input_shape[1:]),
+                _masked_weight(weight, masks[t]),
+                grad_y[rows],
+                stride,
+                padding,
+                dilation,
+                groups,
             )
         return dx
 
@@ -80,4 +86,3 @@ class ReferenceBackend(Backend):
 
 
 BACKEND = ReferenceBackend()
-

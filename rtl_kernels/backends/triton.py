@@ -8,6 +8,7 @@ the host and can be captured in a CUDA graph (the layout compile syncs, but happ
 
 Triton is imported only when a kernel runs or availability is asked for: ``import rtl_kernels`` never imports it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,11 +34,11 @@ def _next_power_of_2(n: int) -> int:
 def _layout_blocks(n: int, k: int) -> Tuple[int, int]:
     """(block_n, block_k) of the layout, which are also the kernels' N and K tiles.
 
-    64 matches the block granularity the pruning layer produces for GPU speed (performance.md: block-sparse
-    kernels beat dense from about 60 % sparsity at block 64, only at 90 % at block 32), and a 64-wide tile keeps
-    the tensor cores busy. Layers narrower than 64 get the next power of two, but at least 16, the smallest
-    tile tl.dot accepts. The blocks depend on (N, K) only, not on the dtype or the batch, so forward and both
-    backward passes, in any precision, share one compiled layout per mask version.
+    64 matches the block granularity the pruning layer produces for GPU speed (block-sparse kernels beat dense from
+    about 60 % sparsity at block 64, only at 90 % at block 32: docs/benchmarks.md), and a 64-wide tile keeps the
+    tensor cores busy. Layers narrower than 64 get the next power of two, but at least 16, the smallest tile tl.dot
+    accepts. The blocks depend on (N, K) only, not on the dtype or the batch, so forward and both backward passes, in
+    any precision, share one compiled layout per mask version.
     """
     return min(64, max(16, _next_power_of_2(n))), min(64, max(16, _next_power_of_2(k)))
 
@@ -57,9 +58,7 @@ def _block_m(num_rows: int, num_tickets: int, dtype: torch.dtype) -> int:
 
 def _layout(masks: Tensor) -> BlockCSR:
     block_n, block_k = _layout_blocks(masks.shape[1], masks.shape[2])
-    return get_layout(
-        f"block_csr:{block_n}x{block_k}", masks, lambda m: compile_block_csr(m, block_n, block_k)
-    )
+    return get_layout(f"block_csr:{block_n}x{block_k}", masks, lambda m: compile_block_csr(m, block_n, block_k))
 
 
 def _on_device(device: torch.device):
@@ -154,12 +153,22 @@ class TritonBackend(Backend):
         block_m = _block_m(B * max(1, pixels), masks.shape[0], x.dtype)
         with _on_device(x.device):
             return conv2d_forward(
-                x.contiguous(), weight.contiguous(), masks.contiguous(), bias, perm, offsets,
-                stride, padding, dilation, groups, block_m, block_n, block_k,
+                x.contiguous(),
+                weight.contiguous(),
+                masks.contiguous(),
+                bias,
+                perm,
+                offsets,
+                stride,
+                padding,
+                dilation,
+                groups,
+                block_m,
+                block_n,
+                block_k,
             )
 
-    def conv2d_grad_input(self, grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation,
-                          groups):
+    def conv2d_grad_input(self, grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups):
         """dx (B, C, H, W), scatter-free (each input pixel gathers the taps that read it); dense tile loop."""
         from ..triton_kernels.conv2d_grad_input import conv2d_grad_input
 
@@ -169,8 +178,19 @@ class TritonBackend(Backend):
         block_m = _block_m(B * max(1, H * W), masks.shape[0], grad_y.dtype)
         with _on_device(grad_y.device):
             return conv2d_grad_input(
-                grad_y.contiguous(), weight.contiguous(), masks.contiguous(), perm, offsets, (B, C, H, W),
-                _pair(stride), _pair(padding), _pair(dilation), groups, block_m, block_c, block_j,
+                grad_y.contiguous(),
+                weight.contiguous(),
+                masks.contiguous(),
+                perm,
+                offsets,
+                (B, C, H, W),
+                _pair(stride),
+                _pair(padding),
+                _pair(dilation),
+                groups,
+                block_m,
+                block_c,
+                block_j,
             )
 
     def conv2d_grad_weight(self, grad_y, x, masks, perm, offsets, stride, padding, dilation, groups):
@@ -183,8 +203,18 @@ class TritonBackend(Backend):
         block_m = _block_m(B * max(1, Ho * Wo), masks.shape[0], grad_y.dtype)
         with _on_device(grad_y.device):
             return conv2d_grad_weight(
-                grad_y.contiguous(), x.contiguous(), masks.contiguous(), perm, offsets,
-                _pair(stride), _pair(padding), _pair(dilation), groups, block_m, block_n, block_k,
+                grad_y.contiguous(),
+                x.contiguous(),
+                masks.contiguous(),
+                perm,
+                offsets,
+                _pair(stride),
+                _pair(padding),
+                _pair(dilation),
+                groups,
+                block_m,
+                block_n,
+                block_k,
             )
 
 

@@ -11,6 +11,7 @@ ticket the layout lists the blocks in which the ticket keeps at least one weight
 Blocks a ticket keeps entirely are flagged ``full`` so a kernel may skip loading that mask tile; inside a
 partially kept block kernels read the bool mask itself, so the result is exact for any mask.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

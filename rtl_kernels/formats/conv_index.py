@@ -12,6 +12,7 @@ For masks (T, O, C / groups, kh, kw) and K = C / groups * kh * kw positions per 
 Only the tickets flagged ``indexed`` get entries: the others run dense, and indexing them would cost memory for
 nothing (an all-ones ResNet-18 layer4 conv would hold 19M entries).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -131,8 +132,9 @@ def tap_phases(kernel: Tuple[int, int], stride: Tuple[int, int], dilation: Tuple
     return (rows.view(-1, 1) * stride[1] + cols.view(1, -1)).reshape(-1)
 
 
-def input_gradient_index(index: ConvIndex, masks: Tensor, groups: int, stride: Tuple[int, int],
-                         dilation: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+def input_gradient_index(
+    index: ConvIndex, masks: Tensor, groups: int, stride: Tuple[int, int], dilation: Tuple[int, int]
+) -> Tuple[Tensor, Tensor]:
     """(ptr (T * P * C + 1,) int64, entries (nnz,) int32) for the input gradient at this stride and dilation.
 
     Cached on ``index`` per (stride, dilation). P = stride_h * stride_w, C = groups * masks.shape[2].

@@ -5,6 +5,7 @@ input) the kept outputs (CSC, input gradient), each also cut every ``CHUNK`` inp
 64-row tile one L1-sized chunk of inputs at a time. Only the tickets sparse enough to ever take a sparse kernel are
 indexed (``indexed``); the others get empty rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

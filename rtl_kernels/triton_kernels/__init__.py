@@ -4,6 +4,7 @@ This package module itself imports no Triton (only torch): it holds what the ker
 table, the dot precision); the conv kernels' pixel-tile table lives in conv2d_forward.py.
 The kernel modules import Triton and are imported lazily by :mod:`rtl_kernels.backends.triton`.
 """
+
 from __future__ import annotations
 
 from typing import Tuple

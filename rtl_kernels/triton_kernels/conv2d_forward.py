@@ -6,6 +6,7 @@ patch of each row is gathered inside the loads (no im2col buffer), with zeros fo
 
 This module also holds :func:`pixel_tiles`, the row-tile table shared by the three conv kernels.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -63,12 +64,37 @@ def check_row_count(num_images: int, pixels: int) -> None:
 
 @triton.jit
 def _conv2d_forward_kernel(
-    x_ptr, w_ptr, mask_ptr, bias_ptr, y_ptr,
-    perm_ptr, tile_ticket_ptr, tile_first_ptr, tile_end_ptr,
-    C, H, W, O, Ho, Wo, Cg, Og, K, T,
-    SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    mask_ptr,
+    bias_ptr,
+    y_ptr,
+    perm_ptr,
+    tile_ticket_ptr,
+    tile_first_ptr,
+    tile_end_ptr,
+    C,
+    H,
+    W,
+    O,
+    Ho,
+    Wo,
+    Cg,
+    Og,
+    K,
+    T,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M output pixels of one ticket x BLOCK_N output channels of group g.
@@ -113,7 +139,8 @@ def _conv2d_forward_kernel(
             inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             a = tl.load(
                 x_ptr + x_row[:, None] + c[None, :].to(tl.int64) * H * W + hi * W + wi,
-                mask=row_ok[:, None] & k_ok[None, :] & inside, other=0.0,
+                mask=row_ok[:, None] & k_ok[None, :] & inside,
+                other=0.0,
             )
             w = tl.load(w_ptr + w_off, mask=w_in, other=0.0)
             # where(), not a multiply: a non-finite weight outside the mask must not reach the output.
@@ -173,12 +200,37 @@ def conv2d_forward(
     tile_ticket, tile_first, tile_end = pixel_tiles(offsets, B, Ho * Wo, block_m)
     grid = (max_pixel_tiles(B, Ho * Wo, T, block_m), triton.cdiv(Og, block_n), groups)
     _conv2d_forward_kernel[grid](
-        x, weight, masks.view(torch.uint8), bias, y,
-        perm, tile_ticket, tile_first, tile_end,
-        C, H, W, O, Ho, Wo, Cg, Og, K, T,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=KH, KW=KW,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        x,
+        weight,
+        masks.view(torch.uint8),
+        bias,
+        y,
+        perm,
+        tile_ticket,
+        tile_first,
+        tile_end,
+        C,
+        H,
+        W,
+        O,
+        Ho,
+        Wo,
+        Cg,
+        Og,
+        K,
+        T,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+        KH=KH,
+        KW=KW,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
         DOT_PRECISION=dot_precision(x.dtype),
         num_warps=num_warps,
     )

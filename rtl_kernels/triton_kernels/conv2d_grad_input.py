@@ -6,6 +6,7 @@ division is exact and lands inside the output (likewise for wo). GEMM view, per 
 pixels, reduction J = (O / groups) * kh * kw ordered (n, r, s), N = the group's input channels. Every dx element
 is written by exactly one program, in a fixed order: deterministic, no atomics.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -21,12 +22,36 @@ from .conv2d_forward import check_row_count, max_pixel_tiles, pixel_tiles
 
 @triton.jit
 def _conv2d_grad_input_kernel(
-    dy_ptr, w_ptr, mask_ptr, dx_ptr,
-    perm_ptr, tile_ticket_ptr, tile_first_ptr, tile_end_ptr,
-    C, H, W, O, Ho, Wo, Cg, Og, K, T,
-    SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dy_ptr,
+    w_ptr,
+    mask_ptr,
+    dx_ptr,
+    perm_ptr,
+    tile_ticket_ptr,
+    tile_first_ptr,
+    tile_end_ptr,
+    C,
+    H,
+    W,
+    O,
+    Ho,
+    Wo,
+    Cg,
+    Og,
+    K,
+    T,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M input pixels of one ticket x BLOCK_C input channels of group g.
     tile = tl.program_id(0)
@@ -73,7 +98,8 @@ def _conv2d_grad_input_kernel(
             hit = (hn >= 0) & (hc - ho * SH == 0) & (ho < Ho) & (wn >= 0) & (wc - wo * SW == 0) & (wo < Wo)
             gy = tl.load(
                 dy_ptr + dy_row[:, None] + o[None, :] * P + ho * Wo + wo,
-                mask=row_ok[:, None] & j_ok[None, :] & hit, other=0.0,
+                mask=row_ok[:, None] & j_ok[None, :] & hit,
+                other=0.0,
             )
             w = tl.load(w_ptr + w_off, mask=w_in, other=0.0)
             w = tl.where(keep != 0, w, tl.zeros_like(w))
@@ -128,12 +154,35 @@ def conv2d_grad_input(
     tile_ticket, tile_first, tile_end = pixel_tiles(offsets, B, H * W, block_m)
     grid = (max_pixel_tiles(B, H * W, T, block_m), triton.cdiv(Cg, block_c), groups)
     _conv2d_grad_input_kernel[grid](
-        grad_y, weight, masks.view(torch.uint8), dx,
-        perm, tile_ticket, tile_first, tile_end,
-        C, H, W, O, Ho, Wo, Cg, Og, K, T,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=KH, KW=KW,
-        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_J=block_j,
+        grad_y,
+        weight,
+        masks.view(torch.uint8),
+        dx,
+        perm,
+        tile_ticket,
+        tile_first,
+        tile_end,
+        C,
+        H,
+        W,
+        O,
+        Ho,
+        Wo,
+        Cg,
+        Og,
+        K,
+        T,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+        KH=KH,
+        KW=KW,
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        BLOCK_J=block_j,
         DOT_PRECISION=dot_precision(grad_y.dtype),
         num_warps=num_warps,
     )

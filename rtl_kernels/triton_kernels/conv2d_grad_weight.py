@@ -8,6 +8,7 @@ order makes it deterministic without atomics. With ``split`` > 1 the tile range 
 whose fp32 partial sums land in a buffer, reduced over the split axis by torch (a fixed-order reduction) and
 rounded once: more programs when the weight is small and the batch large.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -23,12 +24,39 @@ from .conv2d_forward import check_row_count, max_pixel_tiles, pixel_tiles
 
 @triton.jit
 def _conv2d_grad_weight_kernel(
-    dy_ptr, x_ptr, mask_ptr, out_ptr,
-    perm_ptr, tile_ticket_ptr, tile_first_ptr, tile_end_ptr,
-    C, H, W, O, Ho, Wo, Cg, Og, K, T, KB, NUM_TILES, TILES_PER_SPLIT,
-    SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    mask_ptr,
+    out_ptr,
+    perm_ptr,
+    tile_ticket_ptr,
+    tile_first_ptr,
+    tile_end_ptr,
+    C,
+    H,
+    W,
+    O,
+    Ho,
+    Wo,
+    Cg,
+    Og,
+    K,
+    T,
+    KB,
+    NUM_TILES,
+    TILES_PER_SPLIT,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One program: a (BLOCK_N, BLOCK_K) block of group g's dW over one range of pixel tiles.
     blk = tl.program_id(0)
@@ -71,14 +99,16 @@ def _conv2d_grad_weight_kernel(
             # dy read transposed through the pointers, a (BLOCK_N, BLOCK_M) tile.
             gy = tl.load(
                 dy_ptr + img[None, :] * O * P + o[:, None] * P + pix[None, :],
-                mask=n_ok[:, None] & row_ok[None, :], other=0.0,
+                mask=n_ok[:, None] & row_ok[None, :],
+                other=0.0,
             )
             hi = h0[:, None] + r[None, :] * DH
             wi = w0[:, None] + s[None, :] * DW
             inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             a = tl.load(
                 x_ptr + img[:, None] * C * H * W + x_chan[None, :] + hi * W + wi,
-                mask=row_ok[:, None] & k_ok[None, :] & inside, other=0.0,
+                mask=row_ok[:, None] & k_ok[None, :] & inside,
+                other=0.0,
             )
             part = tl.dot(gy, a, input_precision=DOT_PRECISION)
             # where(), not a multiply: zeros stay exact next to a non-finite gradient.
@@ -158,12 +188,38 @@ def conv2d_grad_weight(
     out = dw if split == 1 else torch.empty((split, O, Cg, KH, KW), dtype=torch.float32, device=dw.device)
     grid = (triton.cdiv(Og, block_n) * kb, groups, split)
     _conv2d_grad_weight_kernel[grid](
-        grad_y, x, masks.view(torch.uint8), out,
-        perm, tile_ticket, tile_first, tile_end,
-        C, H, W, O, Ho, Wo, Cg, Og, K, T, kb, num_tiles, per_split,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=KH, KW=KW,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        grad_y,
+        x,
+        masks.view(torch.uint8),
+        out,
+        perm,
+        tile_ticket,
+        tile_first,
+        tile_end,
+        C,
+        H,
+        W,
+        O,
+        Ho,
+        Wo,
+        Cg,
+        Og,
+        K,
+        T,
+        kb,
+        num_tiles,
+        per_split,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+        KH=KH,
+        KW=KW,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
         DOT_PRECISION=dot_precision(grad_y.dtype),
         num_warps=num_warps,
     )

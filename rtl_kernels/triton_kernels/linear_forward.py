@@ -1,4 +1,5 @@
 """Forward kernel of the routed masked linear: y[i] = x[i] (W ⊙ M_{r(i)})ᵀ + b, over the block-CSR layout."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -14,11 +15,26 @@ from . import dot_precision, max_row_tiles, row_tiles
 
 @triton.jit
 def _linear_forward_kernel(
-    x_ptr, w_ptr, mask_ptr, bias_ptr, y_ptr,
-    perm_ptr, offsets_ptr, tile_ticket_ptr, tile_first_ptr,
-    row_ptr_ptr, col_idx_ptr, full_ptr,
-    N, K, NB, T,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    mask_ptr,
+    bias_ptr,
+    y_ptr,
+    perm_ptr,
+    offsets_ptr,
+    tile_ticket_ptr,
+    tile_first_ptr,
+    row_ptr_ptr,
+    col_idx_ptr,
+    full_ptr,
+    N,
+    K,
+    NB,
+    T,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M rows of one ticket x one block row (BLOCK_N outputs).
@@ -97,11 +113,26 @@ def linear_forward(
     tile_ticket, tile_first = row_tiles(offsets, B, block_m)
     grid = (max_row_tiles(B, layout.num_tickets, block_m), layout.n_blocks_n)
     _linear_forward_kernel[grid](
-        x, weight, masks.view(torch.uint8), bias, y,
-        perm, offsets, tile_ticket, tile_first,
-        layout.row_ptr, layout.col_idx, layout.full,
-        N, K, layout.n_blocks_n, layout.num_tickets,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=layout.block_n, BLOCK_K=layout.block_k,
+        x,
+        weight,
+        masks.view(torch.uint8),
+        bias,
+        y,
+        perm,
+        offsets,
+        tile_ticket,
+        tile_first,
+        layout.row_ptr,
+        layout.col_idx,
+        layout.full,
+        N,
+        K,
+        layout.n_blocks_n,
+        layout.num_tickets,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=layout.block_n,
+        BLOCK_K=layout.block_k,
         DOT_PRECISION=dot_precision(x.dtype),
         num_warps=num_warps,
     )

@@ -1,4 +1,5 @@
 """grad_input kernel of the routed masked linear: dx[i] = dy[i] (W ⊙ M_{r(i)}), over the transposed index."""
+
 from __future__ import annotations
 
 import torch
@@ -12,11 +13,25 @@ from . import dot_precision, max_row_tiles, row_tiles
 
 @triton.jit
 def _linear_grad_input_kernel(
-    dy_ptr, w_ptr, mask_ptr, dx_ptr,
-    perm_ptr, offsets_ptr, tile_ticket_ptr, tile_first_ptr,
-    t_col_ptr_ptr, t_row_idx_ptr, t_full_ptr,
-    N, K, KB, T,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dy_ptr,
+    w_ptr,
+    mask_ptr,
+    dx_ptr,
+    perm_ptr,
+    offsets_ptr,
+    tile_ticket_ptr,
+    tile_first_ptr,
+    t_col_ptr_ptr,
+    t_row_idx_ptr,
+    t_full_ptr,
+    N,
+    K,
+    KB,
+    T,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One program: BLOCK_M rows of one ticket x one block column (BLOCK_K inputs); reduces over N.
     tile = tl.program_id(0)
@@ -85,11 +100,24 @@ def linear_grad_input(
     tile_ticket, tile_first = row_tiles(offsets, B, block_m)
     grid = (max_row_tiles(B, layout.num_tickets, block_m), layout.n_blocks_k)
     _linear_grad_input_kernel[grid](
-        grad_y, weight, masks.view(torch.uint8), dx,
-        perm, offsets, tile_ticket, tile_first,
-        layout.t_col_ptr, layout.t_row_idx, layout.t_full,
-        N, K, layout.n_blocks_k, layout.num_tickets,
-        BLOCK_M=block_m, BLOCK_N=layout.block_n, BLOCK_K=layout.block_k,
+        grad_y,
+        weight,
+        masks.view(torch.uint8),
+        dx,
+        perm,
+        offsets,
+        tile_ticket,
+        tile_first,
+        layout.t_col_ptr,
+        layout.t_row_idx,
+        layout.t_full,
+        N,
+        K,
+        layout.n_blocks_k,
+        layout.num_tickets,
+        BLOCK_M=block_m,
+        BLOCK_N=layout.block_n,
+        BLOCK_K=layout.block_k,
         DOT_PRECISION=dot_precision(grad_y.dtype),
         num_warps=num_warps,
     )

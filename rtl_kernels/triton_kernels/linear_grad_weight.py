@@ -1,4 +1,5 @@
 """grad_weight kernel of the routed masked linear: dW = Σ_t M_t ⊙ (dy_tᵀ x_t), each W block written once."""
+
 from __future__ import annotations
 
 import torch
@@ -12,10 +13,21 @@ from . import dot_precision
 
 @triton.jit
 def _linear_grad_weight_kernel(
-    dy_ptr, x_ptr, mask_ptr, dw_ptr,
-    perm_ptr, offsets_ptr, w_ptr_ptr, w_tickets_ptr,
-    N, K, KB,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    mask_ptr,
+    dw_ptr,
+    perm_ptr,
+    offsets_ptr,
+    w_ptr_ptr,
+    w_tickets_ptr,
+    N,
+    K,
+    KB,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # One program per W block (nb, kb); it alone writes that block: no atomics, a fixed summation order.
     blk = tl.program_id(0)
@@ -84,10 +96,20 @@ def linear_grad_weight(
     dw = torch.empty((N, K), dtype=grad_y.dtype, device=grad_y.device)
     grid = (layout.n_blocks_n * layout.n_blocks_k,)
     _linear_grad_weight_kernel[grid](
-        grad_y, x, masks.view(torch.uint8), dw,
-        perm, offsets, layout.w_ptr, layout.w_tickets,
-        N, K, layout.n_blocks_k,
-        BLOCK_M=block_m, BLOCK_N=layout.block_n, BLOCK_K=layout.block_k,
+        grad_y,
+        x,
+        masks.view(torch.uint8),
+        dw,
+        perm,
+        offsets,
+        layout.w_ptr,
+        layout.w_tickets,
+        N,
+        K,
+        layout.n_blocks_k,
+        BLOCK_M=block_m,
+        BLOCK_N=layout.block_n,
+        BLOCK_K=layout.block_k,
         DOT_PRECISION=dot_precision(grad_y.dtype),
         num_warps=num_warps,
     )

@@ -3,6 +3,7 @@
 Run as a subprocess, the way people run it, so argument parsing, the CSV/markdown output and the imports of its
 sibling modules are exercised. A second, one-case run shows that results are appended to the CSV, never rewritten.
 """
+
 import csv
 import importlib.util
 import math

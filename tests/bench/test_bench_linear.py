@@ -4,6 +4,7 @@ The script is run as a subprocess, the way people run it, so argument parsing, t
 import of its sibling module are exercised too. Two runs (the second on one case only, to stay well under a
 minute) show that results are appended to the CSV, never overwritten.
 """
+
 import csv
 import importlib.util
 import math

@@ -5,6 +5,7 @@ imports of its sibling modules are exercised; ResNet-18 stays out of it (pruning
 tickets takes half a minute even on quick shapes) and is covered by the case table and a conversion check. The
 numerical checks import the module and compare the routed providers with per-ticket float64 references.
 """
+
 import copy
 import csv
 import importlib.util
@@ -136,7 +137,7 @@ def test_quick_run_writes_csv_and_markdown_and_appends(tmp_path):
     _run(tmp_path, "--cases", "inr_u0", "--backend", "auto,cpu")
     second_text = csv_path.read_text()
     assert second_text.startswith(first_text)
-    added = _rows(csv_path)[len(rows):]
+    added = _rows(csv_path)[len(rows) :]
     assert {r["case"] for r in added} == {"inr_u0"}
     assert {r["provider"] for r in added} == {"B0", "B1", "ours:auto", "ours:cpu"}
     assert added[0]["run_id"] != rows[0]["run_id"]
@@ -366,8 +367,9 @@ def test_profile_prints_every_routed_layer_with_its_path(tmp_path):
     assert len(md) == 1 and not (tmp_path / "models_cpu.csv").exists()  # a profile appends no timing rows
     text = md[0].read_text()
     model = bench.GhostNet(num_classes=10)
-    layers = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
-              and model.prunable_filter(name, m)]
+    layers = [
+        name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and model.prunable_filter(name, m)
+    ]
     rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in layers]
     assert len(rows) == len(layers)
     assert all("mixed" in r or "image" in r or "dense" in r for r in rows)  # the cpu backend's path is named

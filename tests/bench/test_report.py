@@ -5,6 +5,7 @@ file, so "latest" has to come from the timestamps), a --quick run that must be l
 CSV with most columns missing (no run id, no timestamp, no ratio columns) whose ratios must be computed from the
 medians. The suites under bench/ are only collected here (``pytest --collect-only``), never timed.
 """
+
 import argparse
 import csv
 import importlib.util
@@ -65,11 +66,18 @@ def results(tmp_path):
     """A results folder: CPU-X (linear: 2 runs), GPU-Y (linear: 1 run + 1 quick run), CPU-X models (no run ids)."""
     d = tmp_path / "results"
     d.mkdir()
-    new = _rows("new", "2026-01-02T09:00:00+00:00", "CPU-X", "cpu", "bbbbbbb",
-                {"B0": 10.0, "B1": 30.0, "ours:cpu": 5.0})
-    old = _rows("old", "2026-01-01T09:00:00+00:00", "CPU-X", "cpu", "aaaaaaa",
-                {"B0": 10.0, "B1": 30.0, "ours:cpu": 20.0},
-                cases=(("c_u50", 0.5), ("c_u90", 0.9), ("c_gone_u75", 0.75)))
+    new = _rows(
+        "new", "2026-01-02T09:00:00+00:00", "CPU-X", "cpu", "bbbbbbb", {"B0": 10.0, "B1": 30.0, "ours:cpu": 5.0}
+    )
+    old = _rows(
+        "old",
+        "2026-01-01T09:00:00+00:00",
+        "CPU-X",
+        "cpu",
+        "aaaaaaa",
+        {"B0": 10.0, "B1": 30.0, "ours:cpu": 20.0},
+        cases=(("c_u50", 0.5), ("c_u90", 0.9), ("c_gone_u75", 0.75)),
+    )
     _write(d / "linear_cpu.csv", new + old)  # newest first in the file: latest must come from the timestamps
     gpu = _rows("g1", "2026-01-01T08:00:00+00:00", "GPU-Y", "cuda", "ccccccc",
                 {"B0": 4.0, "B1": 16.0, "ours:triton": 1.0, "ours:cuda": 2.0})  # fmt: skip

@@ -6,6 +6,7 @@ RANK-th of WORLD_SIZE contiguous slices), and saves the final state dicts to OUT
 checkpoints go to OUT_DIR too. ``run(0, 1)``, called without a process group, trains on the full global batches:
 the reference.
 """
+
 import faulthandler
 import os
 import sys
@@ -29,8 +30,12 @@ GLOBAL_BATCH = 8
 def make_model() -> nn.Module:
     """float64, no BatchNorm (its batch statistics would differ between a half and the whole batch)."""
     torch.manual_seed(0)
-    model = nn.Sequential(RoutedSparseConv2d(1, 3, 3, NUM_TICKETS, padding=1), nn.ReLU(), nn.Flatten(),
-                          RoutedSparseLinear(3 * 5 * 5, 4, NUM_TICKETS)).double()
+    model = nn.Sequential(
+        RoutedSparseConv2d(1, 3, 3, NUM_TICKETS, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        RoutedSparseLinear(3 * 5 * 5, 4, NUM_TICKETS),
+    ).double()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, layer in routed_modules(model):
@@ -41,19 +46,33 @@ def make_model() -> nn.Module:
 def global_data():
     """Per ticket, global batches for train_sequential; and global mixed batches with their routes."""
     gen = torch.Generator().manual_seed(2)
-    sequential = [[(torch.randn(GLOBAL_BATCH, 1, 5, 5, generator=gen, dtype=torch.float64),
-                    torch.randint(0, 4, (GLOBAL_BATCH,), generator=gen)) for _ in range(n)] for n in (2, 1, 3)]
+    sequential = [
+        [
+            (
+                torch.randn(GLOBAL_BATCH, 1, 5, 5, generator=gen, dtype=torch.float64),
+                torch.randint(0, 4, (GLOBAL_BATCH,), generator=gen),
+            )
+            for _ in range(n)
+        ]
+        for n in (2, 1, 3)
+    ]
     # The first half of each mixed batch holds tickets 0 and 1, the second half only ticket 2: the processes see
     # different tickets, so their active tickets must be merged for the updates to agree.
     route = torch.tensor([0, 1, 1, 0, 2, 2, 2, 2])
-    mixed = [(torch.randn(GLOBAL_BATCH, 1, 5, 5, generator=gen, dtype=torch.float64),
-              torch.randint(0, 4, (GLOBAL_BATCH,), generator=gen), route) for _ in range(3)]
+    mixed = [
+        (
+            torch.randn(GLOBAL_BATCH, 1, 5, 5, generator=gen, dtype=torch.float64),
+            torch.randint(0, 4, (GLOBAL_BATCH,), generator=gen),
+            route,
+        )
+        for _ in range(3)
+    ]
     return sequential, mixed
 
 
 def shard(batch, rank: int, world: int):
     rows = GLOBAL_BATCH // world
-    return tuple(t[rank * rows:(rank + 1) * rows] for t in batch)
+    return tuple(t[rank * rows : (rank + 1) * rows] for t in batch)
 
 
 def run(rank: int, world: int, out_dir=None):

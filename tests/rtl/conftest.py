@@ -1,4 +1,5 @@
 """Fixtures shared by the rtl tests: one intra-op thread, and tiny CIFAR files in torchvision's on-disk format."""
+
 import pickle
 import struct
 
@@ -18,11 +19,13 @@ def _one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 # ------------------------------------------------------------------------------------------------------------ CIFAR
 # Tiny files in the official python-pickle layout. The official pickles were written by Python 2, whose str keys
 # read back as bytes under pickle.load(encoding="bytes") (b"data") and as str under encoding="latin1" (what
 # torchvision uses); a Python 3 str or bytes key would only give one of the two. _Py2Pickler writes Python 2 str
 # opcodes so the files behave exactly like the official ones under both.
+
 
 class _Py2Str(bytes):
     """Bytes that pickle as a Python 2 str."""
@@ -77,8 +80,9 @@ def cifar10_root(tmp_path):
     batches["test_batch"] = _batch(5, 10, rng)
     for name, entry in batches.items():
         _dump(folder / name, entry)
-    _dump(folder / "batches.meta", {"label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": 10000,
-                                    "num_vis": 3072})
+    _dump(
+        folder / "batches.meta", {"label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": 10000, "num_vis": 3072}
+    )
     return tmp_path, batches
 
 
@@ -90,6 +94,8 @@ def cifar100_root(tmp_path):
     batches = {"train": _batch(9, 100, rng, fine=True), "test": _batch(4, 100, rng, fine=True)}
     for name, entry in batches.items():
         _dump(folder / name, entry)
-    _dump(folder / "meta", {"fine_label_names": list(CIFAR100_CLASSES),
-                            "coarse_label_names": [f"coarse_{i}" for i in range(20)]})
+    _dump(
+        folder / "meta",
+        {"fine_label_names": list(CIFAR100_CLASSES), "coarse_label_names": [f"coarse_{i}" for i in range(20)]},
+    )
     return tmp_path, batches

@@ -1,5 +1,6 @@
 """Converted models from the zoo: the routed model computes, for every ticket, what `extract_ticket`'s plain model
 computes, or the routed call refuses the model and names the layer whose masks it would skip."""
+
 import pytest
 import torch
 import torchvision
@@ -13,8 +14,9 @@ T = 3
 
 
 def _small_swin():
-    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2],
-                           num_classes=10)
+    return SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2], num_classes=10
+    )
 
 
 ZOO = {
@@ -22,11 +24,21 @@ ZOO = {
     "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), (3, 32, 32)),
     "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), (3, 32, 32)),
     "googlenet_with_aux_heads": (
-        lambda: torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=False), (3, 64, 64)),
-    "vit": (lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
-                                      mlp_dim=32, num_classes=10), (3, 32, 32)),
-    "lraspp_segmentation": (lambda: torchvision.models.segmentation.lraspp_mobilenet_v3_large(
-        weights=None, weights_backbone=None, num_classes=3), (3, 64, 64)),
+        lambda: torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=False),
+        (3, 64, 64),
+    ),
+    "vit": (
+        lambda: VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10
+        ),
+        (3, 32, 32),
+    ),
+    "lraspp_segmentation": (
+        lambda: torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+            weights=None, weights_backbone=None, num_classes=3
+        ),
+        (3, 64, 64),
+    ),
     "speech_unet_transposed_convs": (lambda: SpeechUNet(), (2, 16, 64)),
 }
 

@@ -1,13 +1,29 @@
 """Tests for rtl.data: digits and their corruption environments, the INR image task, CIFAR loaders and clusters."""
+
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from rtl.data import (CIFAR10_CLASSES, CIFAR100_CLASSES, CIFAR100_CLUSTERS, CIFAR_MEAN, CIFAR_STD, CORRUPTIONS,
-                      INR_IMAGES, CIFARTensorDataset, DigitsSplit, cifar100_cluster_partition, cifar_dataset,
-                      corrupt, load_cifar, load_digits_split, load_inr_image, make_environment_split)
+from rtl.data import (
+    CIFAR10_CLASSES,
+    CIFAR100_CLASSES,
+    CIFAR100_CLUSTERS,
+    CIFAR_MEAN,
+    CIFAR_STD,
+    CORRUPTIONS,
+    INR_IMAGES,
+    CIFARTensorDataset,
+    DigitsSplit,
+    cifar100_cluster_partition,
+    cifar_dataset,
+    corrupt,
+    load_cifar,
+    load_digits_split,
+    load_inr_image,
+    make_environment_split,
+)
 from rtl.data import digits as digits_module
 
 NUM_DIGITS = 1797
@@ -19,6 +35,7 @@ def split():
 
 
 # ----------------------------------------------------------------------------------------------------------- digits
+
 
 def test_digits_shapes_dtypes_and_range(split):
     assert split.x_train.shape == (1347, 1, 8, 8) and split.x_test.shape == (450, 1, 8, 8)
@@ -38,6 +55,7 @@ def test_digits_split_is_a_partition_of_the_dataset(split):
     def canonical(rows):  # order rows lexicographically so two multisets of images compare equal
         keys = [tuple(r) for r in rows.tolist()]
         return sorted(keys)
+
     assert canonical(ours) == canonical(full)
 
 
@@ -97,7 +115,7 @@ def test_corrupt_blur_ignores_seed_and_matches_float64_reference():
     x = _random_images(5, seed=2, dtype=torch.float64)
     out = corrupt(x, "blur", seed=0)
     assert torch.equal(out, corrupt(x, "blur", seed=9))
-    g = torch.exp(-torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64) / (2 * digits_module.BLUR_SIGMA ** 2))
+    g = torch.exp(-torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64) / (2 * digits_module.BLUR_SIGMA**2))
     kernel = torch.outer(g, g) / torch.outer(g, g).sum()
     img = x[:, 0]
     ref = torch.zeros_like(img)
@@ -114,7 +132,7 @@ def test_corrupt_noise_has_the_documented_strength():
     diff = (corrupt(x, "noise", seed=0) - x).double()
     # What clipping to [0, 1] leaves of N(0, sigma) noise on these images, from an independent float64 sample.
     z = torch.randn((50,) + x.shape, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
-    ref = ((x.double() + digits_module.NOISE_SIGMA * z).clamp(0, 1) - x.double())
+    ref = (x.double() + digits_module.NOISE_SIGMA * z).clamp(0, 1) - x.double()
     assert abs(diff.std().item() - ref.std().item()) < 0.005
     assert abs(diff.mean().item() - ref.mean().item()) < 0.005
 
@@ -129,7 +147,7 @@ def test_corrupt_occlusion_writes_one_patch_per_image():
         assert len(changed) == size * size
         (r0, c0), (r1, c1) = changed.min(dim=0).values.tolist(), changed.max(dim=0).values.tolist()
         assert (r1 - r0, c1 - c0) == (size - 1, size - 1), "the changed pixels must form one square patch"
-        assert (out[i, 0, r0:r1 + 1, c0:c1 + 1] == digits_module.OCCLUSION_FILL).all()
+        assert (out[i, 0, r0 : r1 + 1, c0 : c1 + 1] == digits_module.OCCLUSION_FILL).all()
         positions.add((r0, c0))
     assert len(positions) > 5, "patch positions must vary between images"
 
@@ -155,9 +173,12 @@ def test_corrupt_errors():
 def test_environment_split_is_balanced_and_corrupts_by_environment(split):
     envs = make_environment_split(split, seed=1)
     assert envs.environments == CORRUPTIONS
-    for offset, (x, y, env, clean_x, clean_y) in enumerate((
+    for offset, (x, y, env, clean_x, clean_y) in enumerate(
+        (
             (envs.x_train, envs.y_train, envs.env_train, split.x_train, split.y_train),
-            (envs.x_test, envs.y_test, envs.env_test, split.x_test, split.y_test))):
+            (envs.x_test, envs.y_test, envs.env_test, split.x_test, split.y_test),
+        )
+    ):
         assert x.shape == clean_x.shape and env.shape == y.shape and env.dtype == torch.int64
         assert torch.equal(y, clean_y), "labels keep the split's order"
         counts = torch.bincount(env, minlength=3)
@@ -177,7 +198,7 @@ def test_environment_split_is_deterministic_and_seeded(split):
     c = make_environment_split(split, seed=1)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.env_test, b.env_test)
     assert not torch.equal(a.env_train, c.env_train)
-    assert not torch.equal(a.env_train[:len(a.env_test)], a.env_test), "train and test draw separate streams"
+    assert not torch.equal(a.env_train[: len(a.env_test)], a.env_test), "train and test draw separate streams"
 
 
 def test_environments_are_distinguishable(split):
@@ -198,6 +219,7 @@ def test_environment_split_errors(split):
 
 
 # -------------------------------------------------------------------------------------------------------- INR image
+
 
 def _check_inr(inr, h, w, r, min_fraction=0.02):
     assert inr.image.shape == (h, w, 3) and inr.image.dtype == torch.float32
@@ -226,8 +248,9 @@ def test_inr_astronaut_default_shapes_and_determinism():
     assert a.name == "astronaut"
 
 
-@pytest.mark.parametrize("name,size,r", [("camera", 24, 3), ("chelsea", (17, 23), 5), ("logo", 20, 4),
-                                         ("horse", 16, 2), ("coffee", 21, 1)])
+@pytest.mark.parametrize(
+    "name,size,r", [("camera", 24, 3), ("chelsea", (17, 23), 5), ("logo", 20, 4), ("horse", 16, 2), ("coffee", 21, 1)]
+)
 def test_inr_other_images(name, size, r):
     inr = load_inr_image(name, size=size, num_regions=r)
     h, w = (size, size) if isinstance(size, int) else size
@@ -250,7 +273,7 @@ def _two_halves(h, w, seed):
     rng = np.random.default_rng(seed)
     img = np.empty((h, w, 3))
     img[:, : w // 2] = (0.9, 0.2, 0.1)
-    img[:, w // 2:] = (0.1, 0.3, 0.9)
+    img[:, w // 2 :] = (0.1, 0.3, 0.9)
     return np.clip(img + 0.03 * rng.standard_normal(img.shape), 0, 1)
 
 
@@ -316,8 +339,6 @@ def test_inr_errors():
     assert "astronaut" in INR_IMAGES
 
 
-
-
 def test_tiny_files_read_like_the_official_ones(cifar10_root):
     root, _ = cifar10_root
     with open(root / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
@@ -330,8 +351,9 @@ def _expected(entries, name, normalize=True):
     data = np.concatenate([e["data"] for e in entries]).reshape(-1, 3, 32, 32).astype(np.float64) / 255.0
     x = torch.from_numpy(data)
     if normalize:
-        x = (x - torch.tensor(CIFAR_MEAN[name], dtype=torch.float64).view(3, 1, 1)) \
-            / torch.tensor(CIFAR_STD[name], dtype=torch.float64).view(3, 1, 1)
+        x = (x - torch.tensor(CIFAR_MEAN[name], dtype=torch.float64).view(3, 1, 1)) / torch.tensor(
+            CIFAR_STD[name], dtype=torch.float64
+        ).view(3, 1, 1)
     key = "labels" if name == "cifar10" else "fine_labels"
     y = torch.tensor([lab for e in entries for lab in e[key]], dtype=torch.int64)
     return x, y
@@ -393,7 +415,7 @@ def test_cifar_dataset_augmentation_is_a_padded_crop_and_flip(cifar10_root):
         out, _ = augmented[i]
         assert out.shape == (3, 32, 32)
         padded = torch.nn.functional.pad(x, (4, 4, 4, 4))  # black border, as before normalisation
-        candidates = [padded[:, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
+        candidates = [padded[:, r : r + 32, c : c + 32] for r in range(9) for c in range(9)]
         candidates += [cand.flip(-1) for cand in candidates]
         assert any(torch.equal(out, cand) for cand in candidates), f"item {i} is not a crop/flip of the image"
         moved += not torch.equal(out, x)
@@ -423,9 +445,12 @@ def test_load_cifar_missing_root(tmp_path):
 
 
 def test_load_cifar_empty_root_lists_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"CIFAR-100 not found under .*: missing cifar-100-python/train, "
-                                                r"cifar-100-python/test, cifar-100-python/meta\. .*"
-                                                r"extract cifar-100-python\.tar\.gz"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"CIFAR-100 not found under .*: missing cifar-100-python/train, "
+        r"cifar-100-python/test, cifar-100-python/meta\. .*"
+        r"extract cifar-100-python\.tar\.gz",
+    ):
         load_cifar("cifar100", tmp_path)
 
 
@@ -463,11 +488,20 @@ def test_load_cifar_argument_errors(cifar10_root):
 
 # ------------------------------------------------------------------------------------------- CIFAR-100 clusters
 
+
 def test_cluster_table_matches_the_paper():
     sizes = [len(c) for c in CIFAR100_CLUSTERS.values()]
     assert sizes == [9, 28, 22, 15, 8, 9, 4, 5]
-    assert list(CIFAR100_CLUSTERS) == ["Aquatic", "People & objects", "Mammals", "Reptiles & insects", "Vehicles",
-                                       "Natural scenes", "Fruits", "Flowers"]
+    assert list(CIFAR100_CLUSTERS) == [
+        "Aquatic",
+        "People & objects",
+        "Mammals",
+        "Reptiles & insects",
+        "Vehicles",
+        "Natural scenes",
+        "Fruits",
+        "Flowers",
+    ]
     every = [c for classes in CIFAR100_CLUSTERS.values() for c in classes]
     assert sorted(every) == sorted(set(every)) == list(CIFAR100_CLASSES)
     assert list(CIFAR100_CLASSES) == sorted(CIFAR100_CLASSES)  # the meta file's order is alphabetical

@@ -1,4 +1,5 @@
 """rtl.diagnostics: Jaccard matrices (global, per layer), per-ticket scores, chance correction, CollapseMonitor."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,14 +11,20 @@ import torch
 from torch import nn
 
 import rtl.diagnostics as diagnostics
-from rtl.diagnostics import (CollapseMonitor, chance_corrected_similarity, expected_random_jaccard, jaccard_matrix,
-                             ticket_similarity_scores)
+from rtl.diagnostics import (
+    CollapseMonitor,
+    chance_corrected_similarity,
+    expected_random_jaccard,
+    jaccard_matrix,
+    ticket_similarity_scores,
+)
 from rtl.nn import RoutedSparseConv2d, RoutedSparseLinear
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+    ),
 ]
 
 
@@ -47,8 +54,12 @@ def _random_masks(num_tickets, shapes, seed, density=0.5):
 
 
 def _tiny_model(num_tickets, seed=0):
-    model = nn.Sequential(RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1), nn.ReLU(), nn.Flatten(),
-                          RoutedSparseLinear(4 * 8 * 8, 10, num_tickets))
+    model = nn.Sequential(
+        RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        RoutedSparseLinear(4 * 8 * 8, 10, num_tickets),
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in (model[0], model[3]):
@@ -129,8 +140,9 @@ def test_random_masks_near_d_over_2_minus_d(density):
     off = result[~torch.eye(3, dtype=torch.bool)]
     # 200k weights: the binomial spread of J is below 0.004 at these densities.
     assert torch.all((off - expected).abs() < 0.01), (off, expected)
-    torch.testing.assert_close(expected_random_jaccard(masks), torch.full((3, 3), expected, dtype=torch.float64),
-                               rtol=0, atol=0.005)
+    torch.testing.assert_close(
+        expected_random_jaccard(masks), torch.full((3, 3), expected, dtype=torch.float64), rtol=0, atol=0.005
+    )
 
 
 def test_bad_arguments():
@@ -159,7 +171,7 @@ def test_ticket_scores_hand():
 def test_ticket_scores_are_row_means_without_diagonal(num_tickets):
     masks = _random_masks(num_tickets, [(9, 7), (3, 3)], seed=num_tickets)
     matrix = _reference_jaccard(masks)
-    expected = torch.stack([torch.cat([matrix[k, :k], matrix[k, k + 1:]]).mean() for k in range(num_tickets)])
+    expected = torch.stack([torch.cat([matrix[k, :k], matrix[k, k + 1 :]]).mean() for k in range(num_tickets)])
     torch.testing.assert_close(ticket_similarity_scores(masks), expected, rtol=0, atol=1e-12)
     per_layer = ticket_similarity_scores(masks, per_layer=True)
     assert set(per_layer) == {"l0", "l1"} and per_layer["l0"].shape == (num_tickets,)
@@ -208,8 +220,9 @@ def test_identical_disjoint_and_degenerate_masks():
     g = torch.Generator().manual_seed(4)
     base = torch.rand(50, 40, generator=g) < 0.3
     identical = {"a": base.expand(3, 50, 40).clone()}
-    torch.testing.assert_close(chance_corrected_similarity(identical),
-                               torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        chance_corrected_similarity(identical), torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12
+    )
     disjoint = {"a": torch.stack([base, ~base])}
     # J = 0 and E[J] > 0: less overlap than chance, kappa < 0.
     assert torch.all(chance_corrected_similarity(disjoint) < -0.2)
@@ -238,7 +251,7 @@ FIRST, LAST = [1] * 6 + [0] * 6, [0] * 6 + [1] * 6
 ROUND_MASKS = [
     [FIRST, FIRST, FIRST],
     [FIRST, FIRST, FIRST],
-    [LAST, FIRST, FIRST],   # scores 1,1,1 -> 0, .5, .5
+    [LAST, FIRST, FIRST],  # scores 1,1,1 -> 0, .5, .5
     [FIRST, FIRST, FIRST],  # scores back to 1,1,1
     [FIRST, FIRST, FIRST],
 ]
@@ -253,9 +266,10 @@ ACCURACY = [
 
 def _monitor(per_layer=False, rounds=None):
     monitor = CollapseMonitor(per_layer=per_layer)
-    for r in (range(len(ROUND_MASKS)) if rounds is None else rounds):
-        monitor.record(r, {"fc": _b(ROUND_MASKS[r])}, metrics={"accuracy": ACCURACY[r],
-                                                              "loss": [1 - a for a in ACCURACY[r]]})
+    for r in range(len(ROUND_MASKS)) if rounds is None else rounds:
+        monitor.record(
+            r, {"fc": _b(ROUND_MASKS[r])}, metrics={"accuracy": ACCURACY[r], "loss": [1 - a for a in ACCURACY[r]]}
+        )
     return monitor
 
 
@@ -377,8 +391,9 @@ def test_state_dict_resume_and_json():
     resumed = CollapseMonitor.from_json(text)
     assert resumed.per_layer and resumed.to_json() == text
     for r in (2, 3, 4):  # the crashed run redoes round 2, then goes on
-        resumed.record(r, {"fc": _b(ROUND_MASKS[r])}, metrics={"accuracy": ACCURACY[r],
-                                                              "loss": [1 - a for a in ACCURACY[r]]})
+        resumed.record(
+            r, {"fc": _b(ROUND_MASKS[r])}, metrics={"accuracy": ACCURACY[r], "loss": [1 - a for a in ACCURACY[r]]}
+        )
     assert resumed.to_json() == full.to_json()
     assert resumed.flagged("accuracy", 0.1, 0.1) == full.flagged("accuracy", 0.1, 0.1)
 
@@ -404,5 +419,6 @@ def test_monitor_on_a_model():
     monitor = CollapseMonitor()
     entry = monitor.record(0, model, metrics={"accuracy": torch.rand(4).tolist()})
     torch.testing.assert_close(torch.tensor(entry["scores"], dtype=torch.float64), ticket_similarity_scores(model))
-    torch.testing.assert_close(torch.tensor(entry["chance_corrected"], dtype=torch.float64),
-                               chance_corrected_similarity(model))
+    torch.testing.assert_close(
+        torch.tensor(entry["chance_corrected"], dtype=torch.float64), chance_corrected_similarity(model)
+    )

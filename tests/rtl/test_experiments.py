@@ -1,4 +1,5 @@
 """`rtl run` / `rtl report` / `rtl list` end to end on tiny budgets: reports, resume, bad input, CIFAR loaders."""
+
 import json
 import os
 
@@ -8,8 +9,21 @@ import torch
 from rtl import cli
 from rtl.experiments import protocol
 
-TINY = ["--set", "dense_epochs=1", "--set", "single_epochs=1", "--set", "ticket_steps=2", "--set", "retrain_epochs=1",
-        "--set", "prune_fraction=0.5", "--set", "batch_size=32", "--no-progress"]
+TINY = [
+    "--set",
+    "dense_epochs=1",
+    "--set",
+    "single_epochs=1",
+    "--set",
+    "ticket_steps=2",
+    "--set",
+    "retrain_epochs=1",
+    "--set",
+    "prune_fraction=0.5",
+    "--set",
+    "batch_size=32",
+    "--no-progress",
+]
 
 
 def _run(args):
@@ -24,8 +38,14 @@ def _without_timing(metrics):
 def test_embedded_experiment_end_to_end(experiment, tmp_path):
     out = tmp_path / "run"
     assert _run([experiment, "--quick", "--sparsities", "0.3,0.6", "--out", str(out)] + TINY) == 0
-    for name in ("config.json", "metrics.json", "report.md", "accuracy_vs_sparsity.png", "similarity_vs_sparsity.png",
-                 "jaccard_matrix.png"):
+    for name in (
+        "config.json",
+        "metrics.json",
+        "report.md",
+        "accuracy_vs_sparsity.png",
+        "similarity_vs_sparsity.png",
+        "jaccard_matrix.png",
+    ):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "| sparsity | method |" in report and "RTL" in report and "IMP single" in report and "IMP multi" in report
@@ -119,13 +139,30 @@ def test_list_names_every_experiment(capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("experiment, fixture", [("cifar10-classes", "cifar10_root"),
-                                                 ("cifar100-clusters", "cifar100_root")])
+@pytest.mark.parametrize(
+    "experiment, fixture", [("cifar10-classes", "cifar10_root"), ("cifar100-clusters", "cifar100_root")]
+)
 def test_cifar_experiments_on_format_exact_files(experiment, fixture, tmp_path, request):
     root, _ = request.getfixturevalue(fixture)
     out = tmp_path / "run"
-    assert _run([experiment, "--quick", "--sparsities", "0.5", "--data-root", str(root), "--out", str(out),
-                 "--set", "eval_batch=8"] + TINY) == 0
+    assert (
+        _run(
+            [
+                experiment,
+                "--quick",
+                "--sparsities",
+                "0.5",
+                "--data-root",
+                str(root),
+                "--out",
+                str(out),
+                "--set",
+                "eval_batch=8",
+            ]
+            + TINY
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["prunable_weights"] == 125832  # the paper's GhostNet
     assert config["num_tickets"] == (10 if experiment == "cifar10-classes" else 8)
@@ -147,6 +184,7 @@ def test_interrupted_mask_extraction_resumes_from_its_last_round(tmp_path, monke
             calls["rounds"] += 1
             if calls["rounds"] == 2:
                 raise KeyboardInterrupt
+
         self.callbacks = tuple(self.callbacks) + (callback,)
         return real_run(self)
 
@@ -165,8 +203,13 @@ def test_interrupted_mask_extraction_resumes_from_its_last_round(tmp_path, monke
 
 def test_structured_masks_run_and_stay_structured(tmp_path):
     out = tmp_path / "run"
-    assert _run(["digits-classes", "--quick", "--sparsities", "0.5", "--out", str(out), "--set",
-                 "granularity=vector:4"] + TINY) == 0
+    assert (
+        _run(
+            ["digits-classes", "--quick", "--sparsities", "0.5", "--out", str(out), "--set", "granularity=vector:4"]
+            + TINY
+        )
+        == 0
+    )
     masks = torch.load(out / "stages" / "rtl_masks.pt", weights_only=True)["data"]["masks"]["0.5"]
     for name, m in masks.items():
         rows = m.flatten(2)  # (T, O, rest): runs of 4 along each row are all kept or all pruned

@@ -1,4 +1,5 @@
 """rtl.imp.IMP (Alg. 1): rounds, counts, clipping, granularities, rewinding, late rewinding, resume, errors."""
+
 import math
 import os
 import random
@@ -20,8 +21,13 @@ PRUNABLE = 4 * 9 + 10 * 256
 
 def _model(num_tickets=3, seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.Flatten(), RoutedSparseLinear(256, 10, num_tickets))
+    return nn.Sequential(
+        RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        RoutedSparseLinear(256, 10, num_tickets),
+    )
 
 
 def _data(num_tickets, seed=123):
@@ -76,8 +82,9 @@ def test_int_amount_exact_counts_and_last_round_clipped(num_tickets):
     for entry in log[:-1]:
         assert entry["removed"] == {t: 100 for t in range(num_tickets)}
     assert log[-1]["removed"] == {t: 79 for t in range(num_tickets)}
-    assert (PRUNABLE - sum(m.weight_masks.flatten(1).sum(1) for _, m in routed_modules(model))).tolist() == \
-        [779] * num_tickets
+    assert (PRUNABLE - sum(m.weight_masks.flatten(1).sum(1) for _, m in routed_modules(model))).tolist() == [
+        779
+    ] * num_tickets
     assert log[-1]["sparsity"] == {t: 779 / PRUNABLE for t in range(num_tickets)}
     assert all(set(entry["train"]) == set(range(num_tickets)) for entry in log)
     assert isinstance(log[0]["train"][0]["loss"], float) and log[0]["wall_time"] >= 0
@@ -121,8 +128,7 @@ def test_ranking_uses_each_tickets_trained_weights():
 
     IMP(model, train_fn, 0.25, amount=300, progress=False).run()
     ref = _model(2)
-    magnitude_prune_(ref, math.floor(0.25 * PRUNABLE + 0.5),
-                     importance={name: p.abs() for name, p in patterns.items()})
+    magnitude_prune_(ref, math.floor(0.25 * PRUNABLE + 0.5), importance={name: p.abs() for name, p in patterns.items()})
     assert all(torch.equal(a, b) for a, b in zip(_masks(model).values(), _masks(ref).values()))
     assert not torch.equal(model[4].weight_masks[0], model[4].weight_masks[1])
 
@@ -133,7 +139,7 @@ def _assert_structured(model, tiling):
         bn, bk = tiling(tiles.shape[2])
         for r in range(0, tiles.shape[1], bn):
             for c in range(0, tiles.shape[2], bk):
-                tile = tiles[:, r:r + bn, c:c + bk].flatten(1)
+                tile = tiles[:, r : r + bn, c : c + bk].flatten(1)
                 assert bool((tile.all(1) | ~tile.any(1)).all())
 
 
@@ -142,16 +148,19 @@ def test_block_rounds_are_exact_and_stay_block_structured():
     linear = lambda name, m: isinstance(m, nn.Linear)  # noqa: E731  (10 x 256 tiles exactly in 2 x 8 blocks)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        log = IMP(model, _trainer(2), 0.4, amount=256, granularity=("block", 2, 8), filter_fn=linear,
-                  progress=False).run()
+        log = IMP(
+            model, _trainer(2), 0.4, amount=256, granularity=("block", 2, 8), filter_fn=linear, progress=False
+        ).run()
     assert [entry["removed"] for entry in log] == [{0: 256, 1: 256}] * 4
     assert ticket_sparsity(model, linear).tolist() == [0.4, 0.4]
     assert bool(model[0].weight_masks.all())
     _assert_structured(model, lambda cols: (2, 8))
 
 
-@pytest.mark.parametrize("granularity, amount, largest", [(("vector", 4), 0.2, 4), ("channel", 256, 256),
-                                                          (("block", 2, 8), 64, 16), ("unstructured", 77, 1)])
+@pytest.mark.parametrize(
+    "granularity, amount, largest",
+    [(("vector", 4), 0.2, 4), ("channel", 256, 256), (("block", 2, 8), 64, 16), ("unstructured", 77, 1)],
+)
 def test_structured_rounds_never_exceed_request_and_end_within_a_group(granularity, amount, largest):
     model = _model(2)
     target = math.floor(0.4 * PRUNABLE + 0.5)
@@ -168,15 +177,23 @@ def test_structured_rounds_never_exceed_request_and_end_within_a_group(granulari
     if granularity == "unstructured":
         assert removed == target
     else:
-        tiling = {"vector": lambda cols: (1, 4), "channel": lambda cols: (1, cols),
-                  "block": lambda cols: (2, 8)}[granularity if isinstance(granularity, str) else granularity[0]]
+        tiling = {"vector": lambda cols: (1, 4), "channel": lambda cols: (1, cols), "block": lambda cols: (2, 8)}[
+            granularity if isinstance(granularity, str) else granularity[0]
+        ]
         _assert_structured(model, tiling)
 
 
 def test_structured_ticket_that_cannot_progress_stops_with_warning():
     model = _model(2)
-    imp = IMP(model, _trainer(2), 0.5, amount=8, granularity="channel", progress=False, filter_fn=lambda n, m:
-              isinstance(m, nn.Linear))
+    imp = IMP(
+        model,
+        _trainer(2),
+        0.5,
+        amount=8,
+        granularity="channel",
+        progress=False,
+        filter_fn=lambda n, m: isinstance(m, nn.Linear),
+    )
     with pytest.warns(RuntimeWarning, match=r"a round removed no weight of ticket \d.*below the target 0.5"):
         log = imp.run()
     assert len(log) == 1 and imp.stopped == [0, 1]
@@ -186,8 +203,14 @@ def test_structured_ticket_that_cannot_progress_stops_with_warning():
 def test_masks_only_shrink_between_rounds():
     model = _model(2)
     history = []
-    IMP(model, _trainer(2), 0.3, amount=200, progress=False,
-        callbacks=[lambda imp, entry: history.append(_masks(imp.model))]).run()
+    IMP(
+        model,
+        _trainer(2),
+        0.3,
+        amount=200,
+        progress=False,
+        callbacks=[lambda imp, entry: history.append(_masks(imp.model))],
+    ).run()
     for before, after in zip(history, history[1:]):
         assert all(not bool((after[k] & ~before[k]).any()) for k in before)
 
@@ -290,8 +313,7 @@ def test_resume_after_interrupt_gives_identical_masks_and_log(tmp_path):
     torch.manual_seed(7), np.random.seed(7), random.seed(7)
     model = _model(3)
     with pytest.raises(_Stop):
-        IMP(model, _trainer(3, noisy=True), checkpoint_dir=tmp_path, callbacks=[stop_after_round_1],
-            **kwargs).run()
+        IMP(model, _trainer(3, noisy=True), checkpoint_dir=tmp_path, callbacks=[stop_after_round_1], **kwargs).run()
     ckpt = torch.load(tmp_path / "imp_checkpoint.pt", weights_only=True)
     assert ckpt["round"] == 2 and len(ckpt["log"]) == 2
     assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
@@ -336,8 +358,13 @@ def test_checkpoint_mismatch_raises_and_keeps_the_file(tmp_path):
         IMP(other, _trainer(2), 0.05, amount=50, scope="layer", checkpoint_dir=tmp_path, progress=False).run()
     assert _same_state(_state(other), before_state)
     assert all(torch.equal(before_masks[k], v) for k, v in _masks(other).items())
-    wider = nn.Sequential(RoutedSparseConv2d(1, 5, 3, 2, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(),
-                          RoutedSparseLinear(320, 10, 2))
+    wider = nn.Sequential(
+        RoutedSparseConv2d(1, 5, 3, 2, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.Flatten(),
+        RoutedSparseLinear(320, 10, 2),
+    )
     with pytest.raises(ValueError, match=r"the model's .*shapes differ"):
         IMP(wider, _trainer(2), 0.05, amount=50, checkpoint_dir=tmp_path, progress=False).run()
     assert path.read_bytes() == content
@@ -356,22 +383,25 @@ def test_progress_bar_and_callbacks(capsys):
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(target_sparsity=1.5), ValueError, r"target_sparsity must be a number in \[0, 1\], got 1.5"),
-    (dict(target_sparsity=-0.1), ValueError, r"target_sparsity must be a number in \[0, 1\]"),
-    (dict(amount=0), ValueError, r"amount must be an int >= 1 \(weights per round\), got 0"),
-    (dict(amount=0.0), ValueError, r"amount must be a float in \(0, 1\).*got 0.0"),
-    (dict(amount=1.0), ValueError, r"amount must be a float in \(0, 1\)"),
-    (dict(amount="1"), TypeError, r"amount must be an int count or a float fraction, got str"),
-    (dict(rewind="late"), ValueError, r"rewind must be \"init\" or an int >= 0 \(optimizer steps\), got 'late'"),
-    (dict(rewind=-1), ValueError, r"rewind must be \"init\" or an int >= 0"),
-    (dict(scope="all"), ValueError, r"unknown scope 'all'"),
-    (dict(granularity=("block", 2)), ValueError, r"granularity \('block', 2\) must be"),
-    (dict(tickets=[5]), ValueError, r"ticket 5 in tickets is outside \[0, 2\)"),
-    (dict(callbacks=[1]), TypeError, r"callbacks must be callables"),
-    (dict(train_fn=None), TypeError, r"train_fn must be callable\(model, ticket, round_idx\), got NoneType"),
-    (dict(filter_fn=lambda n, m: False), ValueError, r"no routed layers selected by filter_fn"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(target_sparsity=1.5), ValueError, r"target_sparsity must be a number in \[0, 1\], got 1.5"),
+        (dict(target_sparsity=-0.1), ValueError, r"target_sparsity must be a number in \[0, 1\]"),
+        (dict(amount=0), ValueError, r"amount must be an int >= 1 \(weights per round\), got 0"),
+        (dict(amount=0.0), ValueError, r"amount must be a float in \(0, 1\).*got 0.0"),
+        (dict(amount=1.0), ValueError, r"amount must be a float in \(0, 1\)"),
+        (dict(amount="1"), TypeError, r"amount must be an int count or a float fraction, got str"),
+        (dict(rewind="late"), ValueError, r"rewind must be \"init\" or an int >= 0 \(optimizer steps\), got 'late'"),
+        (dict(rewind=-1), ValueError, r"rewind must be \"init\" or an int >= 0"),
+        (dict(scope="all"), ValueError, r"unknown scope 'all'"),
+        (dict(granularity=("block", 2)), ValueError, r"granularity \('block', 2\) must be"),
+        (dict(tickets=[5]), ValueError, r"ticket 5 in tickets is outside \[0, 2\)"),
+        (dict(callbacks=[1]), TypeError, r"callbacks must be callables"),
+        (dict(train_fn=None), TypeError, r"train_fn must be callable\(model, ticket, round_idx\), got NoneType"),
+        (dict(filter_fn=lambda n, m: False), ValueError, r"no routed layers selected by filter_fn"),
+    ],
+)
 def test_errors(kwargs, error, match):
     args = dict(train_fn=_trainer(2), target_sparsity=0.1, amount=10)
     args.update(kwargs)

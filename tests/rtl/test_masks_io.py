@@ -1,4 +1,5 @@
 """rtl.masks_io: bit-packed mask files (round trip, size, safe loading, atomic writes, errors) and mask gathering."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,12 @@ SHAPES = [(1, 1, 1), (3, 5, 7), (2, 13), (4, 3, 3, 5, 5), (5, 8, 8)]
 
 def _tiny_model(num_tickets: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1), nn.ReLU(), nn.Flatten(),
-                          RoutedSparseLinear(4 * 8 * 8, 10, num_tickets))
+    model = nn.Sequential(
+        RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        RoutedSparseLinear(4 * 8 * 8, 10, num_tickets),
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in model.named_modules():
@@ -77,8 +82,14 @@ def test_loads_with_weights_only(tmp_path):
 
 
 def test_config_round_trip(tmp_path):
-    config = {"sparsity": 0.75, "rounds": 23, "name": "cifar10", "tickets": [0, 1, 2], "nested": {"a": None, "b": True},
-              "pair": (1, 2)}
+    config = {
+        "sparsity": 0.75,
+        "rounds": 23,
+        "name": "cifar10",
+        "tickets": [0, 1, 2],
+        "nested": {"a": None, "b": True},
+        "pair": (1, 2),
+    }
     path = tmp_path / "m.pt"
     save_masks(_random_masks([(3, 7)]), path, config=config)
     _, loaded = load_masks(path)
@@ -114,8 +125,11 @@ def test_load_into_model_errors_and_leaves_model_unchanged(tmp_path):
 
     other_t = _tiny_model(2, seed=1)
     before = [m.clone() for m in (other_t[0].weight_masks, other_t[3].weight_masks)]
-    with pytest.raises(ValueError, match=r"layer '0': saved masks have shape \(3, 4, 1, 3, 3\) but the model's "
-                                         r"weight_masks have shape \(2, 4, 1, 3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer '0': saved masks have shape \(3, 4, 1, 3, 3\) but the model's "
+        r"weight_masks have shape \(2, 4, 1, 3, 3\)",
+    ):
         load_masks_(other_t, path)
     assert torch.equal(other_t[0].weight_masks, before[0]) and torch.equal(other_t[3].weight_masks, before[1])
 

@@ -1,4 +1,5 @@
 """rtl.metrics: macro one-vs-rest classification metrics, ticket detector metrics, PSNR and parameter counts."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,7 @@ from skimage.metrics import peak_signal_noise_ratio
 from sklearn.metrics import balanced_accuracy_score, precision_score, recall_score
 from torch import nn
 
-from rtl.metrics import (balanced_accuracy, detector_metrics, macro_precision, macro_recall, parameter_counts,
-                         psnr)
+from rtl.metrics import balanced_accuracy, detector_metrics, macro_precision, macro_recall, parameter_counts, psnr
 from rtl.nn import RoutedSparseConv2d, RoutedSparseLinear
 
 
@@ -53,7 +53,8 @@ def test_against_counting_and_sklearn(num_classes, n):
     assert macro_precision(y_true, y_pred) == pytest.approx(ref[:, 2].mean(), abs=1e-12)
     assert macro_recall(list(y_true), list(y_pred)) == pytest.approx(ref[:, 0].mean(), abs=1e-12)
     assert macro_precision(y_true, y_pred) == pytest.approx(
-        precision_score(y_true, y_pred, average="macro", zero_division=0), abs=1e-12)
+        precision_score(y_true, y_pred, average="macro", zero_division=0), abs=1e-12
+    )
     # sklearn's "balanced accuracy" is macro recall, not the one-vs-rest balanced accuracy.
     if set(y_true.tolist()) >= set(y_pred.tolist()) and len(labels) > 1:
         assert macro_recall(y_true, y_pred) == pytest.approx(balanced_accuracy_score(y_true, y_pred), abs=1e-12)
@@ -135,7 +136,8 @@ def test_detector_against_sklearn(num_tickets, n, threshold):
         ref = _reference_ovr(pos.astype(int), pred.astype(int), [1])[0]
         assert result["per_ticket"]["recall"][k] == pytest.approx(recall_score(pos, pred, zero_division=0), abs=1e-12)
         assert result["per_ticket"]["precision"][k] == pytest.approx(
-            precision_score(pos, pred, zero_division=0), abs=1e-12)
+            precision_score(pos, pred, zero_division=0), abs=1e-12
+        )
         assert result["per_ticket"]["balanced_accuracy"][k] == pytest.approx((ref[0] + ref[1]) / 2, abs=1e-12)
     for name in ("balanced_accuracy", "precision", "recall"):
         assert result[name] == pytest.approx(np.mean(result["per_ticket"][name]), abs=1e-12)
@@ -170,7 +172,7 @@ def test_detector_errors():
 # -- PSNR -------------------------------------------------------------------------------------------------------------
 def test_psnr_hand_and_identity():
     assert psnr(torch.full((4, 4), 0.1, dtype=torch.float64), torch.zeros(4, 4)) == pytest.approx(20.0, abs=1e-9)
-    assert psnr(np.full(8, 10.0), np.zeros(8), data_range=255) == pytest.approx(10 * math.log10(255 ** 2 / 100))
+    assert psnr(np.full(8, 10.0), np.zeros(8), data_range=255) == pytest.approx(10 * math.log10(255**2 / 100))
     x = torch.rand(3, 5)
     assert psnr(x, x) == math.inf
 
@@ -182,8 +184,9 @@ def test_psnr_against_skimage(shape, data_range):
     target = g.random(shape) * data_range
     pred = target + g.normal(0, 0.05 * data_range, shape)
     expected = peak_signal_noise_ratio(target, pred, data_range=data_range)
-    assert psnr(torch.from_numpy(pred), torch.from_numpy(target), data_range=data_range) == pytest.approx(expected,
-                                                                                                          rel=1e-12)
+    assert psnr(torch.from_numpy(pred), torch.from_numpy(target), data_range=data_range) == pytest.approx(
+        expected, rel=1e-12
+    )
     assert psnr(pred.astype(np.float32), target.astype(np.float32), data_range) == pytest.approx(expected, rel=1e-5)
 
 
@@ -198,8 +201,10 @@ def test_psnr_errors():
 
 # -- parameter counts -------------------------------------------------------------------------------------------------
 def test_counts_hand():
-    masks = {"a": torch.tensor([[[1, 1, 0]], [[0, 1, 1]], [[0, 0, 0]]], dtype=torch.bool),  # 3 weights
-             "b": torch.tensor([[1, 0, 0, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)}  # 5 weights
+    masks = {
+        "a": torch.tensor([[[1, 1, 0]], [[0, 1, 1]], [[0, 0, 0]]], dtype=torch.bool),  # 3 weights
+        "b": torch.tensor([[1, 0, 0, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool),
+    }  # 5 weights
     counts = parameter_counts(masks)
     # Ticket 0 keeps 2 + 2, ticket 1 keeps 2 + 1, ticket 2 nothing; the union is 3 in a and 2 in b.
     assert counts == {"union": 3 + 2, "sum": 4 + 3 + 0, "per_ticket": [4, 3, 0], "single": 7 / 3, "prunable": 8}
@@ -208,8 +213,10 @@ def test_counts_hand():
 @pytest.mark.parametrize("num_tickets", [1, 2, 5])
 def test_counts_random(num_tickets):
     g = torch.Generator().manual_seed(num_tickets)
-    masks = {"a": torch.rand(num_tickets, 13, 7, generator=g) < 0.3,
-             "b": torch.rand(num_tickets, 3, 3, 5, generator=g) < 0.6}
+    masks = {
+        "a": torch.rand(num_tickets, 13, 7, generator=g) < 0.3,
+        "b": torch.rand(num_tickets, 3, 3, 5, generator=g) < 0.6,
+    }
     counts = parameter_counts(masks)
     per_ticket = [int(masks["a"][t].sum() + masks["b"][t].sum()) for t in range(num_tickets)]
     assert counts["per_ticket"] == per_ticket and counts["sum"] == sum(per_ticket)
@@ -223,8 +230,14 @@ def test_counts_random(num_tickets):
 def test_counts_on_model_with_dense_extras():
     torch.manual_seed(0)
     num_tickets = 3
-    model = nn.Sequential(RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Flatten(), RoutedSparseLinear(4 * 8 * 8, 10, num_tickets), nn.Linear(10, 2))
+    model = nn.Sequential(
+        RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        RoutedSparseLinear(4 * 8 * 8, 10, num_tickets),
+        nn.Linear(10, 2),
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in (model[0], model[4]):

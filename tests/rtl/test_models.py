@@ -1,4 +1,5 @@
 """rtl.models: the paper's pruning scopes (exact weight counts), shapes, conversion to routed layers, gradients."""
+
 import math
 
 import pytest
@@ -7,12 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import rtl
-from rtl.models import (MODELS, FourierINR, GhostNet, SmallCNN, SpeechUNet, apply_complex_mask, coords,
-                        count_prunable)
+from rtl.models import MODELS, FourierINR, GhostNet, SmallCNN, SpeechUNet, apply_complex_mask, coords, count_prunable
 from rtl.models.ghostnet import GhostModule
 from rtl.models.inr import FourierFeatures
 from rtl.nn import RoutedSparseModule
-
 
 
 DENSE_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
@@ -39,6 +38,7 @@ def _random_masks_(model, density=0.6, seed=0):
 
 
 # -- pruning scopes -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_prunable_weight_count_is_exact(name):
@@ -69,12 +69,13 @@ def test_ghostnet_scope_is_every_conv_but_squeeze_excitation():
 
 
 def test_ghostnet_bottleneck_counts_follow_table_4():
-    # Per-block prunable weights of the configuration that reproduces 125,832 (paper.md 1.5): ghost modules,
+    # Per-block prunable weights of the configuration that reproduces 125,832 (docs/paper_notes.md): ghost modules,
     # depthwise stride convs and conv shortcuts.
     model = GhostNet()
     expected = [400, 2244, 2160, 6168, 5520, 21560, 17260, 15908, 15908]
-    got = [sum(m.weight.numel() for n, m in block.named_modules() if model.prunable_filter(n, m))
-           for block in model.blocks]
+    got = [
+        sum(m.weight.numel() for n, m in block.named_modules() if model.prunable_filter(n, m)) for block in model.blocks
+    ]
     assert got == expected
     assert model.conv_stem.weight.shape == (16, 3, 3, 3) and model.conv_stem.stride == (2, 2)
     assert model.conv_expand.weight.shape == (184, 80, 1, 1)
@@ -91,8 +92,7 @@ def test_unet_scope_is_all_ten_convs():
     kernels = [m.kernel_size for _, m in selected]
     assert kernels == [(3, 5)] + [(3, 3)] * 8 + [(3, 5)]
     chans = [(m.in_channels, m.out_channels) for _, m in selected]
-    assert chans == [(2, 12), (12, 12), (12, 12), (12, 24), (24, 48),
-                     (48, 24), (48, 12), (24, 12), (24, 12), (24, 2)]
+    assert chans == [(2, 12), (12, 12), (12, 12), (12, 24), (24, 48), (48, 24), (48, 12), (24, 12), (24, 12), (24, 2)]
     assert all(m.stride == (1, 2) for _, m in selected)
 
 
@@ -119,6 +119,7 @@ def test_registry():
 
 
 # -- shapes ---------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("batch,num_classes,size", [(1, 10, 32), (3, 100, 32), (2, 7, 19)])
 def test_ghostnet_output_shape(batch, num_classes, size):
@@ -176,7 +177,7 @@ def test_inr_output_shape_and_range(lead):
 
 def test_fourier_features_match_formula_in_float64():
     feats = FourierFeatures(8)
-    p = (torch.rand(11, 2, dtype=torch.float64) * 2 - 1)
+    p = torch.rand(11, 2, dtype=torch.float64) * 2 - 1
     out = feats(p)
     assert out.shape == (11, 34) and FourierINR().in_features == 34
     freqs = [2.0**k * math.pi for k in range(8)]
@@ -184,8 +185,7 @@ def test_fourier_features_match_formula_in_float64():
     cos = torch.cat([torch.cos(f * p) for f in freqs], 1)
     # The frequencies are held in float32; the tolerance covers their rounding times |p| <= 1.
     torch.testing.assert_close(out, torch.cat([p, sin, cos], 1), rtol=0, atol=2e-5)
-    torch.testing.assert_close(FourierFeatures(3, scale=0.5).freqs,
-                               torch.tensor([0.5 * math.pi, math.pi, 2 * math.pi]))
+    torch.testing.assert_close(FourierFeatures(3, scale=0.5).freqs, torch.tensor([0.5 * math.pi, math.pi, 2 * math.pi]))
     assert FourierFeatures(0)(p) is p
     assert "freqs" not in feats.state_dict()
 
@@ -226,10 +226,17 @@ def test_small_cnn_output_shape(batch, size):
 
 # -- initialisation -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layer,fan_in", [
-    (lambda: GhostNet().conv_expand, 80), (lambda: FourierINR().layers[2], 128), (lambda: SmallCNN().conv3, 288),
-    (lambda: SpeechUNet().encoder[4][0], 24 * 9), (lambda: SpeechUNet().decoder[0][0], 48 * 9),
-])
+
+@pytest.mark.parametrize(
+    "layer,fan_in",
+    [
+        (lambda: GhostNet().conv_expand, 80),
+        (lambda: FourierINR().layers[2], 128),
+        (lambda: SmallCNN().conv3, 288),
+        (lambda: SpeechUNet().encoder[4][0], 24 * 9),
+        (lambda: SpeechUNet().decoder[0][0], 48 * 9),
+    ],
+)
 def test_kaiming_normal_init(layer, fan_in):
     module = layer()
     std = math.sqrt(2.0 / fan_in)
@@ -239,6 +246,7 @@ def test_kaiming_normal_init(layer, fan_in):
 
 
 # -- conversion to routed layers ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("num_tickets", [1, 3])
@@ -287,6 +295,7 @@ def test_routed_samples_follow_their_ticket(name):
 
 # -- gradients ------------------------------------------------------------------------------------------------
 
+
 def _loss(name, model, x):
     y = model(x)
     if name in ("ghostnet", "small_cnn"):
@@ -327,36 +336,43 @@ def test_gradients_skip_pruned_weights():
 
 # -- bad input ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: GhostNet(num_classes=0), "num_classes must be an int >= 1, got 0"),
-    (lambda: GhostNet(num_classes=2.0), "num_classes must be an int >= 1, got 2.0"),
-    (lambda: GhostNet(width=0), "width must be a number > 0, got 0"),
-    (lambda: GhostNet(width="1"), "width must be a number > 0, got '1'"),
-    (lambda: SpeechUNet(mask_activation="sigmoid"), "mask_activation must be 'tanh' or None, got 'sigmoid'"),
-    (lambda: FourierINR(num_fourier=-1), "num_fourier must be an int >= 0, got -1"),
-    (lambda: FourierINR(scale=0.0), "scale must be a number > 0, got 0.0"),
-    (lambda: FourierINR(hidden=0), "hidden must be an int >= 1, got 0"),
-    (lambda: FourierINR(depth=0), "depth must be an int >= 1, got 0"),
-    (lambda: FourierINR(out_features=True), "out_features must be an int >= 1, got True"),
-    (lambda: FourierINR(cond_features=-2), "cond_features must be an int >= 0, got -2"),
-    (lambda: SmallCNN(num_classes=-1), "num_classes must be an int >= 1, got -1"),
-    (lambda: SmallCNN(in_channels=0), "in_channels must be an int >= 1, got 0"),
-    (lambda: coords(0, 3), "h must be an int >= 1, got 0"),
-    (lambda: coords(3, 2.5), "w must be an int >= 1, got 2.5"),
-])
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: GhostNet(num_classes=0), "num_classes must be an int >= 1, got 0"),
+        (lambda: GhostNet(num_classes=2.0), "num_classes must be an int >= 1, got 2.0"),
+        (lambda: GhostNet(width=0), "width must be a number > 0, got 0"),
+        (lambda: GhostNet(width="1"), "width must be a number > 0, got '1'"),
+        (lambda: SpeechUNet(mask_activation="sigmoid"), "mask_activation must be 'tanh' or None, got 'sigmoid'"),
+        (lambda: FourierINR(num_fourier=-1), "num_fourier must be an int >= 0, got -1"),
+        (lambda: FourierINR(scale=0.0), "scale must be a number > 0, got 0.0"),
+        (lambda: FourierINR(hidden=0), "hidden must be an int >= 1, got 0"),
+        (lambda: FourierINR(depth=0), "depth must be an int >= 1, got 0"),
+        (lambda: FourierINR(out_features=True), "out_features must be an int >= 1, got True"),
+        (lambda: FourierINR(cond_features=-2), "cond_features must be an int >= 0, got -2"),
+        (lambda: SmallCNN(num_classes=-1), "num_classes must be an int >= 1, got -1"),
+        (lambda: SmallCNN(in_channels=0), "in_channels must be an int >= 1, got 0"),
+        (lambda: coords(0, 3), "h must be an int >= 1, got 0"),
+        (lambda: coords(3, 2.5), "w must be an int >= 1, got 2.5"),
+    ],
+)
 def test_bad_arguments_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
 
 
-@pytest.mark.parametrize("model,x,match", [
-    (GhostNet(), torch.randn(2, 1, 32, 32), r"x must be \(B, 3, H, W\), got shape \(2, 1, 32, 32\)"),
-    (GhostNet(), torch.randn(3, 32, 32), r"x must be \(B, 3, H, W\), got shape \(3, 32, 32\)"),
-    (SpeechUNet(), torch.randn(2, 3, 4, 9), r"x must be \(B, 2, T, F\), got shape \(2, 3, 4, 9\)"),
-    (FourierINR(), torch.randn(4, 3), r"coordinates must have 2 values in their last dim, got shape \(4, 3\)"),
-    (SmallCNN(), torch.randn(2, 3, 8, 8), r"x must be \(B, 1, H, W\) with H, W >= 2, got shape \(2, 3, 8, 8\)"),
-    (SmallCNN(), torch.randn(2, 1, 1, 8), r"x must be \(B, 1, H, W\) with H, W >= 2, got shape \(2, 1, 1, 8\)"),
-])
+@pytest.mark.parametrize(
+    "model,x,match",
+    [
+        (GhostNet(), torch.randn(2, 1, 32, 32), r"x must be \(B, 3, H, W\), got shape \(2, 1, 32, 32\)"),
+        (GhostNet(), torch.randn(3, 32, 32), r"x must be \(B, 3, H, W\), got shape \(3, 32, 32\)"),
+        (SpeechUNet(), torch.randn(2, 3, 4, 9), r"x must be \(B, 2, T, F\), got shape \(2, 3, 4, 9\)"),
+        (FourierINR(), torch.randn(4, 3), r"coordinates must have 2 values in their last dim, got shape \(4, 3\)"),
+        (SmallCNN(), torch.randn(2, 3, 8, 8), r"x must be \(B, 1, H, W\) with H, W >= 2, got shape \(2, 3, 8, 8\)"),
+        (SmallCNN(), torch.randn(2, 1, 1, 8), r"x must be \(B, 1, H, W\) with H, W >= 2, got shape \(2, 1, 1, 8\)"),
+    ],
+)
 def test_bad_inputs_raise(model, x, match):
     with pytest.raises(ValueError, match=match):
         model(x)

@@ -1,4 +1,5 @@
 """rtl.nn routed layers, rtl.RoutedModel / use_route, convert_ and extract_ticket."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ def _per_sample(fn, x, route, masks, weight):
 
 # -- layers against a float64 oracle ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(7, 13, 5), (1, 3, 1), (9, 33, 17)])
 @pytest.mark.parametrize("num_tickets", [1, 4])
 def test_linear_matches_oracle(shape, num_tickets):
@@ -45,15 +47,22 @@ def test_linear_flattens_leading_dims_and_expands_route():
     per_row = layer(x.reshape(-1, 6), route.repeat_interleave(7)).reshape(4, 7, 5)
     torch.testing.assert_close(y, per_row)
     for i in range(4):
-        torch.testing.assert_close(y[i], F.linear(x[i], layer.weight * layer.weight_masks[route[i]], layer.bias),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            y[i], F.linear(x[i], layer.weight * layer.weight_masks[route[i]], layer.bias), rtol=1e-5, atol=1e-5
+        )
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(kernel_size=3, padding=1), dict(kernel_size=(3, 5), stride=(1, 2), padding=(1, 2)),
-    dict(kernel_size=3, groups=3, padding=1, bias=False), dict(kernel_size=3, padding=1, padding_mode="reflect"),
-    dict(kernel_size=1, dilation=2), dict(kernel_size=3, padding="same", dilation=2),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=(3, 5), stride=(1, 2), padding=(1, 2)),
+        dict(kernel_size=3, groups=3, padding=1, bias=False),
+        dict(kernel_size=3, padding=1, padding_mode="reflect"),
+        dict(kernel_size=1, dilation=2),
+        dict(kernel_size=3, padding="same", dilation=2),
+    ],
+)
 def test_conv2d_matches_oracle(kwargs):
     conv = _random_masks_(RoutedSparseConv2d(3, 6, num_tickets=3, **kwargs), seed=3)
     dense = nn.Conv2d(3, 6, **kwargs).double()
@@ -66,8 +75,9 @@ def test_conv2d_matches_oracle(kwargs):
         dense.weight.data, dense.bias = w, (None if bias is None else nn.Parameter(bias))
         return dense(xi)
 
-    torch.testing.assert_close(y.double(), _per_sample(one, x, route, conv.weight_masks, conv.weight),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        y.double(), _per_sample(one, x, route, conv.weight_masks, conv.weight), rtol=1e-5, atol=1e-5
+    )
     assert conv(x[0], route[:1]).shape == y.shape[1:]  # unbatched input
 
 
@@ -77,8 +87,13 @@ def test_conv_transpose2d_matches_oracle_and_output_size():
     route = torch.tensor([2, 0, 2])
     y = up(x, route, output_size=(6, 14))
     assert y.shape == (3, 2, 6, 14)
-    ref = _per_sample(lambda xi, w: F.conv_transpose2d(xi, w, up.bias.double(), (1, 2), (1, 2), (0, 1)),
-                      x, route, up.weight_masks, up.weight)
+    ref = _per_sample(
+        lambda xi, w: F.conv_transpose2d(xi, w, up.bias.double(), (1, 2), (1, 2), (0, 1)),
+        x,
+        route,
+        up.weight_masks,
+        up.weight,
+    )
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -94,21 +109,25 @@ def test_weight_gradient_zero_outside_present_tickets():
 
 # -- routes and bad input ---------------------------------------------------------------------------------------
 
+
 def test_single_ticket_layer_needs_no_route():
     layer = RoutedSparseLinear(4, 3, 1)
     x = torch.randn(2, 4)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-@pytest.mark.parametrize("route, exc, match", [
-    (None, ValueError, "got no route"),
-    (torch.tensor([0, 1, 2]), ValueError, "not a multiple"),
-    (torch.tensor([0.0, 1.0]), TypeError, "integer ticket ids"),
-    (torch.tensor([0, 4]), ValueError, "ticket 4, outside"),
-    (torch.tensor([-1, 0]), ValueError, "ticket -1, outside"),
-    (torch.tensor([[0, 1]]), ValueError, "must be 1-D"),
-    ("ab", TypeError, "route must"),
-])
+@pytest.mark.parametrize(
+    "route, exc, match",
+    [
+        (None, ValueError, "got no route"),
+        (torch.tensor([0, 1, 2]), ValueError, "not a multiple"),
+        (torch.tensor([0.0, 1.0]), TypeError, "integer ticket ids"),
+        (torch.tensor([0, 4]), ValueError, "ticket 4, outside"),
+        (torch.tensor([-1, 0]), ValueError, "ticket -1, outside"),
+        (torch.tensor([[0, 1]]), ValueError, "must be 1-D"),
+        ("ab", TypeError, "route must"),
+    ],
+)
 def test_bad_routes(route, exc, match):
     layer = RoutedSparseLinear(4, 3, 4)
     with pytest.raises(exc, match=match):
@@ -162,6 +181,7 @@ def test_masks_must_stay_bool():
 
 # -- conversion ---------------------------------------------------------------------------------------------------
 
+
 def test_from_dense_shares_parameters_and_old_optimizer_keeps_working():
     dense = nn.Linear(5, 3)
     opt = torch.optim.SGD(dense.parameters(), lr=0.5)
@@ -195,8 +215,9 @@ def test_extra_repr_shows_density_per_ticket():
 
 
 def _small_cnn():
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 6 * 6, 5))
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
+    )
 
 
 def test_dense_checkpoint_loads_into_converted_model():
@@ -278,9 +299,14 @@ def test_mixed_route_equals_each_sample_alone():
         torch.testing.assert_close(y[i : i + 1], routed(x[i : i + 1], route[i : i + 1]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, shape", [
-    ("resnet18", (2, 3, 32, 32)), ("mobilenet_v3_small", (2, 3, 32, 32)), ("vit_b_16", (1, 3, 224, 224)),
-])
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("resnet18", (2, 3, 32, 32)),
+        ("mobilenet_v3_small", (2, 3, 32, 32)),
+        ("vit_b_16", (1, 3, 224, 224)),
+    ],
+)
 def test_torchvision_models_convert_with_all_ones_masks(name, shape):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)

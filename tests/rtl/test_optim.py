@@ -1,4 +1,5 @@
 """Tests of rtl.optim.TicketMaskedOptimizer: weights and their optimizer state outside the active tickets stay put."""
+
 import pickle
 
 import pytest
@@ -16,9 +17,15 @@ def make_model(num_tickets: int, seed: int = 0, density: float = 0.6) -> nn.Modu
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(
-        RoutedSparseConv2d(1, 5, 3, num_tickets, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-        RoutedSparseConvTranspose2d(5, 3, 3, num_tickets, padding=1), nn.Flatten(),
-        RoutedSparseLinear(3 * 7 * 7, 6, num_tickets), nn.ReLU(), nn.Linear(6, 4))
+        RoutedSparseConv2d(1, 5, 3, num_tickets, padding=1),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        RoutedSparseConvTranspose2d(5, 3, 3, num_tickets, padding=1),
+        nn.Flatten(),
+        RoutedSparseLinear(3 * 7 * 7, 6, num_tickets),
+        nn.ReLU(),
+        nn.Linear(6, 4),
+    )
     with torch.no_grad():
         for _, layer in routed_modules(model):
             keep = torch.rand(layer.weight_masks.shape, generator=gen) < density
@@ -47,8 +54,10 @@ def routed_weights(model):
 def snapshot(model, inner):
     """(weights, {name: {state key: tensor}}) copies for every routed weight."""
     weights = {n: w.detach().clone() for n, w in routed_weights(model).items()}
-    states = {n: {k: v.clone() for k, v in inner.state.get(w, {}).items()
-                  if torch.is_tensor(v) and v.shape == w.shape} for n, w in routed_weights(model).items()}
+    states = {
+        n: {k: v.clone() for k, v in inner.state.get(w, {}).items() if torch.is_tensor(v) and v.shape == w.shape}
+        for n, w in routed_weights(model).items()
+    }
     return weights, states
 
 
@@ -332,15 +341,18 @@ def test_accepts_ddp_free_wrappers_and_routed_model():
     assert opt.num_tickets == 2 and not opt.sync_tickets
 
 
-@pytest.mark.parametrize("tickets,error,match", [
-    (3, ValueError, r"tickets holds ticket 3, outside \[0, 3\)"),
-    (-1, ValueError, r"tickets holds ticket -1, outside \[0, 3\)"),
-    ([0, 7], ValueError, r"tickets holds ticket 7"),
-    (True, TypeError, r"tickets must be an int, a sequence of ints or a tensor, got True"),
-    ([0, 1.5], TypeError, r"tickets must hold ints, got 1.5"),
-    (torch.tensor([0.0, 1.0]), TypeError, r"integer ticket ids, got a tensor of dtype torch.float32"),
-    ("01", TypeError, r"tickets must be an int, a sequence of ints or a tensor, got str"),
-])
+@pytest.mark.parametrize(
+    "tickets,error,match",
+    [
+        (3, ValueError, r"tickets holds ticket 3, outside \[0, 3\)"),
+        (-1, ValueError, r"tickets holds ticket -1, outside \[0, 3\)"),
+        ([0, 7], ValueError, r"tickets holds ticket 7"),
+        (True, TypeError, r"tickets must be an int, a sequence of ints or a tensor, got True"),
+        ([0, 1.5], TypeError, r"tickets must hold ints, got 1.5"),
+        (torch.tensor([0.0, 1.0]), TypeError, r"integer ticket ids, got a tensor of dtype torch.float32"),
+        ("01", TypeError, r"tickets must be an int, a sequence of ints or a tensor, got str"),
+    ],
+)
 def test_bad_tickets(tickets, error, match):
     model = make_model(3)
     opt = TicketMaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)

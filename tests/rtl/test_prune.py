@@ -1,4 +1,5 @@
 """rtl.prune: magnitude_prune_ (counts, ranking, scopes, granularities, ties), ticket_sparsity, prunable_count."""
+
 import math
 
 import numpy as np
@@ -14,8 +15,12 @@ PRUNABLE = 4 * 1 * 3 * 3 + 10 * 256  # conv + linear weights of _model
 
 def _model(num_tickets=3, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    return nn.Sequential(RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1, dtype=dtype), nn.ReLU(), nn.Flatten(),
-                         RoutedSparseLinear(256, 10, num_tickets, dtype=dtype))
+    return nn.Sequential(
+        RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1, dtype=dtype),
+        nn.ReLU(),
+        nn.Flatten(),
+        RoutedSparseLinear(256, 10, num_tickets, dtype=dtype),
+    )
 
 
 def _masks(model):
@@ -32,8 +37,9 @@ def _random_masks_(model, density=0.7, seed=1):
 def _integer_importance(model, high=5, seed=2):
     """Small-integer scores (float64): many exact ties, and group means computed the same way in any order."""
     gen = torch.Generator().manual_seed(seed)
-    return {name: torch.randint(0, high, m.weight_masks.shape, generator=gen).double()
-            for name, m in routed_modules(model)}
+    return {
+        name: torch.randint(0, high, m.weight_masks.shape, generator=gen).double() for name, m in routed_modules(model)
+    }
 
 
 # -- float64 references -----------------------------------------------------------------------------------------
@@ -91,8 +97,9 @@ def test_int_amount_removes_exact_count(num_tickets, amount):
     assert report["removed"] == {t: amount for t in range(num_tickets)}
     assert report["requested"] == {t: amount for t in range(num_tickets)}
     assert report["sparsity"] == pytest.approx({t: amount / PRUNABLE for t in range(num_tickets)})
-    torch.testing.assert_close(ticket_sparsity(model), torch.full((num_tickets,), amount / PRUNABLE,
-                                                                  dtype=torch.float64))
+    torch.testing.assert_close(
+        ticket_sparsity(model), torch.full((num_tickets,), amount / PRUNABLE, dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("amount", [0.0, 0.1, 0.25, 0.5, 0.999])
@@ -182,8 +189,9 @@ def test_per_ticket_importance_ranks_each_ticket_by_its_own_row():
     magnitude_prune_(model, 300, importance=importance)
     layers = list(routed_modules(model))
     for t in range(3):
-        drops = _ref_unstructured([torch.ones_like(m.weight_masks[t]) for _, m in layers],
-                                  [importance[n][t] for n, _ in layers], 300)
+        drops = _ref_unstructured(
+            [torch.ones_like(m.weight_masks[t]) for _, m in layers], [importance[n][t] for n, _ in layers], 300
+        )
         for (name, m), drop in zip(layers, drops):
             assert torch.equal(m.weight_masks[t], ~drop.view_as(m.weight_masks[t]))
     assert not torch.equal(model[3].weight_masks[0], model[3].weight_masks[1])
@@ -205,8 +213,10 @@ def test_masks_only_shrink_even_when_pruned_weights_score_lowest():
     magnitude_prune_(model, 400)
     first = _masks(model)
     # Scores that would rank the already pruned weights first: they must not count and must not come back.
-    importance = {name: torch.where(m.weight_masks, 10.0, -10.0).double() + torch.rand(m.weight_masks.shape)
-                  for name, m in routed_modules(model)}
+    importance = {
+        name: torch.where(m.weight_masks, 10.0, -10.0).double() + torch.rand(m.weight_masks.shape)
+        for name, m in routed_modules(model)
+    }
     report = magnitude_prune_(model, 400, importance=importance)
     assert report["removed"] == {0: 400, 1: 400}
     for name, m in routed_modules(model):
@@ -236,8 +246,10 @@ def test_fully_pruned_ticket_is_legal():
 
 def test_float64_weights_and_conv_transpose():
     torch.manual_seed(0)
-    model = nn.Sequential(RoutedSparseConvTranspose2d(3, 5, (3, 2), 2, dtype=torch.float64),
-                          RoutedSparseLinear(7, 3, 2, dtype=torch.float64))
+    model = nn.Sequential(
+        RoutedSparseConvTranspose2d(3, 5, (3, 2), 2, dtype=torch.float64),
+        RoutedSparseLinear(7, 3, 2, dtype=torch.float64),
+    )
     before = _masks(model)
     report = magnitude_prune_(model, 17)
     assert report["removed"] == {0: 17, 1: 17}
@@ -287,7 +299,7 @@ def test_structured_masks_stay_structured_over_rounds(granularity):
             mask = m.weight_masks[t].reshape(m.weight.shape[0], -1)
             for r in range(0, mask.shape[0], bn):
                 for c in range(0, mask.shape[1], bk):
-                    tile = mask[r:r + bn, c:c + bk]
+                    tile = mask[r : r + bn, c : c + bk]
                     assert bool(tile.all()) or not bool(tile.any())
 
 
@@ -323,26 +335,33 @@ def test_imp_is_reexported():
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(amount=1.0), ValueError, r"amount must be a float in \[0, 1\).*got 1.0"),
-    (dict(amount=-0.1), ValueError, r"amount must be a float in \[0, 1\)"),
-    (dict(amount=-1), ValueError, r"amount must be an int >= 0.*got -1"),
-    (dict(amount=PRUNABLE + 1), ValueError, rf"amount {PRUNABLE + 1} exceeds the {PRUNABLE} prunable weights"),
-    (dict(amount=37, scope="layer"), ValueError, r"amount 37 exceeds the 36 weights ticket 0 .* layer '0'"),
-    (dict(amount=True), TypeError, r"amount must be an int count or a float fraction, got bool"),
-    (dict(amount="10"), TypeError, r"amount must be an int count or a float fraction, got str"),
-    (dict(amount=1, scope="ticket"), ValueError, r"unknown scope 'ticket'"),
-    (dict(amount=1, granularity="row"), ValueError, r"unknown granularity 'row'"),
-    (dict(amount=1, granularity=("block", 4)), ValueError, r"granularity \('block', 4\) must be \(\"block\", bn, bk\)"),
-    (dict(amount=1, granularity=("vector", 0)), ValueError, r"must be \(\"vector\", v\) with positive int"),
-    (dict(amount=1, granularity=("tile", 2, 2)), ValueError, r"unknown granularity \('tile', 2, 2\)"),
-    (dict(amount=1, tickets=[0, 3]), ValueError, r"ticket 3 in tickets is outside \[0, 3\)"),
-    (dict(amount=1, tickets=-1), ValueError, r"ticket -1 in tickets is outside"),
-    (dict(amount=1, tickets=[0.5]), TypeError, r"tickets must hold ints, got 0.5"),
-    (dict(amount=1, importance=[1]), TypeError, r"importance must be a dict"),
-    (dict(amount=1, filter_fn=3), TypeError, r"filter_fn must be callable"),
-    (dict(amount=1, filter_fn=lambda n, m: False), ValueError, r"no routed layers selected by filter_fn"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(amount=1.0), ValueError, r"amount must be a float in \[0, 1\).*got 1.0"),
+        (dict(amount=-0.1), ValueError, r"amount must be a float in \[0, 1\)"),
+        (dict(amount=-1), ValueError, r"amount must be an int >= 0.*got -1"),
+        (dict(amount=PRUNABLE + 1), ValueError, rf"amount {PRUNABLE + 1} exceeds the {PRUNABLE} prunable weights"),
+        (dict(amount=37, scope="layer"), ValueError, r"amount 37 exceeds the 36 weights ticket 0 .* layer '0'"),
+        (dict(amount=True), TypeError, r"amount must be an int count or a float fraction, got bool"),
+        (dict(amount="10"), TypeError, r"amount must be an int count or a float fraction, got str"),
+        (dict(amount=1, scope="ticket"), ValueError, r"unknown scope 'ticket'"),
+        (dict(amount=1, granularity="row"), ValueError, r"unknown granularity 'row'"),
+        (
+            dict(amount=1, granularity=("block", 4)),
+            ValueError,
+            r"granularity \('block', 4\) must be \(\"block\", bn, bk\)",
+        ),
+        (dict(amount=1, granularity=("vector", 0)), ValueError, r"must be \(\"vector\", v\) with positive int"),
+        (dict(amount=1, granularity=("tile", 2, 2)), ValueError, r"unknown granularity \('tile', 2, 2\)"),
+        (dict(amount=1, tickets=[0, 3]), ValueError, r"ticket 3 in tickets is outside \[0, 3\)"),
+        (dict(amount=1, tickets=-1), ValueError, r"ticket -1 in tickets is outside"),
+        (dict(amount=1, tickets=[0.5]), TypeError, r"tickets must hold ints, got 0.5"),
+        (dict(amount=1, importance=[1]), TypeError, r"importance must be a dict"),
+        (dict(amount=1, filter_fn=3), TypeError, r"filter_fn must be callable"),
+        (dict(amount=1, filter_fn=lambda n, m: False), ValueError, r"no routed layers selected by filter_fn"),
+    ],
+)
 def test_errors(kwargs, error, match):
     model = _model(3)
     before = _masks(model)

@@ -4,6 +4,7 @@ Oracles are independent: Python dict look-ups for label routing, float64 brute-f
 centroid, per-group loops for partition means, and per-sample loops over hand-built score tensors for the
 all-tickets rules.
 """
+
 import io
 
 import pytest
@@ -30,7 +31,7 @@ def random_partition(sizes, seed):
     perm = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
     groups, start = [], 0
     for size in sizes:
-        groups.append(perm[start:start + size])
+        groups.append(perm[start : start + size])
         start += size
     return groups
 
@@ -46,6 +47,7 @@ def save_load(state):
 # --------------------------------------------------------------------------------------------------------------
 # LabelRouter
 # --------------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("form", ["dict", "sequence", "tensor", "partition", "partition_tensors", "partition_sets"])
 def test_label_router_mapping_forms(form):
@@ -108,11 +110,14 @@ def test_label_router_keeps_device_and_int32_labels():
     assert router(torch.empty(0, dtype=torch.int64)).shape == (0,)
 
 
-@pytest.mark.parametrize("labels, first", [
-    ([0, 7, 9], 7),       # past the end of the table
-    ([1, -2, 8], -2),     # negative
-    ([2, 3, 5, 3], 3),    # a hole inside the table (label 3 is not mapped)
-])
+@pytest.mark.parametrize(
+    "labels, first",
+    [
+        ([0, 7, 9], 7),  # past the end of the table
+        ([1, -2, 8], -2),  # negative
+        ([2, 3, 5, 3], 3),  # a hole inside the table (label 3 is not mapped)
+    ],
+)
 def test_label_router_unknown_labels(labels, first):
     router = LabelRouter({0: 0, 1: 1, 2: 0, 4: 1, 5: 0})
     with pytest.raises(ValueError, match=rf"label {first} has no ticket"):
@@ -124,34 +129,40 @@ def test_label_router_unknown_label_with_empty_table():
         LabelRouter([[]])(torch.tensor([0]))
 
 
-@pytest.mark.parametrize("mapping, kwargs, exc, match", [
-    ([[0, 1], [2, 1]], {}, ValueError, r"label 1 is in two groups \(tickets 0 and 1\)"),
-    ({0: 0, 1: 3}, {"num_tickets": 3}, ValueError, r"label 1 to ticket 3, outside \[0, 3\)"),
-    ({0: -1, 1: 0}, {}, ValueError, r"label 0 to ticket -1, outside"),
-    ({-1: 0}, {}, ValueError, "labels must be non-negative, got -1"),
-    ([[0], [-3]], {}, ValueError, "labels must be non-negative, got -3"),
-    ({0.5: 0}, {}, TypeError, "labels must be ints, got 0.5"),
-    ({True: 0}, {}, TypeError, "labels must be ints, got True"),
-    ([0, 1.0], {}, TypeError, "tickets must be ints, got 1.0"),
-    ([[0, 1], 2], {}, TypeError, "mapping mixes groups"),
-    ({}, {}, ValueError, "mapping is empty"),
-    ([], {}, ValueError, "mapping is empty"),
-    ("abc", {}, TypeError, "mapping must be a dict"),
-    (torch.tensor([0.0, 1.0]), {}, TypeError, "mapping as a tensor must be 1-D integer"),
-    ([0, 1], {"num_tickets": 0}, ValueError, "num_tickets must be a positive int, got 0"),
-])
+@pytest.mark.parametrize(
+    "mapping, kwargs, exc, match",
+    [
+        ([[0, 1], [2, 1]], {}, ValueError, r"label 1 is in two groups \(tickets 0 and 1\)"),
+        ({0: 0, 1: 3}, {"num_tickets": 3}, ValueError, r"label 1 to ticket 3, outside \[0, 3\)"),
+        ({0: -1, 1: 0}, {}, ValueError, r"label 0 to ticket -1, outside"),
+        ({-1: 0}, {}, ValueError, "labels must be non-negative, got -1"),
+        ([[0], [-3]], {}, ValueError, "labels must be non-negative, got -3"),
+        ({0.5: 0}, {}, TypeError, "labels must be ints, got 0.5"),
+        ({True: 0}, {}, TypeError, "labels must be ints, got True"),
+        ([0, 1.0], {}, TypeError, "tickets must be ints, got 1.0"),
+        ([[0, 1], 2], {}, TypeError, "mapping mixes groups"),
+        ({}, {}, ValueError, "mapping is empty"),
+        ([], {}, ValueError, "mapping is empty"),
+        ("abc", {}, TypeError, "mapping must be a dict"),
+        (torch.tensor([0.0, 1.0]), {}, TypeError, "mapping as a tensor must be 1-D integer"),
+        ([0, 1], {"num_tickets": 0}, ValueError, "num_tickets must be a positive int, got 0"),
+    ],
+)
 def test_label_router_bad_mapping(mapping, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         LabelRouter(mapping, **kwargs)
 
 
-@pytest.mark.parametrize("labels, exc, match", [
-    (torch.tensor([0.0, 1.0]), TypeError, "labels must have an integer dtype, got torch.float32"),
-    (torch.tensor([True, False]), TypeError, "labels must have an integer dtype, got torch.bool"),
-    (torch.tensor([[0, 1]]), ValueError, r"labels must be 1-D \(B,\), got shape \(1, 2\)"),
-    ([0, "a"], TypeError, "labels must hold ints, got 'a'"),
-    ("01", TypeError, "labels must be an integer tensor"),
-])
+@pytest.mark.parametrize(
+    "labels, exc, match",
+    [
+        (torch.tensor([0.0, 1.0]), TypeError, "labels must have an integer dtype, got torch.float32"),
+        (torch.tensor([True, False]), TypeError, "labels must have an integer dtype, got torch.bool"),
+        (torch.tensor([[0, 1]]), ValueError, r"labels must be 1-D \(B,\), got shape \(1, 2\)"),
+        ([0, "a"], TypeError, "labels must hold ints, got 'a'"),
+        ("01", TypeError, "labels must be an integer tensor"),
+    ],
+)
 def test_label_router_bad_labels(labels, exc, match):
     with pytest.raises(exc, match=match):
         LabelRouter.identity(3)(labels)
@@ -165,6 +176,7 @@ def test_label_router_identity_bad_num_classes():
 # --------------------------------------------------------------------------------------------------------------
 # EnvironmentRouter
 # --------------------------------------------------------------------------------------------------------------
+
 
 def test_environment_router_names_and_ids():
     router = EnvironmentRouter(["noise", "blur", "occlusion"])
@@ -182,26 +194,32 @@ def test_environment_router_names_and_ids():
     assert EnvironmentRouter(["only"])(["only"]).tolist() == [0]
 
 
-@pytest.mark.parametrize("ids, exc, match", [
-    (["noise", "rain"], ValueError, r"unknown environment 'rain'; known environments: \['noise', 'blur'\]"),
-    (torch.tensor([0, 2, 5]), ValueError, r"unknown environment id 2: ids must be in \[0, 2\)"),
-    ([1, -1], ValueError, "unknown environment id -1"),
-    ("noise", TypeError, "got the single name 'noise'; wrap it in a list"),
-    (["noise", 1], TypeError, "ids mixes names and non-names, e.g. 1"),
-    (torch.tensor([0.0]), TypeError, "ids must have an integer dtype"),
-    (torch.tensor([[0]]), ValueError, r"ids must be 1-D"),
-])
+@pytest.mark.parametrize(
+    "ids, exc, match",
+    [
+        (["noise", "rain"], ValueError, r"unknown environment 'rain'; known environments: \['noise', 'blur'\]"),
+        (torch.tensor([0, 2, 5]), ValueError, r"unknown environment id 2: ids must be in \[0, 2\)"),
+        ([1, -1], ValueError, "unknown environment id -1"),
+        ("noise", TypeError, "got the single name 'noise'; wrap it in a list"),
+        (["noise", 1], TypeError, "ids mixes names and non-names, e.g. 1"),
+        (torch.tensor([0.0]), TypeError, "ids must have an integer dtype"),
+        (torch.tensor([[0]]), ValueError, r"ids must be 1-D"),
+    ],
+)
 def test_environment_router_bad_ids(ids, exc, match):
     with pytest.raises(exc, match=match):
         EnvironmentRouter(["noise", "blur"])(ids)
 
 
-@pytest.mark.parametrize("environments, exc, match", [
-    (["a", "b", "a"], ValueError, r"environment 'a' is listed twice \(positions 0 and 2\)"),
-    ([], ValueError, "environments is empty"),
-    ("ab", TypeError, "environments must be a sequence of names, got str"),
-    (["a", 3], TypeError, "environment names must be str, got 3"),
-])
+@pytest.mark.parametrize(
+    "environments, exc, match",
+    [
+        (["a", "b", "a"], ValueError, r"environment 'a' is listed twice \(positions 0 and 2\)"),
+        ([], ValueError, "environments is empty"),
+        ("ab", TypeError, "environments must be a sequence of names, got str"),
+        (["a", 3], TypeError, "environment names must be str, got 3"),
+    ],
+)
 def test_environment_router_bad_environments(environments, exc, match):
     with pytest.raises(exc, match=match):
         EnvironmentRouter(environments)
@@ -210,6 +228,7 @@ def test_environment_router_bad_environments(environments, exc, match):
 # --------------------------------------------------------------------------------------------------------------
 # ClusterRouter
 # --------------------------------------------------------------------------------------------------------------
+
 
 def make_blobs(num_blobs, dim, per_blob, seed, spread=0.3):
     """Well-separated Gaussian blobs: centres 20 apart along distinct directions, small spread."""
@@ -269,8 +288,9 @@ def test_cluster_router_from_partition_centroids_are_group_means(dtype, sizes):
     for k, group in enumerate(groups):
         members = [i for i, c in enumerate(labels.tolist()) if c in group]
         expected = feats.double()[members].mean(dim=0)
-        torch.testing.assert_close(router.centroids[k].double(), expected, rtol=0, atol=1e-6 if dtype ==
-                                   torch.float32 else 1e-12)
+        torch.testing.assert_close(
+            router.centroids[k].double(), expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12
+        )
     # A LabelRouter is accepted as the partition too.
     again = ClusterRouter.from_partition(feats, labels.tolist(), LabelRouter(groups))
     assert torch.equal(again.centroids, router.centroids)
@@ -284,11 +304,14 @@ def test_cluster_router_from_partition_routes_groups_without_labels():
     assert torch.equal(router(feats), truth)
 
 
-@pytest.mark.parametrize("labels, partition, match", [
-    ([0, 1, 1, 0], [[0], [1], [2]], "ticket 2 has no sample"),
-    ([0, 1, 3, 0], [[0], [1]], "label 3 has no ticket"),
-    ([0, 1, 1], [[0], [1]], "labels has 3 entries but features has 4 rows"),
-])
+@pytest.mark.parametrize(
+    "labels, partition, match",
+    [
+        ([0, 1, 1, 0], [[0], [1], [2]], "ticket 2 has no sample"),
+        ([0, 1, 3, 0], [[0], [1]], "label 3 has no ticket"),
+        ([0, 1, 1], [[0], [1]], "labels has 3 entries but features has 4 rows"),
+    ],
+)
 def test_cluster_router_from_partition_errors(labels, partition, match):
     with pytest.raises(ValueError, match=match):
         ClusterRouter.from_partition(torch.randn(4, 2), labels, partition)
@@ -297,13 +320,15 @@ def test_cluster_router_from_partition_errors(labels, partition, match):
 def test_cluster_router_ties_go_to_lower_ticket():
     centroids = torch.tensor([[0.0, 0.0], [2.0, 0.0], [2.0, 0.0], [1.0, 5.0]])
     router = ClusterRouter(centroids)
-    feats = torch.tensor([
-        [1.0, 0.0],    # distance 1 to tickets 0, 1 and 2 -> 0
-        [2.0, 0.0],    # on tickets 1 and 2 (identical centroids) -> 1
-        [0.5, 2.5],    # 6.5 to tickets 0 and 3, 8.5 to 1 and 2 -> 0
-        [3.0, 0.0],    # 1 to tickets 1 and 2 -> 1
-        [1.0, 4.0],    # nearest is 3
-    ])
+    feats = torch.tensor(
+        [
+            [1.0, 0.0],  # distance 1 to tickets 0, 1 and 2 -> 0
+            [2.0, 0.0],  # on tickets 1 and 2 (identical centroids) -> 1
+            [0.5, 2.5],  # 6.5 to tickets 0 and 3, 8.5 to 1 and 2 -> 0
+            [3.0, 0.0],  # 1 to tickets 1 and 2 -> 1
+            [1.0, 4.0],  # nearest is 3
+        ]
+    )
     for dtype in (torch.float32, torch.float64):
         assert router(feats.to(dtype)).tolist() == [0, 1, 0, 1, 3]
 
@@ -347,24 +372,30 @@ def test_cluster_router_feature_fn_runs_without_grad():
     assert seen == [False]
 
 
-@pytest.mark.parametrize("features, exc, match", [
-    (torch.randn(4, 5), ValueError, "features have D = 5 features but the centroids have D = 3"),
-    (torch.randn(4, 3, 1), ValueError, r"features must be 2-D \(N, D\), got shape \(4, 3, 1\); flatten"),
-    (torch.randint(0, 3, (4, 3)), TypeError, "features must be a floating tensor"),
-    ([[0.0, 1.0, 2.0]], TypeError, "features must be a floating tensor"),
-    (torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]]), ValueError, "features row 1 holds NaN"),
-])
+@pytest.mark.parametrize(
+    "features, exc, match",
+    [
+        (torch.randn(4, 5), ValueError, "features have D = 5 features but the centroids have D = 3"),
+        (torch.randn(4, 3, 1), ValueError, r"features must be 2-D \(N, D\), got shape \(4, 3, 1\); flatten"),
+        (torch.randint(0, 3, (4, 3)), TypeError, "features must be a floating tensor"),
+        ([[0.0, 1.0, 2.0]], TypeError, "features must be a floating tensor"),
+        (torch.tensor([[0.0, 1.0, 2.0], [0.0, float("nan"), 1.0]]), ValueError, "features row 1 holds NaN"),
+    ],
+)
 def test_cluster_router_bad_features(features, exc, match):
     with pytest.raises(exc, match=match):
         ClusterRouter(torch.randn(2, 3))(features)
 
 
-@pytest.mark.parametrize("centroids, exc, match", [
-    (torch.randn(3), ValueError, r"centroids must have shape \(T, D\)"),
-    (torch.randn(0, 3), ValueError, r"centroids must have shape \(T, D\) with T, D >= 1, got \(0, 3\)"),
-    (torch.ones(2, 2, dtype=torch.int64), TypeError, "centroids must be a floating tensor"),
-    (torch.tensor([[float("inf")]]), ValueError, "centroids hold NaN or infinite values"),
-])
+@pytest.mark.parametrize(
+    "centroids, exc, match",
+    [
+        (torch.randn(3), ValueError, r"centroids must have shape \(T, D\)"),
+        (torch.randn(0, 3), ValueError, r"centroids must have shape \(T, D\) with T, D >= 1, got \(0, 3\)"),
+        (torch.ones(2, 2, dtype=torch.int64), TypeError, "centroids must be a floating tensor"),
+        (torch.tensor([[float("inf")]]), ValueError, "centroids hold NaN or infinite values"),
+    ],
+)
 def test_cluster_router_bad_centroids(centroids, exc, match):
     with pytest.raises(exc, match=match):
         ClusterRouter(centroids)
@@ -382,6 +413,7 @@ def test_cluster_router_fit_errors():
 # --------------------------------------------------------------------------------------------------------------
 # Saved state
 # --------------------------------------------------------------------------------------------------------------
+
 
 def test_state_dict_round_trip_label_router():
     router = LabelRouter(random_partition(TABLE5_SIZES, seed=3), num_tickets=9)
@@ -413,17 +445,28 @@ def test_state_dict_round_trip_cluster_router():
     assert torch.equal(with_fn(feats.view(-1, 2, 3)), router(feats))
 
 
-@pytest.mark.parametrize("router, state, exc, match", [
-    (LabelRouter([0, 1]), {"table": torch.tensor([0, 1])}, ValueError, r"expected keys \['num_tickets', 'table'\]"),
-    (LabelRouter([0, 1]), {"table": torch.tensor([0, 2]), "num_tickets": 2}, ValueError,
-     r"table holds tickets outside \[-1, 2\)"),
-    (LabelRouter([0, 1]), {"table": torch.tensor([0.0]), "num_tickets": 2}, ValueError,
-     "table must be a 1-D int64 tensor"),
-    (LabelRouter([0, 1]), [1, 2], TypeError, "state_dict must be a mapping, got list"),
-    (EnvironmentRouter(["a"]), {"environments": ["a", "a"]}, ValueError, "listed twice"),
-    (ClusterRouter(torch.ones(1, 1)), {"centroids": torch.ones(2)}, ValueError, "centroids must have shape"),
-    (ClusterRouter(torch.ones(1, 1)), {"centroids": torch.ones(2, 1), "x": 1}, ValueError, "expected keys"),
-])
+@pytest.mark.parametrize(
+    "router, state, exc, match",
+    [
+        (LabelRouter([0, 1]), {"table": torch.tensor([0, 1])}, ValueError, r"expected keys \['num_tickets', 'table'\]"),
+        (
+            LabelRouter([0, 1]),
+            {"table": torch.tensor([0, 2]), "num_tickets": 2},
+            ValueError,
+            r"table holds tickets outside \[-1, 2\)",
+        ),
+        (
+            LabelRouter([0, 1]),
+            {"table": torch.tensor([0.0]), "num_tickets": 2},
+            ValueError,
+            "table must be a 1-D int64 tensor",
+        ),
+        (LabelRouter([0, 1]), [1, 2], TypeError, "state_dict must be a mapping, got list"),
+        (EnvironmentRouter(["a"]), {"environments": ["a", "a"]}, ValueError, "listed twice"),
+        (ClusterRouter(torch.ones(1, 1)), {"centroids": torch.ones(2)}, ValueError, "centroids must have shape"),
+        (ClusterRouter(torch.ones(1, 1)), {"centroids": torch.ones(2, 1), "x": 1}, ValueError, "expected keys"),
+    ],
+)
 def test_load_state_dict_errors(router, state, exc, match):
     with pytest.raises(exc, match=match):
         router.load_state_dict(state)
@@ -437,6 +480,7 @@ def test_from_state_dict_rejects_unknown_arguments():
 # --------------------------------------------------------------------------------------------------------------
 # All-tickets evaluation
 # --------------------------------------------------------------------------------------------------------------
+
 
 class TableModel:
     """A fake routed model: x (B, 1) holds sample ids; output = scores[id, route] from a known (N, T, C) table.
@@ -479,9 +523,17 @@ def loop_predict(scores, combine, ticket_to_class=None):
     return preds
 
 
-@pytest.mark.parametrize("batch, num_tickets, num_classes, batch_size", [
-    (1, 1, 1, None), (7, 3, 5, None), (7, 3, 5, 3), (10, 4, 4, 10), (10, 4, 4, 11), (13, 2, 9, 1),
-])
+@pytest.mark.parametrize(
+    "batch, num_tickets, num_classes, batch_size",
+    [
+        (1, 1, 1, None),
+        (7, 3, 5, None),
+        (7, 3, 5, 3),
+        (10, 4, 4, 10),
+        (10, 4, 4, 11),
+        (13, 2, 9, 1),
+    ],
+)
 def test_all_tickets_scores_stack_every_ticket(batch, num_tickets, num_classes, batch_size):
     table = torch.randn(batch, num_tickets, num_classes, generator=torch.Generator().manual_seed(batch))
     model = TableModel(table)
@@ -503,11 +555,15 @@ def test_all_tickets_scores_empty_batch():
 
 def test_all_tickets_rules_disagree_on_a_hand_built_case():
     # One sample, T = 3 tickets, C = 4 classes. Ticket t's own class is t.
-    table = torch.tensor([[
-        [2.0, 0.0, 0.0, 0.0],    # own score 2.0; confidence 0.711
-        [2.9, 3.0, 0.0, 0.0],    # own score 3.0 (the highest); confidence 0.499
-        [-1.0, -1.0, 0.5, 2.6],  # own score 0.5; confidence 0.850 (most confident), its argmax is class 3
-    ]])                          # mean over tickets: [1.30, 0.67, 0.17, 0.87] -> class 0
+    table = torch.tensor(
+        [
+            [
+                [2.0, 0.0, 0.0, 0.0],  # own score 2.0; confidence 0.711
+                [2.9, 3.0, 0.0, 0.0],  # own score 3.0 (the highest); confidence 0.499
+                [-1.0, -1.0, 0.5, 2.6],  # own score 0.5; confidence 0.850 (most confident), its argmax is class 3
+            ]
+        ]
+    )  # mean over tickets: [1.30, 0.67, 0.17, 0.87] -> class 0
     model = TableModel(table)
     x = sample_ids(1)
     assert all_tickets_predict(model, x, 3, combine="own_logit").tolist() == [1]
@@ -550,17 +606,26 @@ def test_all_tickets_ties_go_to_lower_ticket_and_class():
         assert all_tickets_predict(model, sample_ids(1), 3, combine=combine).tolist() == [0]
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    ({"combine": "vote"}, ValueError,
-     r"combine must be one of \('own_logit', 'max_softmax', 'mean_logits'\), got 'vote'"),
-    ({"combine": "mean_logits", "ticket_to_class": [0, 1, 2]}, ValueError,
-     "ticket_to_class only applies to combine='own_logit'"),
-    ({"ticket_to_class": [0, 1]}, ValueError, "ticket_to_class must have num_tickets = 3 entries, got 2"),
-    ({"ticket_to_class": [0, 4, 1]}, ValueError, r"ticket_to_class holds class 4, outside \[0, 4\)"),
-    ({"ticket_to_class": [0, -1, 1]}, ValueError, "ticket_to_class holds class -1"),
-    ({"ticket_to_class": [0.0, 1.0, 2.0]}, TypeError, "ticket_to_class must hold ints"),
-    ({"batch_size": 0}, ValueError, "batch_size must be a positive int or None, got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (
+            {"combine": "vote"},
+            ValueError,
+            r"combine must be one of \('own_logit', 'max_softmax', 'mean_logits'\), got 'vote'",
+        ),
+        (
+            {"combine": "mean_logits", "ticket_to_class": [0, 1, 2]},
+            ValueError,
+            "ticket_to_class only applies to combine='own_logit'",
+        ),
+        ({"ticket_to_class": [0, 1]}, ValueError, "ticket_to_class must have num_tickets = 3 entries, got 2"),
+        ({"ticket_to_class": [0, 4, 1]}, ValueError, r"ticket_to_class holds class 4, outside \[0, 4\)"),
+        ({"ticket_to_class": [0, -1, 1]}, ValueError, "ticket_to_class holds class -1"),
+        ({"ticket_to_class": [0.0, 1.0, 2.0]}, TypeError, "ticket_to_class must hold ints"),
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive int or None, got 0"),
+    ],
+)
 def test_all_tickets_predict_bad_arguments(kwargs, exc, match):
     model = TableModel(torch.randn(2, 3, 4))
     with pytest.raises(exc, match=match):
@@ -573,16 +638,24 @@ def test_all_tickets_own_logit_needs_enough_classes():
         all_tickets_predict(model, sample_ids(2), 5)
 
 
-@pytest.mark.parametrize("model, x, num_tickets, exc, match", [
-    (lambda x, route: x[:, 0], torch.randn(3, 2), 2, ValueError,
-     r"must return logits \(B, C\) = \(3, C\) for ticket 0, got \(3,\)"),
-    (lambda x, route: x[:2], torch.randn(3, 2), 2, ValueError, r"for ticket 0, got \(2, 2\)"),
-    (lambda x, route: [x], torch.randn(3, 2), 2, ValueError, "got list"),
-    ("model", torch.randn(3, 2), 2, TypeError, "routed_model must be callable"),
-    (lambda x, route: x, [[1.0]], 2, TypeError, "x must be a tensor"),
-    (lambda x, route: x, torch.tensor(1.0), 2, ValueError, "x must have a batch dimension"),
-    (lambda x, route: x, torch.randn(3, 2), 0, ValueError, "num_tickets must be a positive int, got 0"),
-])
+@pytest.mark.parametrize(
+    "model, x, num_tickets, exc, match",
+    [
+        (
+            lambda x, route: x[:, 0],
+            torch.randn(3, 2),
+            2,
+            ValueError,
+            r"must return logits \(B, C\) = \(3, C\) for ticket 0, got \(3,\)",
+        ),
+        (lambda x, route: x[:2], torch.randn(3, 2), 2, ValueError, r"for ticket 0, got \(2, 2\)"),
+        (lambda x, route: [x], torch.randn(3, 2), 2, ValueError, "got list"),
+        ("model", torch.randn(3, 2), 2, TypeError, "routed_model must be callable"),
+        (lambda x, route: x, [[1.0]], 2, TypeError, "x must be a tensor"),
+        (lambda x, route: x, torch.tensor(1.0), 2, ValueError, "x must have a batch dimension"),
+        (lambda x, route: x, torch.randn(3, 2), 0, ValueError, "num_tickets must be a positive int, got 0"),
+    ],
+)
 def test_all_tickets_scores_bad_input(model, x, num_tickets, exc, match):
     with pytest.raises(exc, match=match):
         all_tickets_scores(model, x, num_tickets)
@@ -591,8 +664,12 @@ def test_all_tickets_scores_bad_input(model, x, num_tickets, exc, match):
 @pytest.mark.parametrize("num_tickets", [1, 3])
 def test_all_tickets_on_a_routed_model(num_tickets):
     torch.manual_seed(num_tickets)
-    model = torch.nn.Sequential(RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1), torch.nn.ReLU(),
-                                torch.nn.Flatten(), RoutedSparseLinear(4 * 8 * 8, 10, num_tickets))
+    model = torch.nn.Sequential(
+        RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        RoutedSparseLinear(4 * 8 * 8, 10, num_tickets),
+    )
     for _, layer in rtl.routed_modules(model):
         layer.weight_masks.copy_(torch.rand(layer.weight_masks.shape) > 0.4)
     routed = rtl.RoutedModel(model).eval()
@@ -602,5 +679,6 @@ def test_all_tickets_on_a_routed_model(num_tickets):
     for t in range(num_tickets):
         expected = routed(x, torch.full((5,), t, dtype=torch.int64)).detach()
         torch.testing.assert_close(scores[:, t], expected)
-    assert all_tickets_predict(routed, x, num_tickets, combine="mean_logits").tolist() == \
-        scores.mean(1).argmax(1).tolist()
+    assert (
+        all_tickets_predict(routed, x, num_tickets, combine="mean_logits").tolist() == scores.mean(1).argmax(1).tolist()
+    )

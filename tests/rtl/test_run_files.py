@@ -1,20 +1,31 @@
 """Every file `rtl run` and `rtl report` read, damaged: a clean one-line error (exit code 2) that says what to do,
 nothing overwritten; and one run per directory at a time."""
-import json
+
 import os
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 
 import pytest
 
 from rtl import cli
 from rtl.experiments import run_lock
 
-TINY = ["--set", "dense_epochs=1", "--set", "single_epochs=1", "--set", "ticket_steps=2", "--set", "retrain_epochs=1",
-        "--set", "prune_fraction=0.5", "--set", "batch_size=32", "--no-progress"]
+TINY = [
+    "--set",
+    "dense_epochs=1",
+    "--set",
+    "single_epochs=1",
+    "--set",
+    "ticket_steps=2",
+    "--set",
+    "retrain_epochs=1",
+    "--set",
+    "prune_fraction=0.5",
+    "--set",
+    "batch_size=32",
+    "--no-progress",
+]
 ARGS = ["digits-environments", "--quick", "--sparsities", "0.5"] + TINY
 
 
@@ -85,6 +96,7 @@ def test_truncated_imp_checkpoint_gets_a_clean_error(tmp_path, monkeypatch, caps
     def stop_after_one_round(self):
         def callback(imp, entry):
             raise KeyboardInterrupt
+
         self.callbacks = tuple(self.callbacks) + (callback,)
         return real_run(self)
 

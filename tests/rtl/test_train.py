@@ -1,4 +1,5 @@
 """Tests of rtl.train: Alg. 2's balanced cyclic order, sequential and mixed joint retraining, resume, DDP."""
+
 import importlib.util
 import math
 import os
@@ -20,15 +21,22 @@ from rtl.train import StepInfo, TrainResult, balanced_cyclic_batches, train_mixe
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def make_model(num_tickets: int, seed: int = 0, bn: bool = False, dropout: float = 0.0,
-               density: float = 0.7) -> nn.Module:
+def make_model(
+    num_tickets: int, seed: int = 0, bn: bool = False, dropout: float = 0.0, density: float = 0.7
+) -> nn.Module:
     """Routed conv -> (BN) -> ReLU -> (Dropout) -> routed linear -> dense linear; inputs (B, 1, 5, 5), 3 classes."""
     torch.manual_seed(seed)
     layers = [RoutedSparseConv2d(1, 4, 3, num_tickets, padding=1)]
     if bn:
         layers.append(nn.BatchNorm2d(4))
-    layers += [nn.ReLU(), nn.Dropout(dropout), nn.Flatten(), RoutedSparseLinear(4 * 5 * 5, 6, num_tickets),
-               nn.ReLU(), nn.Linear(6, 3)]
+    layers += [
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Flatten(),
+        RoutedSparseLinear(4 * 5 * 5, 6, num_tickets),
+        nn.ReLU(),
+        nn.Linear(6, 3),
+    ]
     model = nn.Sequential(*layers)
     gen = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
@@ -61,9 +69,17 @@ def assert_states_equal(a, b):
 # -- balanced cyclic batches -----------------------------------------------------------------------------------
 def test_balanced_cyclic_order_hand_sized():
     got = list(balanced_cyclic_batches([["a0", "a1", "a2"], ["b0"], ["c0", "c1"]]))
-    assert got == [(0, 0, "a0"), (0, 1, "b0"), (0, 2, "c0"),
-                   (1, 0, "a1"), (1, 1, "b0"), (1, 2, "c1"),
-                   (2, 0, "a2"), (2, 1, "b0"), (2, 2, "c0")]
+    assert got == [
+        (0, 0, "a0"),
+        (0, 1, "b0"),
+        (0, 2, "c0"),
+        (1, 0, "a1"),
+        (1, 1, "b0"),
+        (1, 2, "c1"),
+        (2, 0, "a2"),
+        (2, 1, "b0"),
+        (2, 2, "c0"),
+    ]
 
 
 @pytest.mark.parametrize("sizes", [(1,), (4,), (3, 1, 2), (2, 5), (0, 3, 1), (7, 7, 7), (1, 0, 0, 5), (0, 0)])
@@ -85,7 +101,7 @@ def test_balanced_cyclic_reiterates_dataloaders():
     short = [b for _, k, b in got if k == 1]
     # Cycles of the short subset: each full pass (2 batches) holds all of its 3 samples once.
     for start in (0, 2):
-        assert sorted(torch.cat(short[start:start + 2]).tolist()) == [100, 101, 102]
+        assert sorted(torch.cat(short[start : start + 2]).tolist()) == [100, 101, 102]
     assert sorted(torch.cat([b for _, k, b in got if k == 0]).tolist()) == list(range(10))
 
 
@@ -135,9 +151,9 @@ def test_pruned_weights_never_move_and_ticket_a_only_weights_move_on_b_steps():
     with torch.no_grad():
         for _, layer in routed_modules(model):
             u = torch.rand(layer.weight.shape, generator=gen)
-            layer.weight_masks[0] = u >= 0.5           # ticket A
-            layer.weight_masks[1] = u >= 0.2           # ticket B: also keeps [0.2, 0.5)
-            layer.weight_masks[:, u < 0.2] = False     # pruned in both
+            layer.weight_masks[0] = u >= 0.5  # ticket A
+            layer.weight_masks[1] = u >= 0.2  # ticket B: also keeps [0.2, 0.5)
+            layer.weight_masks[:, u < 0.2] = False  # pruned in both
     layers = [layer for _, layer in routed_modules(model)]
     weights = [layer.weight.detach().clone() for layer in layers]
     initial = [w.clone() for w in weights]
@@ -166,10 +182,12 @@ def test_step_info_sequence():
     seen = []
     loaders = [make_batches(3, ticket=0), make_batches(1, ticket=1), make_batches(2, ticket=2)]
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    train_sequential(model, loaders, opt, nn.CrossEntropyLoss(), epochs=2, progress=False,
-                     callbacks=[lambda info: seen.append(info)])
+    train_sequential(
+        model, loaders, opt, nn.CrossEntropyLoss(), epochs=2, progress=False, callbacks=[lambda info: seen.append(info)]
+    )
     assert [(i.epoch, i.step, i.batch_index, i.ticket) for i in seen] == [
-        (e, 3 * m + k, m, k) for e in range(2) for m in range(3) for k in range(3)]
+        (e, 3 * m + k, m, k) for e in range(2) for m in range(3) for k in range(3)
+    ]
     assert [i.global_step for i in seen] == list(range(18))
     assert [i.last_in_epoch for i in seen] == ([False] * 8 + [True]) * 2
     assert all(torch.equal(i.route, torch.full((6,), i.ticket)) for i in seen)
@@ -198,8 +216,15 @@ def test_mixed_equals_sequential_with_one_ticket():
         if kind == "sequential":
             r = train_sequential(model, [batches], opt, nn.CrossEntropyLoss(), epochs=2, progress=False)
         else:
-            r = train_mixed(model, batches, lambda x, y: torch.zeros(len(y), dtype=torch.int64), opt,
-                            nn.CrossEntropyLoss(), epochs=2, progress=False)
+            r = train_mixed(
+                model,
+                batches,
+                lambda x, y: torch.zeros(len(y), dtype=torch.int64),
+                opt,
+                nn.CrossEntropyLoss(),
+                epochs=2,
+                progress=False,
+            )
         results.append(r)
         states.append(state_of(model))
     assert_states_equal(*states)
@@ -211,8 +236,7 @@ def test_mixed_moves_only_tickets_in_batch_and_reports_per_ticket_losses():
     before = state_of(model)
     batches = [(x, y, torch.tensor([0, 2, 2, 0, 0, 2])) for x, y in make_batches(3)]
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    result = train_mixed(model, batches, None, opt, nn.CrossEntropyLoss(reduction="none"), epochs=2,
-                         progress=False)
+    result = train_mixed(model, batches, None, opt, nn.CrossEntropyLoss(reduction="none"), epochs=2, progress=False)
     for name, layer in routed_modules(model):
         allowed = layer.weight_masks[0] | layer.weight_masks[2]
         assert torch.equal(layer.weight[~allowed], before[name + ".weight"][~allowed])
@@ -233,8 +257,9 @@ def test_loss_gets_route_or_ticket_by_keyword():
     def one_vs_rest(logits, y, route):
         # A detector per ticket: the ticket's logit against "label == ticket".
         got_routes.append(route.clone())
-        return F.binary_cross_entropy_with_logits(logits.gather(1, route[:, None]).squeeze(1),
-                                                  (y == route).double().float())
+        return F.binary_cross_entropy_with_logits(
+            logits.gather(1, route[:, None]).squeeze(1), (y == route).double().float()
+        )
 
     class TicketLoss(nn.Module):
         def forward(self, logits, y, ticket):
@@ -266,8 +291,15 @@ def test_batchnorm_shared_or_frozen_and_modes_restored(freeze_bn):
     seen_modes = []
     loaders = [make_batches(2, ticket=0), make_batches(1, ticket=1)]
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    train_sequential(model, loaders, opt, nn.CrossEntropyLoss(), progress=False, freeze_bn=freeze_bn,
-                     callbacks=[lambda info: seen_modes.append((model.training, bn.training))])
+    train_sequential(
+        model,
+        loaders,
+        opt,
+        nn.CrossEntropyLoss(),
+        progress=False,
+        freeze_bn=freeze_bn,
+        callbacks=[lambda info: seen_modes.append((model.training, bn.training))],
+    )
     assert seen_modes == [(True, not freeze_bn)] * 4
     assert torch.equal(bn.running_mean, mean_before) == freeze_bn
     assert not model.training and not bn.training  # the modes the model came in with
@@ -288,8 +320,7 @@ def test_routed_model_and_plain_model_train_alike():
 def test_optimizer_wrapper_ownership():
     model = make_model(2)
     loaders = [make_batches(1, ticket=0), make_batches(1, ticket=1)]
-    train_sequential(model, loaders, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
-                     progress=False)
+    train_sequential(model, loaders, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), progress=False)
     assert all(not layer._forward_hooks for _, layer in routed_modules(model))  # our wrapper is gone
     opt = TicketMaskedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
     train_sequential(model, loaders, opt, nn.CrossEntropyLoss(), progress=False)
@@ -320,8 +351,9 @@ def test_distributed_sampler_told_the_epoch():
     set_epoch = sampler.set_epoch
     sampler.set_epoch = lambda e: (epochs_seen.append(e), set_epoch(e))
     loader = DataLoader(dataset, batch_size=4, sampler=sampler)
-    train_sequential(model, [loader], torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
-                     epochs=3, progress=False)
+    train_sequential(
+        model, [loader], torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), epochs=3, progress=False
+    )
     assert epochs_seen == [0, 1, 2]
 
 
@@ -336,20 +368,29 @@ class Stream(torch.utils.data.IterableDataset):
 def test_mixed_over_an_iterable_without_len():
     model = make_model(2)
     seen = []
-    result = train_mixed(model, DataLoader(Stream(), batch_size=None), None,
-                         torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), epochs=2,
-                         progress=True, callbacks=[seen.append])
+    result = train_mixed(
+        model,
+        DataLoader(Stream(), batch_size=None),
+        None,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.CrossEntropyLoss(),
+        epochs=2,
+        progress=True,
+        callbacks=[seen.append],
+    )
     assert result.steps == 6 and len(result.epoch_losses) == 2
     assert [(i.epoch, i.step, i.batch_index, i.ticket) for i in seen] == [
-        (e, m, m, None) for e in range(2) for m in range(3)]
+        (e, m, m, None) for e in range(2) for m in range(3)
+    ]
     assert not any(i.last_in_epoch for i in seen)
 
 
 def test_progress_bar_and_device(capsys):
     model = make_model(2)
     loaders = [make_batches(1, ticket=0), make_batches(2, ticket=1)]
-    result = train_sequential(model, loaders, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
-                              progress=True, device="cpu")
+    result = train_sequential(
+        model, loaders, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), progress=True, device="cpu"
+    )
     assert result.steps == 4
 
 
@@ -378,8 +419,17 @@ def build_run(kind: str, model_seed: int):
         data = [DataLoader(NoisyDataset(k, n), batch_size=4, shuffle=True) for k, n in enumerate((12, 4, 8))]
     else:
         gen = torch.Generator().manual_seed(3)
-        data = DataLoader(list(zip(torch.randn(20, 1, 5, 5, generator=gen), torch.randint(0, 3, (20,), generator=gen),
-                                   torch.randint(0, 3, (20,), generator=gen))), batch_size=4, shuffle=True)
+        data = DataLoader(
+            list(
+                zip(
+                    torch.randn(20, 1, 5, 5, generator=gen),
+                    torch.randint(0, 3, (20,), generator=gen),
+                    torch.randint(0, 3, (20,), generator=gen),
+                )
+            ),
+            batch_size=4,
+            shuffle=True,
+        )
     torch.manual_seed(12)
     random.seed(12)
     return model, opt, data
@@ -395,8 +445,9 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("kind,stop_at", [("sequential", None), ("sequential", 4), ("sequential", 16),
-                                          ("mixed", None), ("mixed", 7)])
+@pytest.mark.parametrize(
+    "kind,stop_at", [("sequential", None), ("sequential", 4), ("sequential", 16), ("mixed", None), ("mixed", 7)]
+)
 def test_resume_continues_identically(tmp_path, kind, stop_at):
     model, opt, data = build_run(kind, model_seed=0)
     reference = run_kind(kind, model, data, opt, epochs=2)
@@ -408,6 +459,7 @@ def test_resume_continues_identically(tmp_path, kind, stop_at):
         first = run_kind(kind, model, data, opt, epochs=1, checkpoint=path)
         assert first.epoch_losses == reference.epoch_losses[:1]
     else:
+
         def stop(info):
             if info.global_step == stop_at:
                 raise Interrupt
@@ -450,9 +502,14 @@ def test_checkpoint_errors(tmp_path):
         run_kind("mixed", model, mixed_data, opt, epochs=2, checkpoint=path)
     two = make_model(2)
     with pytest.raises(ValueError, match="has 3 tickets, the model has 2"):
-        train_sequential(two, [make_batches(1, ticket=0), make_batches(1, ticket=1)],
-                         torch.optim.SGD(two.parameters(), lr=0.1), nn.CrossEntropyLoss(), checkpoint=path,
-                         progress=False)
+        train_sequential(
+            two,
+            [make_batches(1, ticket=0), make_batches(1, ticket=1)],
+            torch.optim.SGD(two.parameters(), lr=0.1),
+            nn.CrossEntropyLoss(),
+            checkpoint=path,
+            progress=False,
+        )
     junk = str(tmp_path / "junk.pt")
     torch.save({"hello": 1}, junk)
     with pytest.raises(ValueError, match="is not an rtl.train checkpoint"):
@@ -522,8 +579,15 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path):
     worker = os.path.join(HERE, "_ddp_worker.py")
     init_file = str(tmp_path / "init")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    procs = [subprocess.Popen([sys.executable, worker, str(rank), "2", init_file, str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for rank in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(rank), "2", init_file, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for rank in range(2)
+    ]
     try:
         outputs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
     finally:

@@ -1,4 +1,5 @@
 """compile_block_csr: the GPU block-CSR layout, checked against a per-block Python oracle on small masks."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,14 @@ DEVICES = [
 ]
 
 # (T, N, K, block_n, block_k): edge blocks in one or both dims, exact multiples, 1x1 weights, 1-row blocks.
-SHAPES = [(3, 19, 23, 16, 16), (2, 70, 90, 64, 64), (1, 5, 7, 4, 4), (4, 64, 128, 32, 64), (2, 1, 1, 16, 16),
-          (2, 9, 33, 1, 8)]
+SHAPES = [
+    (3, 19, 23, 16, 16),
+    (2, 70, 90, 64, 64),
+    (1, 5, 7, 4, 4),
+    (4, 64, 128, 32, 64),
+    (2, 1, 1, 16, 16),
+    (2, 9, 33, 1, 8),
+]
 DENSITIES = [0.0, 0.1, 0.5, 0.9, 1.0, "blocks"]
 
 
@@ -44,7 +51,7 @@ def _oracle(masks, bn, bk):
     for t in range(T):
         for nb in range(-(-N // bn)):
             for kb in range(-(-K // bk)):
-                tile = masks[t, nb * bn:(nb + 1) * bn, kb * bk:(kb + 1) * bk]
+                tile = masks[t, nb * bn : (nb + 1) * bn, kb * bk : (kb + 1) * bk]
                 if bool(tile.any()):
                     blocks[(t, nb, kb)] = bool(tile.all())
     return blocks

@@ -3,6 +3,7 @@
 The oracle runs F.conv2d / F.conv_transpose2d image by image with that image's masked weight, in float64, and
 takes its gradients with autograd: independent of every backend.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,9 @@ def oracle(x, weight, masks, route, bias, transposed=False, **geometry):
     return torch.cat(outs), (xd, wd, bd)
 
 
-def run_case(backend, batch, c, o, h, w, k, tickets, density, groups=1, transposed=False, route_kind="random",
-             seed=0, **geometry):
+def run_case(
+    backend, batch, c, o, h, w, k, tickets, density, groups=1, transposed=False, route_kind="random", seed=0, **geometry
+):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, c, h, w, generator=gen, requires_grad=True)
     wshape = (c, o // groups, *k) if transposed else (o, c // groups, *k)
@@ -192,8 +194,9 @@ def test_padding_same_and_valid():
     route = torch.tensor([1, 0, 1])
     for padding in ("same", "valid"):
         y = rk.routed_masked_conv2d(x, weight, masks, route, padding=padding, dilation=(1, 2))
-        ref = torch.cat([F.conv2d(x[i : i + 1], weight * masks[route[i]], padding=padding, dilation=(1, 2))
-                         for i in range(3)])
+        ref = torch.cat(
+            [F.conv2d(x[i : i + 1], weight * masks[route[i]], padding=padding, dilation=(1, 2)) for i in range(3)]
+        )
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -223,8 +226,10 @@ def test_gradcheck_float64():
             lambda a, ww, bb: rk.routed_masked_conv2d(a, ww, m, r, bb, stride=(2, 1), padding=1, groups=2), (x, w, b)
         )
         assert torch.autograd.gradcheck(
-            lambda a, ww, bb: rk.routed_masked_conv_transpose2d(a, ww, mt, r, bb, stride=(1, 2), padding=1,
-                                                                output_padding=(0, 1), groups=2), (x, wt, b)
+            lambda a, ww, bb: rk.routed_masked_conv_transpose2d(
+                a, ww, mt, r, bb, stride=(1, 2), padding=1, output_padding=(0, 1), groups=2
+            ),
+            (x, wt, b),
         )
 
 
@@ -266,15 +271,23 @@ def test_torch_compile_fullgraph(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_batch(backend):
     with rk.set_backend(backend):
-        y = rk.routed_masked_conv2d(torch.randn(0, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.ones(2, 4, 3, 3, 3,
-                                    dtype=torch.bool), torch.zeros(0, dtype=torch.int64))
+        y = rk.routed_masked_conv2d(
+            torch.randn(0, 3, 5, 5),
+            torch.randn(4, 3, 3, 3),
+            torch.ones(2, 4, 3, 3, 3, dtype=torch.bool),
+            torch.zeros(0, dtype=torch.int64),
+        )
     assert y.shape == (0, 4, 3, 3)
 
 
 def _good():
     gen = torch.Generator().manual_seed(9)
-    return dict(x=torch.randn(3, 4, 6, 6, generator=gen), weight=torch.randn(6, 4, 3, 3, generator=gen),
-                masks=torch.rand(2, 6, 4, 3, 3, generator=gen) < 0.5, route=torch.tensor([0, 1, 1]))
+    return dict(
+        x=torch.randn(3, 4, 6, 6, generator=gen),
+        weight=torch.randn(6, 4, 3, 3, generator=gen),
+        masks=torch.rand(2, 6, 4, 3, 3, generator=gen) < 0.5,
+        route=torch.tensor([0, 1, 1]),
+    )
 
 
 @pytest.mark.parametrize(
@@ -284,7 +297,11 @@ def _good():
         (dict(route=torch.tensor([0.0, 1.0, 1.0])), TypeError, "route must be an integer tensor"),
         (dict(route=torch.tensor([0, 1])), ValueError, "route has 2 entries but x has 3 images"),
         (dict(weight=torch.randn(6, 4, 3)), ValueError, "weight must be 4-D"),
-        (dict(masks=torch.ones(2, 6, 4, 3, 2, dtype=torch.bool)), ValueError, r"masks must have shape \(T, 6, 4, 3, 3\)"),
+        (
+            dict(masks=torch.ones(2, 6, 4, 3, 2, dtype=torch.bool)),
+            ValueError,
+            r"masks must have shape \(T, 6, 4, 3, 3\)",
+        ),
         (dict(masks=torch.ones(2, 6, 4, 3, 3)), TypeError, "masks must be a bool tensor"),
         (dict(x=torch.randn(3, 5, 6, 6)), ValueError, "x has 5 channels but weight"),
         (dict(groups=3), ValueError, "x has 4 channels, not divisible by groups = 3"),

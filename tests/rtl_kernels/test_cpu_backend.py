@@ -1,5 +1,6 @@
 """The cpu backend's own interfaces: the path policy (pure functions and the per-thread override), mask classes,
 the trace, the masked-weight cache, and the direct sparse conv ops given malformed indices."""
+
 import threading
 
 import pytest
@@ -99,7 +100,7 @@ def test_conv_index_entries_match_the_masks():
     for t in (0, 2):
         for o in range(6):
             row = t * 6 + o
-            kept = index.csr_idx[index.csr_ptr[row]: index.csr_ptr[row + 1]].tolist()
+            kept = index.csr_idx[index.csr_ptr[row] : index.csr_ptr[row + 1]].tolist()
             assert kept == masks[t, o].reshape(-1).nonzero().flatten().tolist()
     assert index.csr_ptr[6] == index.csr_ptr[12]  # ticket 1 has no entries
     # the input-gradient index: every kept weight once, under its input channel and stride phase
@@ -112,13 +113,19 @@ def test_conv_index_entries_match_the_masks():
         for p in range(4):
             for ch in range(c):
                 row = (t * 4 + p) * c + ch
-                for v in entries[ptr[row]: ptr[row + 1]].tolist():
+                for v in entries[ptr[row] : ptr[row + 1]].tolist():
                     og, tap = divmod(v, 9)
                     o = (ch // cg) * og_n + og
                     assert phase[tap] == p and masks[t, o, ch % cg].reshape(-1)[tap]
                     seen.add((t, o, ch % cg, tap))
-    expected = {(t, o, cl, tap) for t in (0, 2) for o in range(6) for cl in range(cg) for tap in range(9)
-                if masks[t, o, cl].reshape(-1)[tap]}
+    expected = {
+        (t, o, cl, tap)
+        for t in (0, 2)
+        for o in range(6)
+        for cl in range(cg)
+        for tap in range(9)
+        if masks[t, o, cl].reshape(-1)[tap]
+    }
     assert seen == expected
 
 
@@ -191,14 +198,17 @@ def _conv_op_args():
 
 
 @needs_cpu_ext
-@pytest.mark.parametrize("damage, match", [
-    ("idx_high", "outside the kernel"),
-    ("idx_negative", "outside the kernel"),
-    ("ptr_decreasing", "row pointer"),
-    ("ptr_end", "row pointer"),
-    ("perm_outside", "outside the batch"),
-    ("offsets", "ticket offsets"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("idx_high", "outside the kernel"),
+        ("idx_negative", "outside the kernel"),
+        ("ptr_decreasing", "row pointer"),
+        ("ptr_end", "row pointer"),
+        ("perm_outside", "outside the batch"),
+        ("offsets", "ticket offsets"),
+    ],
+)
 def test_conv_op_refuses_a_malformed_index(damage, match):
     x, w, g, index, y = _conv_op_args()
     ptr, idx, perm, offsets = index.csr_ptr.clone(), index.csr_idx.clone(), g.perm.clone(), g.offsets.clone()
@@ -216,12 +226,14 @@ def test_conv_op_refuses_a_malformed_index(damage, match):
         offsets[1] = 7
     computed = torch.ones(2, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.rtl_kernels._cpu_conv2d_forward(x, w, None, perm, offsets, computed, ptr, idx, [1, 1], [1, 1],
-                                                  [1, 1], 1, y)
+        torch.ops.rtl_kernels._cpu_conv2d_forward(
+            x, w, None, perm, offsets, computed, ptr, idx, [1, 1], [1, 1], [1, 1], 1, y
+        )
     dw = torch.zeros_like(w)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.rtl_kernels._cpu_conv2d_grad_weight(y, x, perm, offsets, computed, ptr, idx, [1, 1], [1, 1],
-                                                      [1, 1], 1, dw)
+        torch.ops.rtl_kernels._cpu_conv2d_grad_weight(
+            y, x, perm, offsets, computed, ptr, idx, [1, 1], [1, 1], [1, 1], 1, dw
+        )
 
 
 @needs_cpu_ext
@@ -236,8 +248,9 @@ def test_conv_op_refuses_wrong_shapes():
     with pytest.raises(RuntimeError, match="bias"):
         torch.ops.rtl_kernels._cpu_conv2d_forward(x, w, torch.randn(4), *args, y)
     with pytest.raises(RuntimeError, match="row pointer"):
-        torch.ops.rtl_kernels._cpu_conv2d_forward(x, w, None, g.perm, g.offsets, computed, index.csr_ptr[:-1],
-                                                  index.csr_idx, [1, 1], [1, 1], [1, 1], 1, y)
+        torch.ops.rtl_kernels._cpu_conv2d_forward(
+            x, w, None, g.perm, g.offsets, computed, index.csr_ptr[:-1], index.csr_idx, [1, 1], [1, 1], [1, 1], 1, y
+        )
 
 
 @needs_cpu_ext
@@ -245,7 +258,8 @@ def test_conv_op_leaves_images_of_other_tickets_alone():
     x, w, g, index, _ = _conv_op_args()
     y = torch.full((4, 5, 6, 6), 7.0)
     computed = torch.tensor([1, 0], dtype=torch.uint8)  # ticket 1 (images 1, 2) is someone else's
-    torch.ops.rtl_kernels._cpu_conv2d_forward(x, w, None, g.perm, g.offsets, computed, index.csr_ptr,
-                                              index.csr_idx, [1, 1], [1, 1], [1, 1], 1, y)
+    torch.ops.rtl_kernels._cpu_conv2d_forward(
+        x, w, None, g.perm, g.offsets, computed, index.csr_ptr, index.csr_idx, [1, 1], [1, 1], [1, 1], 1, y
+    )
     assert torch.equal(y[1:3], torch.full((2, 5, 6, 6), 7.0))
     assert not torch.equal(y[0], torch.full((5, 6, 6), 7.0))

@@ -9,6 +9,7 @@ dtype. dW must be exactly zero outside the union of the masks of the tickets pre
 the kernels write them. They skip without a GPU or without the built extension. The CPU tests check that the built
 extension registers the conv ops.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -101,8 +102,9 @@ def _ours(cfg, x, weight, masks, bias, route, grad_y):
     g = group_by_ticket(route, masks.shape[0])
     be = _cuda()
     y = be.conv2d_forward(x, weight, masks, bias, g.perm, g.offsets, stride, padding, dilation, groups)
-    dx = be.conv2d_grad_input(grad_y, weight, masks, g.perm, g.offsets, tuple(x.shape), stride, padding, dilation,
-                              groups)
+    dx = be.conv2d_grad_input(
+        grad_y, weight, masks, g.perm, g.offsets, tuple(x.shape), stride, padding, dilation, groups
+    )
     dw = be.conv2d_grad_weight(grad_y, x, masks, g.perm, g.offsets, stride, padding, dilation, groups)
     return y, dx, dw
 
@@ -344,7 +346,16 @@ def test_conv_ops_reject_cpu_tensors_clearly():
     masks = torch.ones(1, 4, 3, 3, 3, dtype=torch.bool)
     with pytest.raises((RuntimeError, NotImplementedError)):
         torch.ops.rtl_kernels._cuda_conv2d_forward(
-            x, w, masks, None, torch.arange(2), torch.tensor([0, 2]), [1, 1], [1, 1], [1, 1], 1,
+            x,
+            w,
+            masks,
+            None,
+            torch.arange(2),
+            torch.tensor([0, 2]),
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            1,
             torch.empty(2, 4, 5, 5),
         )
 

@@ -7,6 +7,7 @@ that dtype), exact zeros of dW outside the masks of the tickets present, outputs
 them, split grad_weight determinism, CUDA-graph capture. They skip without a GPU or without the built extension.
 The CPU tests check that the built extension loads and registers its ops, and the backend's reasons.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -308,8 +309,12 @@ def test_public_op_forward_backward(dtype):
         y_ref = rtl_kernels.routed_masked_linear(refs[0], refs[1], masks, route, refs[2])
         y_ref.backward(gy.double())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for name, o, r in (("y", y, y_ref), ("dx", leaves[0].grad, refs[0].grad), ("dW", leaves[1].grad, refs[1].grad),
-                       ("db", leaves[2].grad, refs[2].grad)):
+    for name, o, r in (
+        ("y", y, y_ref),
+        ("dx", leaves[0].grad, refs[0].grad),
+        ("dW", leaves[1].grad, refs[1].grad),
+        ("db", leaves[2].grad, refs[2].grad),
+    ):
         assert o.dtype == dtype
         assert _max_err(o, r.detach()) <= tol * max(1.0, r.abs().max().item()), name
 
@@ -371,8 +376,18 @@ def test_ops_reject_cpu_tensors_clearly():
     z = torch.zeros(1, dtype=torch.int32)
     with pytest.raises((RuntimeError, NotImplementedError)):
         torch.ops.rtl_kernels._cuda_linear_forward(
-            x, torch.randn(5, 4), torch.ones(1, 5, 4, dtype=torch.bool), None, torch.arange(3),
-            torch.tensor([0, 3]), z, z, z.to(torch.int8), BLOCK_N, BLOCK_K, torch.empty(3, 5),
+            x,
+            torch.randn(5, 4),
+            torch.ones(1, 5, 4, dtype=torch.bool),
+            None,
+            torch.arange(3),
+            torch.tensor([0, 3]),
+            z,
+            z,
+            z.to(torch.int8),
+            BLOCK_N,
+            BLOCK_K,
+            torch.empty(3, 5),
         )
 
 

@@ -1,14 +1,13 @@
 """Input a hostile or careless caller can give: groupings that point outside the batch, strided and expanded
 tensors, backend choices from several threads. Nothing may crash the process or corrupt memory; every case gets a
 clear error or the right result."""
+
 import subprocess
 import sys
-import textwrap
 import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import rtl_kernels as rk
 from rtl_kernels import _extension
@@ -152,6 +151,7 @@ def test_native_linear_entry_points_refuse_bad_rows_and_indices():
 
 # -- strided and expanded tensors --------------------------------------------------------------------------------
 
+
 def _strided(t):
     """The same values in a non-contiguous view (every other element of a tensor twice as wide)."""
     wide = torch.empty(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype)
@@ -171,8 +171,9 @@ def test_linear_takes_any_strides(backend, arg):
         args["masks"] = masks[:1].expand(3, -1, -1)
         args["bias"] = b[:1].expand(b.shape[0])
         args["x"] = x[:1].expand(x.shape[0], -1)
-        ref_args = dict(args, masks=args["masks"].contiguous(), bias=args["bias"].contiguous(),
-                        x=args["x"].contiguous())
+        ref_args = dict(
+            args, masks=args["masks"].contiguous(), bias=args["bias"].contiguous(), x=args["x"].contiguous()
+        )
     else:
         args[arg] = _strided(args[arg])
     assert arg == "expanded" or not all(v.is_contiguous() for v in args.values())
@@ -201,9 +202,12 @@ def test_conv_takes_a_strided_bias_and_expanded_tensors(backend, density, transp
         got = op(x=x, weight=w, masks=masks[:1].expand_as(masks), route=_strided(route), bias=_strided(b))
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         wide = x[:1].expand_as(x)
-        torch.testing.assert_close(op(x=wide, weight=w, masks=masks, route=route, bias=b),
-                                   op(x=wide.contiguous(), weight=w, masks=masks, route=route, bias=b),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            op(x=wide, weight=w, masks=masks, route=route, bias=b),
+            op(x=wide.contiguous(), weight=w, masks=masks, route=route, bias=b),
+            rtol=0,
+            atol=0,
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -220,6 +224,7 @@ def test_gradients_with_strided_inputs(backend):
 
 
 # -- backend choice per thread ------------------------------------------------------------------------------------
+
 
 def test_backend_choice_belongs_to_the_thread_that_made_it():
     before = rk.get_backend()
@@ -255,8 +260,12 @@ def test_backend_choice_belongs_to_the_thread_that_made_it():
     for t in threads:
         t.join(20)
     assert not errors
-    assert seen == {"a_inside_after_b_entered": "reference", "a_after": before,
-                    "b_inside_after_a_exited": "cpu", "b_after": before}
+    assert seen == {
+        "a_inside_after_b_entered": "reference",
+        "a_after": before,
+        "b_inside_after_a_exited": "cpu",
+        "b_after": before,
+    }
     assert rk.get_backend() == before
 
 
@@ -308,6 +317,7 @@ def test_backward_runs_on_the_backend_of_its_forward():
 # Offsets into buffers are int64 in the native code (a ticket's packed images pass 2^31 floats at 64 channels of
 # 226x226 and 657 images); the index arrays hold positions within one weight row as int32, which their builders
 # check. A real case past 2^31 needs more than 17 GB, so only the helper is tested here.
+
 
 def test_index_builders_refuse_rows_past_int32():
     from rtl_kernels.formats import INT32_MAX, check_int32_columns

@@ -2,6 +2,7 @@
 
 The oracle is an independent float64 formula (every row with its own masked weight), not the reference backend.
 """
+
 import os
 import subprocess
 import sys
@@ -186,9 +187,7 @@ def test_opcheck(backend):
     with rk.set_backend(backend):
         torch.library.opcheck(torch.ops.rtl_kernels.routed_masked_linear, (x, w, masks, route, b))
         torch.library.opcheck(torch.ops.rtl_kernels.routed_masked_linear, (x, w, masks, route, None))
-        torch.library.opcheck(
-            torch.ops.rtl_kernels.routed_masked_linear, (x, w, masks, route, b, g.perm, g.offsets)
-        )
+        torch.library.opcheck(torch.ops.rtl_kernels.routed_masked_linear, (x, w, masks, route, b, g.perm, g.offsets))
         gy = torch.randn(20, 7)
         torch.library.opcheck(
             torch.ops.rtl_kernels.routed_masked_linear_grad_input, (gy, w.detach(), masks, route, g.perm, g.offsets)
@@ -296,13 +295,30 @@ def test_cpu_kernels_write_every_routed_row():
     layout = compile_cpu_layout(masks, sparse_max_density=1.1)
     y = torch.full((150, 70), float("nan"))
     torch.ops.rtl_kernels._cpu_linear_forward(
-        x, w, b, g.perm, g.offsets, torch.ones(3, dtype=torch.uint8), layout.csr_ptr, layout.csr_chunk_ptr, layout.csr_idx, y
+        x,
+        w,
+        b,
+        g.perm,
+        g.offsets,
+        torch.ones(3, dtype=torch.uint8),
+        layout.csr_ptr,
+        layout.csr_chunk_ptr,
+        layout.csr_idx,
+        y,
     )
     torch.testing.assert_close(y.double(), oracle(x, w, masks, route, b), **tol(torch.float32))
     dx = torch.full((150, 33), float("nan"))
     gy = torch.randn(150, 70)
     torch.ops.rtl_kernels._cpu_linear_grad_input(
-        gy, w, g.perm, g.offsets, torch.ones(3, dtype=torch.uint8), layout.csc_ptr, layout.csc_chunk_ptr, layout.csc_idx, dx
+        gy,
+        w,
+        g.perm,
+        g.offsets,
+        torch.ones(3, dtype=torch.uint8),
+        layout.csc_ptr,
+        layout.csc_chunk_ptr,
+        layout.csc_idx,
+        dx,
     )
     ref_dx = oracle_grads(x, w, masks, route, b, gy)[0]
     torch.testing.assert_close(dx.double(), ref_dx, **tol(torch.float32))
@@ -350,8 +366,8 @@ for rows in [1, 7, 8, 9, 16, 23, 33, 40, 57, 64, 71, 150]:
         check(dw, torch.einsum("bn,bk,bnk->nk", gy.double(), x.detach().double(), m[r].double()), rows ** 0.5)
 # The direct sparse conv on every ticket: plain, strided, grouped, depthwise, pointwise in place (4x4) and packed,
 # on maps whose grids end in partial tiles of every width.
-conv_cases = [(20, 16, (3, 3), 1, 1, 1), (20, 16, (3, 3), 2, 1, 1), (8, 12, (3, 3), 1, 1, 4), (12, 12, (5, 5), 2, 2, 12),
-              (12, 12, (3, 3), 1, 1, 12), (20, 16, (1, 1), 1, 0, 1)]
+conv_cases = [(20, 16, (3, 3), 1, 1, 1), (20, 16, (3, 3), 2, 1, 1), (8, 12, (3, 3), 1, 1, 4),
+              (12, 12, (5, 5), 2, 2, 12), (12, 12, (3, 3), 1, 1, 12), (20, 16, (1, 1), 1, 0, 1)]
 with policy.use_policy(conv_path="mixed", conv_sparse_max_density=1.01):
     for c, o, k, s, p, g in conv_cases:
         for hw in [(3, 3), (5, 7), (9, 9), (4, 4)]:
@@ -429,6 +445,7 @@ def test_a_misspelt_rtl_cpu_isa_makes_the_cpu_backend_fail_clearly():
 
 # -- bad input -------------------------------------------------------------------------------------------------
 
+
 def _good():
     return make_case(6, 4, 5, 3, 0.5, "random", seed=41)
 
@@ -504,6 +521,7 @@ def test_cpu_extension_was_built():
 
 
 # -- grouping --------------------------------------------------------------------------------------------------
+
 
 def test_group_by_ticket_is_a_stable_counting_sort():
     route = torch.tensor([2, 0, 2, 1, 0, 2, 4], dtype=torch.int32)

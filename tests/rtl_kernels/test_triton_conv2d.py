@@ -4,6 +4,7 @@ On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by 
 fp32/fp16, small shapes, a representative subset of geometries rather than a full product: the interpreter is
 slow); on a GPU the same tests run compiled (``-m gpu``), bf16 and larger shapes included.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -78,10 +79,12 @@ def _per_image(x, weight, masks, route, bias, grad_y, geometry):
     stride, padding, dilation, groups = geometry
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
     xs, w, b = leaves
-    y = torch.cat([
-        F.conv2d(xs[i:i + 1], w * masks[int(route[i])], b, stride, padding, dilation, groups)
-        for i in range(x.shape[0])
-    ])
+    y = torch.cat(
+        [
+            F.conv2d(xs[i : i + 1], w * masks[int(route[i])], b, stride, padding, dilation, groups)
+            for i in range(x.shape[0])
+        ]
+    )
     y.backward(grad_y)
     return (y.detach(),) + tuple(t.grad if t is not None else None for t in leaves)
 
@@ -105,8 +108,9 @@ def _backend_methods(x, weight, masks, route, bias, grad_y, geometry):
     perm, offsets = grouping.perm, grouping.offsets
     return (
         TRITON.conv2d_forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, groups),
-        TRITON.conv2d_grad_input(grad_y, weight, masks, perm, offsets, tuple(x.shape), stride, padding, dilation,
-                                 groups),
+        TRITON.conv2d_grad_input(
+            grad_y, weight, masks, perm, offsets, tuple(x.shape), stride, padding, dilation, groups
+        ),
         TRITON.conv2d_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, groups),
     )
 
@@ -122,9 +126,7 @@ def _assert_zero_outside_present(dw, masks, route, what="dW"):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "case", list(CASES) + [pytest.param(name, marks=_GPU_ONLY) for name in GPU_CASES]
-)
+@pytest.mark.parametrize("case", list(CASES) + [pytest.param(name, marks=_GPU_ONLY) for name in GPU_CASES])
 def test_backend_methods_match_per_image_conv_fp32(case, device):
     inputs, geometry = _make(case)
     x, weight, masks, route, bias, grad_y = inputs
@@ -147,8 +149,9 @@ def test_op_matches_per_image_conv_fp32(case, device):
     x, weight, masks, route, bias, grad_y = _to(inputs, device, torch.float32)
     leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
     with rtl_kernels.set_backend("triton"):
-        y = rtl_kernels.routed_masked_conv2d(leaves[0], leaves[1], masks, route, leaves[2], stride, padding,
-                                             dilation, groups)
+        y = rtl_kernels.routed_masked_conv2d(
+            leaves[0], leaves[1], masks, route, leaves[2], stride, padding, dilation, groups
+        )
         y.backward(grad_y)
     for name, o, r in zip(("y", "dx", "dW", "db"), (y.detach(),) + tuple(t.grad for t in leaves), ref):
         _assert_close_fp32(o, r, f"{case} {name}")
@@ -174,9 +177,7 @@ def test_conv_transpose2d_through_grad_input_kernel(device):
     masks = torch.rand(T, *weight.shape, generator=g) < 0.6
     route = torch.randint(0, T, (B,), generator=g)
     kwargs = dict(stride=2, padding=1, output_padding=1, groups=groups)
-    ref = torch.cat([
-        F.conv_transpose2d(x[i:i + 1], weight * masks[int(route[i])], **kwargs) for i in range(B)
-    ])
+    ref = torch.cat([F.conv_transpose2d(x[i : i + 1], weight * masks[int(route[i])], **kwargs) for i in range(B)])
     xd, wd, md, rd = _to((x, weight, masks, route), device, torch.float32)
     with rtl_kernels.set_backend("triton"):
         y = rtl_kernels.routed_masked_conv_transpose2d(xd, wd, md, rd, **kwargs)
@@ -246,8 +247,18 @@ def test_grad_weight_split_matches_reference(device):
     x, weight, masks, route, bias, grad_y = _to(inputs, device, torch.float32)
     grouping = rtl_kernels.group_by_ticket(route, masks.shape[0])
     for split in (1, 2, 5):
-        dw = conv2d_grad_weight(grad_y, x, masks, grouping.perm, grouping.offsets, *geometry,
-                                block_m=16, block_n=16, block_k=16, split=split)
+        dw = conv2d_grad_weight(
+            grad_y,
+            x,
+            masks,
+            grouping.perm,
+            grouping.offsets,
+            *geometry,
+            block_m=16,
+            block_n=16,
+            block_k=16,
+            split=split,
+        )
         _assert_close_fp32(dw, ref[2], f"dW split={split}")
 
 

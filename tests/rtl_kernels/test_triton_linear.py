@@ -3,6 +3,7 @@
 On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by tests/conftest.py without CUDA;
 fp32/fp16, small shapes); on a GPU the same tests run compiled (``-m gpu``), bf16 included.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -127,8 +128,9 @@ def test_backend_methods_match_reference_fp32(case, device):
         REFERENCE.linear_grad_input(grad_y, weight, masks, perm, offsets),
         REFERENCE.linear_grad_weight(grad_y, x, masks, perm, offsets),
     )
-    x, weight, masks, bias, grad_y, perm, offsets = _to((x, weight, masks, bias, grad_y, perm, offsets), device,
-                                                        torch.float32)
+    x, weight, masks, bias, grad_y, perm, offsets = _to(
+        (x, weight, masks, bias, grad_y, perm, offsets), device, torch.float32
+    )
     got = (
         TRITON.linear_forward(x, weight, masks, bias, perm, offsets),
         TRITON.linear_grad_input(grad_y, weight, masks, perm, offsets),

@@ -7,6 +7,7 @@ Run once per build, each build's ``rtl_kernels`` (with its compiled _C) under it
 It prints the build directory's name, the kernel ISA in use and one time per case. Builds were run in turn,
 several rounds, because this VM's speed drifts by up to 2x over minutes.
 """
+
 import os
 import time
 

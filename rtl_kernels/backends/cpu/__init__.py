@@ -8,6 +8,7 @@
 
 The mask layouts the kernels read are built in :mod:`rtl_kernels.formats` (``cpu_csr``, ``conv_index``).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ import torch
 
 from ... import _extension
 from ..base import Backend
-from . import conv, linear, policy
+from . import conv, linear, policy  # noqa: F401 (policy: the path thresholds, rtl_kernels.backends.cpu.policy)
 
 # RTL_CPU_ISA caps the instruction set the C++ kernels choose (the extension reads it once, when it first runs, and
 # would take a value it does not know as no cap): checked here, so that a misspelt cap fails instead.

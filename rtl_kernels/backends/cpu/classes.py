@@ -1,5 +1,6 @@
 """Mask classes: tickets whose masks are identical in a layer (all-ones masks before pruning, a layer no ticket
 pruned, tickets IMP left equal) compute the same function there, so the dense paths run each class once."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ class MaskClass:
     rows: int
 
 
-def present_classes(twin: Sequence[int], bounds: Sequence[int],
-                    skip: Optional[Sequence[bool]] = None) -> List[MaskClass]:
+def present_classes(
+    twin: Sequence[int], bounds: Sequence[int], skip: Optional[Sequence[bool]] = None
+) -> List[MaskClass]:
     """The classes of the tickets with rows in the batch, in order of their first ticket.
 
     Args:

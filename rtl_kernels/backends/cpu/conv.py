@@ -11,9 +11,10 @@ tickets, torch's convolution for the rest, chosen per call by :func:`policy.conv
 
 Shapes: x (B, C, H, W) in any memory format, weight (O, C / groups, kh, kw), masks (T, O, C / groups, kh, kw).
 """
+
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,14 +51,17 @@ class _Plan:
         twin = index.twin.tolist()
         classes = present_classes(twin, self.bounds)
         depthwise = index.masks_shape[2] == 1
-        self.path = _policy.conv_path(self.bounds[-1], out_pixels, weight_numel, groups, depthwise,
-                                      [density[c.ticket] for c in classes], pol)
+        self.path = _policy.conv_path(
+            self.bounds[-1], out_pixels, weight_numel, groups, depthwise, [density[c.ticket] for c in classes], pol
+        )
         indexed = index.indexed.tolist()
         sparse = [False] * len(density)
         if self.path == "mixed":
             small = _policy.small_conv(self.bounds[-1], out_pixels, weight_numel, pol)
-            sparse = [indexed[t] and _policy.conv_ticket_is_sparse(density[t], depthwise, small, pol)
-                      for t in range(len(density))]
+            sparse = [
+                indexed[t] and _policy.conv_ticket_is_sparse(density[t], depthwise, small, pol)
+                for t in range(len(density))
+            ]
             classes = present_classes(twin, self.bounds, skip=sparse)
         self.sparse = torch.tensor(sparse, dtype=torch.uint8)
         self.any_sparse = any(sparse)
@@ -67,8 +71,13 @@ class _Plan:
 
     def record(self, op: str, weight_shape) -> None:
         if trace.active():
-            trace.record(op=op, weight_shape=tuple(weight_shape), path=self.path, sparse_tickets=self.sparse_tickets,
-                         dense_classes=len(self.classes) if self.path != "image" else 0)
+            trace.record(
+                op=op,
+                weight_shape=tuple(weight_shape),
+                path=self.path,
+                sparse_tickets=self.sparse_tickets,
+                dense_classes=len(self.classes) if self.path != "image" else 0,
+            )
 
     def dense_classes(self, perm: Tensor):
         """(class, its images or None when it holds the batch) for the classes torch's convolution runs."""
@@ -108,12 +117,32 @@ def forward(x, weight, masks, bias, perm, offsets, stride, padding, dilation, gr
     dense = plan.dense_classes(perm)
     if len(dense) == 1 and dense[0][1] is None:  # one class holds the batch: one torch convolution
         cls = dense[0][0]
-        return F.conv2d(x, masked_weight(weight, masks, cls.ticket, plan.all_ones[cls.ticket]), bias, stride,
-                        padding, dilation, groups)
+        return F.conv2d(
+            x,
+            masked_weight(weight, masks, cls.ticket, plan.all_ones[cls.ticket]),
+            bias,
+            stride,
+            padding,
+            dilation,
+            groups,
+        )
     y = _empty_like_images(x, (x.shape[0], weight.shape[0], ho, wo))
     if plan.any_sparse:
-        torch.ops.rtl_kernels._cpu_conv2d_forward(x, weight, bias, perm, offsets, plan.sparse, index.csr_ptr,
-                                                  index.csr_idx, stride, padding, dilation, groups, y)
+        torch.ops.rtl_kernels._cpu_conv2d_forward(
+            x,
+            weight,
+            bias,
+            perm,
+            offsets,
+            plan.sparse,
+            index.csr_ptr,
+            index.csr_idx,
+            stride,
+            padding,
+            dilation,
+            groups,
+            y,
+        )
     for cls, rows in dense:
         w_t = masked_weight(weight, masks, cls.ticket, plan.all_ones[cls.ticket])
         y.index_copy_(0, rows, F.conv2d(x.index_select(0, rows), w_t, bias, stride, padding, dilation, groups))
@@ -129,22 +158,39 @@ def grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride, paddin
     dense = plan.dense_classes(perm)
     if len(dense) == 1 and dense[0][1] is None:
         cls = dense[0][0]
-        return torch.nn.grad.conv2d_input(tuple(input_shape),
-                                          masked_weight(weight, masks, cls.ticket, plan.all_ones[cls.ticket]),
-                                          grad_y, stride, padding, dilation, groups)
+        return torch.nn.grad.conv2d_input(
+            tuple(input_shape),
+            masked_weight(weight, masks, cls.ticket, plan.all_ones[cls.ticket]),
+            grad_y,
+            stride,
+            padding,
+            dilation,
+            groups,
+        )
     dx = grad_y.new_empty(tuple(input_shape))
     if plan.any_sparse:
         if _depthwise(masks):
             ptr, entries = index.csr_ptr, index.csr_idx
         else:
             ptr, entries = input_gradient_index(index, masks, groups, stride, dilation)
-        torch.ops.rtl_kernels._cpu_conv2d_grad_input(grad_y, weight, perm, offsets, plan.sparse, ptr, entries, stride,
-                                                     padding, dilation, groups, dx)
+        torch.ops.rtl_kernels._cpu_conv2d_grad_input(
+            grad_y, weight, perm, offsets, plan.sparse, ptr, entries, stride, padding, dilation, groups, dx
+        )
     for cls, rows in dense:
         w_t = masked_weight(weight, masks, cls.ticket, plan.all_ones[cls.ticket])
-        dx.index_copy_(0, rows, torch.nn.grad.conv2d_input((rows.shape[0],) + tuple(input_shape[1:]), w_t,
-                                                           grad_y.index_select(0, rows), stride, padding, dilation,
-                                                           groups))
+        dx.index_copy_(
+            0,
+            rows,
+            torch.nn.grad.conv2d_input(
+                (rows.shape[0],) + tuple(input_shape[1:]),
+                w_t,
+                grad_y.index_select(0, rows),
+                stride,
+                padding,
+                dilation,
+                groups,
+            ),
+        )
     return dx
 
 
@@ -157,8 +203,9 @@ def grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilation, grou
     shape = tuple(masks.shape[1:])
     dw = grad_y.new_zeros(shape)
     if plan.any_sparse:
-        torch.ops.rtl_kernels._cpu_conv2d_grad_weight(grad_y, x, perm, offsets, plan.sparse, index.csr_ptr,
-                                                      index.csr_idx, stride, padding, dilation, groups, dw)
+        torch.ops.rtl_kernels._cpu_conv2d_grad_weight(
+            grad_y, x, perm, offsets, plan.sparse, index.csr_ptr, index.csr_idx, stride, padding, dilation, groups, dw
+        )
     for cls, rows in plan.dense_classes(perm):
         x_t = x if rows is None else x.index_select(0, rows)
         dy_t = grad_y if rows is None else grad_y.index_select(0, rows)
@@ -212,8 +259,13 @@ def _image_grad_input(grad_y, weight, masks, perm, offsets, input_shape, stride,
         o, c = weight.shape[:2]
         return torch.bmm(w.view(b, o, c).transpose(1, 2), grad_y.reshape(b, o, -1)).view(input_shape)
     dx = torch.nn.grad.conv2d_input(
-        (1, b * input_shape[1], *input_shape[2:]), w, grad_y.reshape(1, -1, *grad_y.shape[2:]), stride, padding,
-        dilation, groups * b,
+        (1, b * input_shape[1], *input_shape[2:]),
+        w,
+        grad_y.reshape(1, -1, *grad_y.shape[2:]),
+        stride,
+        padding,
+        dilation,
+        groups * b,
     )
     return dx.view(input_shape)
 
@@ -230,8 +282,13 @@ def _image_grad_weight(grad_y, x, masks, perm, offsets, stride, padding, dilatio
         m2d = masks.reshape(masks.shape[0], o, c)
         return torch.where(m2d, per_ticket, torch.zeros((), dtype=per_ticket.dtype)).sum(0).view(shape)
     per_image = torch.nn.grad.conv2d_weight(
-        x.reshape(1, -1, *x.shape[2:]), (b * shape[0], *shape[1:]), grad_y.reshape(1, -1, *grad_y.shape[2:]),
-        stride, padding, dilation, groups * b,
+        x.reshape(1, -1, *x.shape[2:]),
+        (b * shape[0], *shape[1:]),
+        grad_y.reshape(1, -1, *grad_y.shape[2:]),
+        stride,
+        padding,
+        dilation,
+        groups * b,
     ).view(b, *shape)
     # each image's gradient masked by its own ticket (where: exact zeros even for inf/NaN), summed in batch order
     return torch.where(masks.index_select(0, route), per_image, torch.zeros((), dtype=per_image.dtype)).sum(0)

@@ -9,6 +9,7 @@ from its density and its rows:
 - dense: tickets with identical masks (a class) run as one GEMM on their gathered rows, with W itself when the
   mask keeps everything; a class holding the whole batch needs no gather.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,15 +45,21 @@ def choose_paths(layout: CpuLinearLayout, perm: Tensor, offsets: Tensor, op: str
     classes = present_classes(layout.twin.tolist(), bounds, skip=sparse)
     dense = [(c, class_rows(c, perm, bounds)) for c in classes]
     if trace.active():
-        trace.record(op=op, weight_shape=tuple(layout_shape(layout)), path="mixed",
-                     sparse_tickets=sum(1 for t, s in enumerate(sparse) if s and bounds[t + 1] > bounds[t]),
-                     dense_classes=len(dense))
+        trace.record(
+            op=op,
+            weight_shape=tuple(layout_shape(layout)),
+            path="mixed",
+            sparse_tickets=sum(1 for t, s in enumerate(sparse) if s and bounds[t + 1] > bounds[t]),
+            dense_classes=len(dense),
+        )
     return torch.tensor(sparse, dtype=torch.uint8), dense
 
 
 def layout_shape(layout: CpuLinearLayout):
     """(N, K) of the layer a layout indexes."""
-    return (layout.csr_ptr.shape[0] - 1) // layout.density.shape[0], (layout.csc_ptr.shape[0] - 1) // layout.density.shape[0]
+    return (layout.csr_ptr.shape[0] - 1) // layout.density.shape[0], (
+        layout.csc_ptr.shape[0] - 1
+    ) // layout.density.shape[0]
 
 
 def _rows_of(src: Tensor, rows: Tensor, name: str) -> Tensor:

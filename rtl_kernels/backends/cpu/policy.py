@@ -11,6 +11,7 @@ current thread (tests and benchmarks force a path this way)::
 Defaults come from measurements on 2-core AMD EPYC VMs (AVX2 and AVX-512), fp32; the measured figures are in
 ``bench/results`` (``conv2d_cpu_*.md``, ``linear_cpu_*.md``) and ``docs/cpu_backend.md``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,8 +81,12 @@ class CpuPolicy:
         """Tickets at or above this density never take a sparse kernel: layouts leave them out."""
         if self.linear_path == "sparse" or self.conv_path == "mixed":
             return 1.01
-        return max(self.linear_sparse_max_density, self.small_group_max_density, self.conv_sparse_max_density,
-                   self.small_conv_sparse_max_density)
+        return max(
+            self.linear_sparse_max_density,
+            self.small_group_max_density,
+            self.conv_sparse_max_density,
+            self.small_conv_sparse_max_density,
+        )
 
 
 _DEFAULT = CpuPolicy()
@@ -161,8 +166,15 @@ def conv_ticket_is_sparse(density: float, depthwise: bool, small: bool, policy: 
     return depthwise or density < limit
 
 
-def conv_path(batch: int, out_pixels: int, weight_numel: int, groups: int, depthwise: bool,
-              class_densities: Sequence[float], policy: CpuPolicy) -> str:
+def conv_path(
+    batch: int,
+    out_pixels: int,
+    weight_numel: int,
+    groups: int,
+    depthwise: bool,
+    class_densities: Sequence[float],
+    policy: CpuPolicy,
+) -> str:
     """The path of one routed conv call.
 
     Args:

@@ -7,6 +7,7 @@ Off by default, and then a call pays one thread-local lookup::
         model(x)
     calls[0]  # {'op': 'conv2d_forward', 'path': 'mixed', 'sparse_tickets': 8, 'dense_classes': 0, ...}
 """
+
 from __future__ import annotations
 
 import threading

@@ -5,6 +5,7 @@ A fresh multi-MB temporary per ticket and call (W * M_t, gathered rows, their pr
 page, and on a 2-core VM those faults cost more than the GEMMs they feed (``docs/cpu_backend.md``), so the dense
 paths write into buffers that each thread keeps between calls.
 """
+
 from __future__ import annotations
 
 import os
