@@ -10,8 +10,6 @@ stopped and ends with the same masks as an uninterrupted one.
 from __future__ import annotations
 
 import os
-import random
-import tempfile
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -33,6 +31,7 @@ from .prune import (
     _round_half_up,
     _ticket_scores,
 )
+from .state_io import atomic_save, rng_state, set_rng_state
 
 __all__ = ["IMP", "CheckpointError"]
 
@@ -83,44 +82,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return str(value)
-
-
-def _rng_state() -> Dict[str, Any]:
-    """torch (CPU and CUDA), numpy and Python ``random`` states as tensors and plain values."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": np_name,
-            "keys": torch.from_numpy(np_keys.astype(np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "cached_gaussian": float(np_gauss),
-        },
-        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            np_state["name"],
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _largest_remainder(planned: List[int], total: int) -> List[int]:
@@ -308,21 +269,9 @@ class IMP:
             "masks": {name: m.weight_masks.detach().cpu().clone() for name, m in self.layers},
             "log": self.log,
             "stopped": list(self.stopped),
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
-        # The temporary file sits in the target folder so os.replace is an atomic same-filesystem rename.
-        fd, tmp = tempfile.mkstemp(prefix=CHECKPOINT_NAME + ".", suffix=".tmp", dir=self.checkpoint_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.checkpoint_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        atomic_save(payload, self.checkpoint_path)
 
     def _load_checkpoint(self) -> bool:
         """Restore the state of the last finished round; False when there is no checkpoint. Checks come first."""
@@ -375,7 +324,7 @@ class IMP:
         self.round = payload["round"]
         self.log = payload["log"]
         self.stopped = list(payload["stopped"])
-        _set_rng_state(payload["rng"])
+        set_rng_state(payload["rng"])
         return True
 
     # -- the loop --------------------------------------------------------------------------------------------------

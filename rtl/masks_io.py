@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .state_io import atomic_save
 
 __all__ = ["MaskLoadResult", "load_masks", "load_masks_", "save_masks"]
 
@@ -140,20 +141,7 @@ def save_masks(model_or_masks, path: Union[str, os.PathLike], config: Optional[d
         },
         "config_json": config_json,
     }
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    # The temporary file lives in the target folder so os.replace is a same-filesystem rename (atomic on POSIX).
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_save(payload, os.fspath(path))
 
 
 def load_masks(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:

@@ -45,8 +45,6 @@ import inspect
 import itertools
 import math
 import os
-import random
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -59,6 +57,7 @@ from tqdm.auto import tqdm
 from .nn import check_route, routed_modules
 from .optim import TicketMaskedOptimizer
 from .routing import RoutedModel, model_num_tickets, use_route
+from .state_io import atomic_save, rng_state, set_rng_state
 
 __all__ = ["StepInfo", "TrainResult", "balanced_cyclic_batches", "train_mixed", "train_sequential"]
 
@@ -156,8 +155,8 @@ class _Batches:
             recorded_k, state = self._replay.pop(0)
             if recorded_k != k:
                 raise ValueError("the checkpoint's data order does not match these loaders (were they changed?)")
-            _set_rng_state(state)
-        self.records.append((k, _get_rng_state(cuda=False)))
+            set_rng_state(state)
+        self.records.append((k, rng_state(cuda=False)))
         sampler = getattr(self.loaders[k], "sampler", None)
         if callable(getattr(sampler, "set_epoch", None)):
             sampler.set_epoch(self.epoch)  # DistributedSampler reshuffles per epoch only when told the epoch
@@ -217,63 +216,6 @@ def _balanced_iter(loaders, lengths) -> Iterator[Tuple[int, int, Any]]:
 
 
 # -- RNG states and checkpoints ---------------------------------------------------------------------------------
-def _get_rng_state(cuda: bool = True) -> Dict[str, Any]:
-    """Every RNG a training step or a data loader may draw from, in a form ``torch.load(weights_only=True)`` reads."""
-    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional for rtl's training loop
-        pass
-    else:
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {
-            "name": name,
-            "keys": torch.from_numpy(keys.astype("int64")),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        }
-    if cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuples(state["python"]))
-    if "numpy" in state:
-        import numpy as np
-
-        s = state["numpy"]
-        np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuples(value):
-    """random.setstate wants tuples; a checkpoint round trip may hand back lists."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_tuples(v) for v in value)
-    return value
-
-
-def _save_atomic(payload: Dict[str, Any], path: str) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".rtl-train-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _distributed(model: nn.Module) -> bool:
     return (
         isinstance(model, nn.parallel.DistributedDataParallel)
@@ -463,7 +405,7 @@ class _Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save(self, epoch: int, position: int, records) -> None:
-        rng = _get_rng_state()
+        rng = rng_state()
         if self.distributed:
             gathered: List[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, (rng, records))
@@ -495,7 +437,7 @@ class _Trainer:
             "rng": [g[0] for g in gathered],
             "data_rng": [g[1] for g in gathered],
         }
-        _save_atomic(payload, self.checkpoint)
+        atomic_save(payload, self.checkpoint)
 
     def load(self) -> Optional[Dict[str, Any]]:
         """Restore model, optimizer and history from the checkpoint if it exists; returns its payload."""
@@ -579,7 +521,7 @@ class _Trainer:
             if resume["rng"] is not None:
                 rng, data_rng = resume["rng"][self.rank], resume["data_rng"][self.rank]
         if position == 0 and rng is not None:
-            _set_rng_state(rng)
+            set_rng_state(rng)
         source = _Batches(loaders, cycle=cycle, epoch=epoch, replay=data_rng if position else None)
         if order is not None:
             schedule: Iterable[Tuple[int, int]] = order
@@ -601,7 +543,7 @@ class _Trainer:
                 if step < position:
                     # Trained on before the interruption: drawn again only to replay the data order.
                     if step == position - 1 and rng is not None:
-                        _set_rng_state(rng)
+                        set_rng_state(rng)
                     continue
                 x, y, route, ticket = prepare(batch, k)
                 loss = self.step(x, y, route, ticket)

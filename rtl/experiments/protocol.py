@@ -36,6 +36,7 @@ from ..optim import TicketMaskedOptimizer
 from ..imp import CheckpointError
 from ..prune import IMP
 from ..routing import RoutedModel, use_route
+from ..state_io import atomic_json, atomic_save
 from .run_lock import RunLock
 from .tasks import Task, parse_granularity
 
@@ -56,19 +57,6 @@ def _seed_all(seed: int) -> torch.Generator:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -110,7 +98,7 @@ class StageStore:
                     f"{out_dir} already holds a run: pass --resume {out_dir} to continue it, or choose another --out"
                 )
             os.makedirs(self.dir, exist_ok=True)
-            _atomic_json(config, cfg_path)
+            atomic_json(config, cfg_path)
         os.makedirs(self.dir, exist_ok=True)
 
     def path(self, stage: str) -> str:
@@ -134,7 +122,7 @@ class StageStore:
         return blob["data"]
 
     def save(self, stage: str, data) -> None:
-        _atomic_save({"rtl_stage": stage, "version": STATE_VERSION, "data": data}, self.path(stage))
+        atomic_save({"rtl_stage": stage, "version": STATE_VERSION, "data": data}, self.path(stage))
 
 
 # -- training loops --------------------------------------------------------------------------------------------
@@ -475,7 +463,7 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
         store.save(name, data)
         if isinstance(data, dict) and "losses" in data:  # the training curve, readable without torch
             os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
-            _atomic_json(_jsonable(data["losses"]), os.path.join(out_dir, "logs", f"{name}_losses.json"))
+            atomic_json(_jsonable(data["losses"]), os.path.join(out_dir, "logs", f"{name}_losses.json"))
         log(f"[{name}] {time.perf_counter() - start:.1f} s")
         return data
 
@@ -533,7 +521,7 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
     rtl_masks = stage("rtl_masks", rtl_masks_stage)
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     for name, data in (("single_masks", single_masks), ("rtl_masks", rtl_masks)):
-        _atomic_json(_jsonable(data["log"]), os.path.join(out_dir, "logs", f"{name}_rounds.json"))
+        atomic_json(_jsonable(data["log"]), os.path.join(out_dir, "logs", f"{name}_rounds.json"))
     single_masks, rtl_masks = single_masks["masks"], rtl_masks["masks"]
 
     results: Dict = {"dense": dense["metrics"], "sparsities": {}}
@@ -610,7 +598,7 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
         "backend": backend or "auto",
         "backends": rtl_kernels.available_backends(),
     }
-    _atomic_json(_jsonable(results), os.path.join(out_dir, "metrics.json"))
+    atomic_json(_jsonable(results), os.path.join(out_dir, "metrics.json"))
     return results
 
 

@@ -10,6 +10,8 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
+from ..state_io import atomic_write
+
 __all__ = ["headline_metric", "write_report"]
 
 
@@ -167,10 +169,8 @@ def write_report(run_dir: str) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{title}]({name})" for name, title in plots]
     out = os.path.join(run_dir, "report.md")
-    tmp = out + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, out)
+    text = "\n".join(lines) + "\n"
+    atomic_write(out, lambda handle: handle.write(text), binary=False)
     return out
 
 
