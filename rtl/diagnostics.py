@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .masks_io import _collect_masks
+from .masks_io import collect_masks
 
 __all__ = [
     "CollapseMonitor",
@@ -134,7 +134,7 @@ def jaccard_matrix(model_or_masks, per_layer: bool = False) -> Union[Tensor, Dic
         tensor([[1.0000, 0.3333],
                 [0.3333, 1.0000]], dtype=torch.float64)
     """
-    counts = _all_counts(_collect_masks(model_or_masks))
+    counts = _all_counts(collect_masks(model_or_masks))
     if _check_flag(per_layer, "per_layer"):
         return {name: _jaccard(inter, sizes) for name, (inter, sizes, _) in counts.items()}
     inter, sizes, _ = _global_counts(counts)
@@ -186,7 +186,7 @@ def expected_random_jaccard(model_or_masks, per_layer: bool = False) -> Union[Te
         >>> expected_random_jaccard(masks)[0, 1]  # about 0.5 / 1.5
         tensor(0.3333, dtype=torch.float64)
     """
-    counts = _all_counts(_collect_masks(model_or_masks))
+    counts = _all_counts(collect_masks(model_or_masks))
     if _check_flag(per_layer, "per_layer"):
         return {name: _expected_jaccard({name: c}) for name, c in counts.items()}
     return _expected_jaccard(counts)
@@ -217,7 +217,7 @@ def chance_corrected_similarity(
         >>> chance_corrected_similarity(masks).abs().max() < 0.02  # independent masks: chance level
         tensor(True)
     """
-    counts = _all_counts(_collect_masks(model_or_masks))
+    counts = _all_counts(collect_masks(model_or_masks))
     _check_flag(per_layer, "per_layer")
     _check_flag(matrix, "matrix")
 
@@ -325,7 +325,7 @@ class CollapseMonitor:
         if last is not None and round < last:
             raise ValueError(f"round {round} comes before the last recorded round {last}: rounds must not go back")
 
-        counts = _all_counts(_collect_masks(model_or_masks))
+        counts = _all_counts(collect_masks(model_or_masks))
         inter, sizes, numel = _global_counts(counts)
         num_tickets = len(sizes)
         if self.num_tickets is not None and num_tickets != self.num_tickets:

@@ -21,15 +21,15 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .prune import (
     FilterFn,
-    _check_granularity,
-    _check_scope,
-    _check_tickets,
-    _block_shape,
-    _kept_counts,
-    _prunable_layers,
-    _prune_ticket_,
-    _round_half_up,
-    _ticket_scores,
+    check_granularity,
+    check_scope,
+    check_tickets,
+    block_shape,
+    kept_counts,
+    prunable_layers,
+    prune_ticket_,
+    round_half_up,
+    ticket_scores,
 )
 from .state_io import atomic_save, rng_state, set_rng_state
 
@@ -195,7 +195,7 @@ class IMP:
     ) -> None:
         if not callable(train_fn):
             raise TypeError(f"train_fn must be callable(model, ticket, round_idx), got {type(train_fn).__name__}")
-        self.layers = _prunable_layers(model, filter_fn)
+        self.layers = prunable_layers(model, filter_fn)
         if (
             isinstance(target_sparsity, bool)
             or not isinstance(target_sparsity, (int, float))
@@ -218,19 +218,19 @@ class IMP:
         self.train_fn = train_fn
         self.target_sparsity = float(target_sparsity)
         self.amount = amount
-        self.scope = _check_scope(scope)
-        self.granularity = _check_granularity(granularity)
+        self.scope = check_scope(scope)
+        self.granularity = check_granularity(granularity)
         self.num_tickets = self.layers[0][1].num_tickets
-        self.tickets = _check_tickets(tickets, self.num_tickets)
+        self.tickets = check_tickets(tickets, self.num_tickets)
         self.rewind = rewind
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.progress = progress
         self.callbacks = callbacks
         self.prunable = sum(m.weight.numel() for _, m in self.layers)
-        self.target_count = min(self.prunable, _round_half_up(self.target_sparsity * self.prunable))
+        self.target_count = min(self.prunable, round_half_up(self.target_sparsity * self.prunable))
         self._blocks = None
         if self.granularity[0] != "unstructured":
-            self._blocks = [_block_shape(tuple(m.weight.shape), self.granularity) for _, m in self.layers]
+            self._blocks = [block_shape(tuple(m.weight.shape), self.granularity) for _, m in self.layers]
         self.log: List[dict] = []
         self.round = 0
         self.theta0: Optional[Dict[str, Tensor]] = None
@@ -329,7 +329,7 @@ class IMP:
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def _removed_so_far(self) -> Dict[int, int]:
-        kept = sum(_kept_counts(m) for _, m in self.layers)
+        kept = sum(kept_counts(m) for _, m in self.layers)
         return {t: self.prunable - int(kept[t]) for t in self.tickets}
 
     def _active(self) -> List[int]:
@@ -344,12 +344,12 @@ class IMP:
             if isinstance(self.amount, int):
                 count = self.amount
             else:
-                count = max(1, _round_half_up(self.amount * sum(kept)))
+                count = max(1, round_half_up(self.amount * sum(kept)))
             return min(count, to_target)
         if isinstance(self.amount, int):
             planned = [min(self.amount, k) for k in kept]
         else:
-            planned = [_round_half_up(self.amount * k) for k in kept]
+            planned = [round_half_up(self.amount * k) for k in kept]
             if sum(planned) == 0:
                 # A fraction of tiny remainders rounds to nothing everywhere: take one weight from the fullest layer.
                 planned[max(range(len(kept)), key=lambda i: (kept[i], -i))] = 1
@@ -366,7 +366,7 @@ class IMP:
         start = max(left)
         kept, rounds = self.prunable - (self.target_count - start), 0
         while start > 0 and rounds < 100_000:
-            step = self.amount if isinstance(self.amount, int) else max(1, _round_half_up(self.amount * kept))
+            step = self.amount if isinstance(self.amount, int) else max(1, round_half_up(self.amount * kept))
             step = min(step, start)
             start, kept, rounds = start - step, kept - step, rounds + 1
         return self.round + rounds
@@ -397,8 +397,8 @@ class IMP:
                 f"train_fn took {steps[0]}"
             )
         request = self._request(ticket)
-        scores = _ticket_scores(self.layers, ticket, None)  # |theta_T^(k)|: the weights the ticket just reached
-        removed = sum(_prune_ticket_(self.layers, ticket, scores, request, self.scope, self._blocks))
+        scores = ticket_scores(self.layers, ticket, None)  # |theta_T^(k)|: the weights the ticket just reached
+        removed = sum(prune_ticket_(self.layers, ticket, scores, request, self.scope, self._blocks))
         _restore_(self.model, self.rewind_point)
         return removed, _plain(result)
 

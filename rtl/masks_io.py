@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .state_io import atomic_save
 
-__all__ = ["MaskLoadResult", "load_masks", "load_masks_", "save_masks"]
+__all__ = ["MaskLoadResult", "collect_masks", "load_masks", "load_masks_", "save_masks"]
 
 # Written into every file; load_masks refuses anything else, so foreign pickles and future layouts fail loudly.
 _FORMAT = "rtl.masks"
@@ -42,7 +42,7 @@ def _routed_layers(model: nn.Module) -> Dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "weight_masks", None), Tensor)}
 
 
-def _collect_masks(model_or_masks, arg: str = "model_or_masks") -> Dict[str, Tensor]:
+def collect_masks(model_or_masks, arg: str = "model_or_masks") -> Dict[str, Tensor]:
     """{layer name: bool masks (T, ...)} from a model or a dict, checked: bool, at least 2-D, one T for all layers.
 
     Args:
@@ -124,7 +124,7 @@ def save_masks(model_or_masks, path: Union[str, os.PathLike], config: Optional[d
         >>> torch.equal(loaded["fc"], masks["fc"]), config
         (True, {'sparsity': 0.5})
     """
-    masks = _collect_masks(model_or_masks)
+    masks = collect_masks(model_or_masks)
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"config must be a dict or None, got {type(config).__name__}")
     try:
@@ -226,7 +226,7 @@ def load_masks_(model: nn.Module, path: Union[str, os.PathLike], strict: bool = 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _collect_masks(model, arg="model")  # checks: routed layers present, bool, one T
+    collect_masks(model, arg="model")  # checks: routed layers present, bool, one T
     layers = _routed_layers(model)
     masks, config = load_masks(path)
     missing = [name for name in layers if name not in masks]

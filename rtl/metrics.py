@@ -23,7 +23,7 @@ import torch
 from sklearn.metrics import multilabel_confusion_matrix, precision_recall_fscore_support
 from torch import Tensor, nn
 
-from .masks_io import _collect_masks
+from .masks_io import collect_masks
 
 __all__ = [
     "balanced_accuracy",
@@ -267,7 +267,7 @@ def parameter_counts(model_or_masks, model: Optional[nn.Module] = None) -> Dict[
         >>> parameter_counts(masks)
         {'union': 3, 'sum': 4, 'per_ticket': [2, 2], 'single': 2.0, 'prunable': 3}
     """
-    masks = _collect_masks(model_or_masks)
+    masks = collect_masks(model_or_masks)
     if model is None and isinstance(model_or_masks, nn.Module):
         model = model_or_masks
     if model is not None and not isinstance(model, nn.Module):

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-class _RouteState:
+class RouteState:
     """The route of one call, shared by every routed layer of a model; groupings are made once per row count.
     ``names`` maps id(layer) to its name in the model, for errors."""
 
@@ -112,7 +112,7 @@ class RoutedSparseModule:
             raise ValueError(f"num_tickets must be an int >= 1, got {num_tickets!r}")
         masks = torch.ones((num_tickets,) + tuple(self.weight.shape), dtype=torch.bool, device=self.weight.device)
         self.register_buffer("weight_masks", masks)
-        self._route_state: Optional[_RouteState] = None
+        self._route_state: Optional[RouteState] = None
         self._rtl_in_call = False  # inside its own forward while routed: reading the weight is allowed there
 
     @property

@@ -41,7 +41,7 @@ def __getattr__(name):
 
 
 # -- layers, counts and sparsity -------------------------------------------------------------------------------------
-def _prunable_layers(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> Layers:
+def prunable_layers(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> Layers:
     """The routed layers selected by ``filter_fn``, in ``named_modules()`` order; ValueError if none or T differs."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -71,7 +71,7 @@ def prunable_count(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> in
         >>> prunable_count(nn.Sequential(RoutedSparseLinear(8, 4, num_tickets=3)))
         32
     """
-    return sum(m.weight.numel() for _, m in _prunable_layers(model, filter_fn))
+    return sum(m.weight.numel() for _, m in prunable_layers(model, filter_fn))
 
 
 def ticket_sparsity(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> Tensor:
@@ -88,13 +88,13 @@ def ticket_sparsity(model: nn.Module, filter_fn: Optional[FilterFn] = None) -> T
         >>> ticket_sparsity(model)
         tensor([0.0000, 0.2500, 0.2500], dtype=torch.float64)
     """
-    layers = _prunable_layers(model, filter_fn)
+    layers = prunable_layers(model, filter_fn)
     total = sum(m.weight.numel() for _, m in layers)
     # (total - kept) / total, not 1 - kept / total: exact counts give the correctly rounded fraction.
     return (total - _kept_per_ticket(layers)).double() / total
 
 
-def _kept_counts(module: RoutedSparseModule) -> Tensor:
+def kept_counts(module: RoutedSparseModule) -> Tensor:
     """(T,) int64 CPU: the weights each ticket keeps in one layer."""
     # A whole-tensor count_nonzero per ticket is about 100x faster on the CPU than a reduction over dim 1.
     return torch.stack([m.count_nonzero() for m in module.weight_masks]).cpu()
@@ -102,20 +102,20 @@ def _kept_counts(module: RoutedSparseModule) -> Tensor:
 
 def _kept_per_ticket(layers: Layers) -> Tensor:
     """(T,) int64 CPU: kept prunable weights per ticket."""
-    return sum(_kept_counts(m) for _, m in layers)
+    return sum(kept_counts(m) for _, m in layers)
 
 
-def _round_half_up(x: float) -> int:
+def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
 def _fraction_count(amount: float, remaining: int) -> int:
     """round(amount * remaining), halves up: the exact number of weights a fraction removes."""
-    return min(remaining, _round_half_up(amount * remaining))
+    return min(remaining, round_half_up(amount * remaining))
 
 
 # -- argument checks -------------------------------------------------------------------------------------------------
-def _check_granularity(granularity) -> Granularity:
+def check_granularity(granularity) -> Granularity:
     """Normalise ``granularity`` to a tuple; ValueError naming the value if it is not one of the known forms."""
     if granularity in ("unstructured", "channel"):
         return (granularity,)
@@ -132,7 +132,7 @@ def _check_granularity(granularity) -> Granularity:
     )
 
 
-def _check_scope(scope) -> str:
+def check_scope(scope) -> str:
     if scope not in _SCOPES:
         raise ValueError(f'unknown scope {scope!r}: use "global" or "layer"')
     return scope
@@ -150,7 +150,7 @@ def _check_amount(amount) -> Union[int, float]:
     return amount
 
 
-def _check_tickets(tickets, num_tickets: int) -> List[int]:
+def check_tickets(tickets, num_tickets: int) -> List[int]:
     """Sorted distinct ticket ids in [0, num_tickets); None means all."""
     if tickets is None:
         return list(range(num_tickets))
@@ -200,7 +200,7 @@ def _check_importance(importance, layers: Layers) -> Optional[Dict[str, Tensor]]
 
 
 # -- selection ------------------------------------------------------------------------------------------------------
-def _block_shape(weight_shape, granularity: Granularity) -> Optional[Tuple[int, int, int, int]]:
+def block_shape(weight_shape, granularity: Granularity) -> Optional[Tuple[int, int, int, int]]:
     """(rows, cols, bn, bk): every structured granularity as a bn x bk tiling of the weight's 2-D view.
 
     The 2-D view is the weight as stored, (shape[0], rest): (out, in * kh * kw) for Linear and Conv2d; for
@@ -313,7 +313,7 @@ def _drop_groups(
     return drops, removed
 
 
-def _prune_ticket_(
+def prune_ticket_(
     layers: Layers,
     ticket: int,
     scores: List[Tensor],
@@ -356,7 +356,7 @@ def _prune_ticket_(
     return removed
 
 
-def _ticket_scores(layers: Layers, ticket: int, importance: Optional[Dict[str, Tensor]]) -> List[Tensor]:
+def ticket_scores(layers: Layers, ticket: int, importance: Optional[Dict[str, Tensor]]) -> List[Tensor]:
     """Per layer, the ticket's ranking scores as a floating tensor on the mask's device (ValueError on NaN)."""
     scores = []
     for name, m in layers:
@@ -428,15 +428,15 @@ def magnitude_prune_(
         >>> report["removed"]
         {0: 100, 1: 100}
     """
-    layers = _prunable_layers(model, filter_fn)
-    scope = _check_scope(scope)
-    granularity = _check_granularity(granularity)
+    layers = prunable_layers(model, filter_fn)
+    scope = check_scope(scope)
+    granularity = check_granularity(granularity)
     amount = _check_amount(amount)
     num_tickets = layers[0][1].num_tickets
-    tickets = _check_tickets(tickets, num_tickets)
+    tickets = check_tickets(tickets, num_tickets)
     importance = _check_importance(importance, layers)
 
-    kept = [_kept_counts(m) for _, m in layers]  # per layer (T,)
+    kept = [kept_counts(m) for _, m in layers]  # per layer (T,)
     requests = {}
     for t in tickets:
         if scope == "global":
@@ -464,12 +464,12 @@ def magnitude_prune_(
 
     blocks = None
     if granularity[0] != "unstructured":
-        blocks = [_block_shape(tuple(m.weight.shape), granularity) for _, m in layers]
+        blocks = [block_shape(tuple(m.weight.shape), granularity) for _, m in layers]
     removed = {}
-    shared = _ticket_scores(layers, 0, None) if importance is None else None  # |weight| is the same for all
+    shared = ticket_scores(layers, 0, None) if importance is None else None  # |weight| is the same for all
     for t in tickets:
-        scores = shared if shared is not None else _ticket_scores(layers, t, importance)
-        per_layer = _prune_ticket_(layers, t, scores, requests[t], scope, blocks)
+        scores = shared if shared is not None else ticket_scores(layers, t, importance)
+        per_layer = prune_ticket_(layers, t, scores, requests[t], scope, blocks)
         for k, r in zip(kept, per_layer):
             k[t] -= r  # the counts stay current without another pass over the masks
         removed[t] = sum(per_layer)

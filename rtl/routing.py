@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional
 
 from torch import Tensor, nn
 
-from .nn import RoutedSparseModule, _RouteState, check_route, routed_modules
+from .nn import RoutedSparseModule, RouteState, check_route, routed_modules
 
 __all__ = ["RoutedModel", "model_num_tickets", "use_route"]
 
@@ -54,7 +54,7 @@ def use_route(model: nn.Module, route, batch: Optional[int] = None) -> Iterator[
     busy = [m for m in layers if m._route_state is not None]
     if busy:
         raise RuntimeError("the model is already being routed (nested use_route on the same layers)")
-    state = _RouteState(route, num_tickets, names={id(m): name for name, m in named})
+    state = RouteState(route, num_tickets, names={id(m): name for name, m in named})
     for m in layers:
         m._route_state = state
     try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from rtl.masks_io import _collect_masks, load_masks, load_masks_, save_masks
+from rtl.masks_io import collect_masks, load_masks, load_masks_, save_masks
 from rtl.nn import RoutedSparseConv2d, RoutedSparseLinear
 
 # Odd sizes (none a multiple of 8 except where noted) so the packed tail byte is exercised.
@@ -230,25 +230,25 @@ def test_overwrite_existing(tmp_path):
 
 def test_collect_masks_checks():
     model = _tiny_model(2)
-    masks = _collect_masks(model)
+    masks = collect_masks(model)
     assert list(masks) == ["0", "3"] and masks["3"] is model[3].weight_masks
     with pytest.raises(ValueError, match="model_or_masks: the model has no routed layers"):
-        _collect_masks(nn.Sequential(nn.Linear(2, 2)))
+        collect_masks(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="the mask dict is empty"):
-        _collect_masks({})
+        collect_masks({})
     with pytest.raises(TypeError, match="must be an nn.Module or a dict"):
-        _collect_masks([torch.ones(2, 3, dtype=torch.bool)])
+        collect_masks([torch.ones(2, 3, dtype=torch.bool)])
     with pytest.raises(TypeError, match="layer names must be str, got 3"):
-        _collect_masks({3: torch.ones(2, 3, dtype=torch.bool)})
+        collect_masks({3: torch.ones(2, 3, dtype=torch.bool)})
     with pytest.raises(TypeError, match="masks of layer 'a' must be a bool tensor, got list"):
-        _collect_masks({"a": [[True]]})
+        collect_masks({"a": [[True]]})
     with pytest.raises(TypeError, match="masks of layer 'a' must be bool, got torch.float32"):
-        _collect_masks({"a": torch.rand(2, 3)})
+        collect_masks({"a": torch.rand(2, 3)})
     with pytest.raises(ValueError, match=r"masks of layer 'a' must be \(T, \*weight.shape\), got shape \(3,\)"):
-        _collect_masks({"a": torch.ones(3, dtype=torch.bool)})
+        collect_masks({"a": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match=r"layers disagree on the number of tickets T: \{'a': 2, 'b': 3\}"):
-        _collect_masks({"a": torch.ones(2, 3, dtype=torch.bool), "b": torch.ones(3, 3, dtype=torch.bool)})
+        collect_masks({"a": torch.ones(2, 3, dtype=torch.bool), "b": torch.ones(3, 3, dtype=torch.bool)})
     with pytest.raises(ValueError, match=r"masks hold no ticket \(T = 0\)"):
-        _collect_masks({"a": torch.ones(0, 3, dtype=torch.bool)})
+        collect_masks({"a": torch.ones(0, 3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="model_or_masks: layers disagree"):
-        _collect_masks(nn.Sequential(RoutedSparseLinear(2, 2, 2), RoutedSparseLinear(2, 2, 3)))
+        collect_masks(nn.Sequential(RoutedSparseLinear(2, 2, 2), RoutedSparseLinear(2, 2, 3)))
