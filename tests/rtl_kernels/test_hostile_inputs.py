@@ -4,7 +4,6 @@ clear error or the right result."""
 
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -221,96 +220,6 @@ def test_gradients_with_strided_inputs(backend):
         rk.routed_masked_linear(xc, wc, masks, route, bc).backward(gy)
     for got, want in ((xs.grad, xc.grad), (ws.grad, wc.grad), (bs.grad, bc.grad)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-# -- backend choice per thread ------------------------------------------------------------------------------------
-
-
-def test_backend_choice_belongs_to_the_thread_that_made_it():
-    before = rk.get_backend()
-    a_entered, b_entered, a_exited = threading.Event(), threading.Event(), threading.Event()
-    seen = {}
-    errors = []
-
-    def thread_a():
-        try:
-            with rk.set_backend("reference"):
-                a_entered.set()
-                b_entered.wait(10)
-                seen["a_inside_after_b_entered"] = rk.get_backend()
-            a_exited.set()
-            seen["a_after"] = rk.get_backend()
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    def thread_b():
-        try:
-            a_entered.wait(10)
-            with rk.set_backend("cpu"):
-                b_entered.set()
-                a_exited.wait(10)  # A leaves its block while B is still inside its own
-                seen["b_inside_after_a_exited"] = rk.get_backend()
-            seen["b_after"] = rk.get_backend()
-        except Exception as exc:  # pragma: no cover
-            errors.append(exc)
-
-    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    assert not errors
-    assert seen == {
-        "a_inside_after_b_entered": "reference",
-        "a_after": before,
-        "b_inside_after_a_exited": "cpu",
-        "b_after": before,
-    }
-    assert rk.get_backend() == before
-
-
-def test_plain_set_backend_stays_in_its_thread_and_default_is_process_wide():
-    before = rk.get_backend()
-    seen = {}
-
-    def worker():
-        rk.set_backend("reference")
-        seen["worker"] = rk.get_backend()
-
-    t = threading.Thread(target=worker)
-    t.start()
-    t.join()
-    assert seen["worker"] == "reference" and rk.get_backend() == before
-    try:
-        rk.set_default_backend("reference")
-        other = {}
-        t = threading.Thread(target=lambda: other.setdefault("value", rk.get_backend()))
-        t.start()
-        t.join()
-        assert other["value"] == "reference"
-    finally:
-        rk.set_default_backend("auto")
-    with pytest.raises(ValueError, match="unknown backend"):
-        rk.set_default_backend("fastest")
-
-
-@pytest.mark.skipif(not HAS_CPU_EXT, reason="rtl_kernels._C was not built")
-def test_backward_runs_on_the_backend_of_its_forward():
-    from rtl_kernels.backends.cpu import trace
-
-    x, w, masks, route, b = _linear_case(density=0.2)
-    x.requires_grad_()
-    with rk.set_backend("reference"):
-        y = rk.routed_masked_linear(x, w, masks, route, b)
-    with rk.set_backend("cpu"), trace.record_calls() as calls:
-        y.sum().backward()
-    assert calls == []  # the reference backend ran the gradients: the cpu backend recorded nothing
-    x.grad = None
-    with rk.set_backend("cpu"):
-        y = rk.routed_masked_linear(x, w, masks, route, b)
-    with rk.set_backend("reference"), trace.record_calls() as calls:
-        y.sum().backward()
-    assert [c["op"] for c in calls] == ["linear_grad_input"]
 
 
 # -- sizes past 32 bits -------------------------------------------------------------------------------------------
