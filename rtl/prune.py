@@ -8,7 +8,7 @@ across all prunable layers at once (``scope="global"``) or within each layer (``
 or in groups (blocks, vectors, output channels) so that the kernels can skip whole tiles.
 
 :func:`ticket_sparsity` and :func:`prunable_count` measure what is pruned. The IMP driver (Alg. 1) lives in
-:mod:`rtl.imp` and is re-exported here as ``rtl.prune.IMP``.
+:mod:`rtl.imp` (``rtl.prune.IMP``, its former name, still works with a DeprecationWarning).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .nn import RoutedSparseModule, routed_modules
 
-__all__ = ["IMP", "magnitude_prune_", "prunable_count", "ticket_sparsity"]  # noqa: F822 (IMP: lazy, below)
+__all__ = ["magnitude_prune_", "prunable_count", "ticket_sparsity"]
 
 FilterFn = Callable[[str, nn.Module], bool]
 Granularity = Tuple  # normalised: ("unstructured",), ("block", bn, bk), ("vector", v), ("channel",)
@@ -32,10 +32,13 @@ _SCOPES = ("global", "layer")
 
 
 def __getattr__(name):
-    # IMP lives in rtl.imp, which imports this module; a lazy lookup avoids the import cycle.
+    # IMP lives in rtl.imp, which imports this module; the old name rtl.prune.IMP keeps working, with a warning.
     if name == "IMP":
+        import warnings
+
         from .imp import IMP
 
+        warnings.warn("rtl.prune.IMP moved: use rtl.imp.IMP (or rtl.IMP)", DeprecationWarning, stacklevel=2)
         return IMP
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -33,8 +33,7 @@ import rtl_kernels
 from .. import diagnostics, metrics as rtl_metrics
 from ..convert import convert_
 from ..optim import TicketMaskedOptimizer
-from ..imp import CheckpointError
-from ..prune import IMP
+from ..imp import IMP, CheckpointError
 from ..routing import RoutedModel, use_route
 from ..state_io import atomic_json, atomic_save
 from .run_lock import RunLock
@@ -254,7 +253,7 @@ def extract_masks(
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
 ) -> Dict:
-    """Alg. 1 with :class:`rtl.prune.IMP` from the model's current weights (θ0), masks snapshotted per target.
+    """Alg. 1 with :class:`rtl.imp.IMP` from the model's current weights (θ0), masks snapshotted per target.
 
     One IMP run per target sparsity, in increasing order, each continuing from the previous masks (masks only
     shrink; IMP's rewind returns the weights to θ0 after every ticket's training, so θ0 is the same for all

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from rtl.nn import RoutedSparseConv2d, RoutedSparseConvTranspose2d, RoutedSparseLinear, routed_modules
-from rtl.prune import IMP, magnitude_prune_, prunable_count, ticket_sparsity
+from rtl.imp import IMP
+from rtl.prune import magnitude_prune_, prunable_count, ticket_sparsity
 
 PRUNABLE = 4 * 1 * 3 * 3 + 10 * 256  # conv + linear weights of _model
 
@@ -401,3 +402,11 @@ def test_model_errors():
     mixed = nn.Sequential(RoutedSparseLinear(3, 4, 2), RoutedSparseLinear(4, 2, 3))
     with pytest.raises(ValueError, match=r"routed layers disagree on num_tickets"):
         magnitude_prune_(mixed, 1)
+
+
+def test_the_former_name_of_imp_still_works_with_a_warning():
+    import rtl.imp
+    import rtl.prune
+
+    with pytest.warns(DeprecationWarning, match="rtl.prune.IMP moved: use rtl.imp.IMP"):
+        assert rtl.prune.IMP is rtl.imp.IMP
