@@ -221,7 +221,9 @@ def _cmd_report(args) -> int:
     try:
         print(write_report(args.run_dir))
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError) as exc:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        from .state_io import first_line
+
+        detail = first_line(exc)
         print(
             f"rtl: cannot report {args.run_dir} ({type(exc).__name__}: {detail}): its config.json or metrics.json "
             f"is damaged or not rtl's; `rtl run EXPERIMENT ... --resume {args.run_dir}` rebuilds metrics.json "

@@ -31,7 +31,7 @@ from .prune import (
     round_half_up,
     ticket_scores,
 )
-from .state_io import atomic_save, rng_state, set_rng_state
+from .state_io import atomic_save, first_line, rng_state, set_rng_state
 
 __all__ = ["IMP", "CheckpointError"]
 
@@ -281,8 +281,7 @@ class IMP:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise CheckpointError(f"cannot read the IMP checkpoint {path!r}: {first}") from exc
+            raise CheckpointError(f"cannot read the IMP checkpoint {path!r}: {first_line(exc)}") from exc
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise CheckpointError(f"{path!r} is not an rtl IMP checkpoint")
         if payload.get("version") != _VERSION:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, IO
 
 import torch
 
-__all__ = ["atomic_json", "atomic_save", "atomic_write", "rng_state", "set_rng_state"]
+__all__ = ["atomic_json", "atomic_save", "atomic_write", "first_line", "rng_state", "set_rng_state"]
 
 
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True) -> None:
@@ -51,6 +51,13 @@ def atomic_save(obj: Any, path: str) -> None:
 def atomic_json(obj: Any, path: str) -> None:
     """``obj`` as indented JSON with sorted keys, atomically."""
     atomic_write(path, lambda handle: json.dump(obj, handle, indent=2, sort_keys=True), binary=False)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message on one line, for one-line errors about unreadable files (torch's unpickling errors
+    span several lines)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def rng_state(cuda: bool = True) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _checks
 from .backends import register_autograd_on_forward_backend, select_backend
 from .conv_geometry import conv_output_size, transposed_output_size
-from .grouping import TicketGrouping, checked_grouping, group_by_ticket_tensors
+from .grouping import TicketGrouping, checked_call_grouping, group_by_ticket_tensors
 
 IntPair = Union[int, Sequence[int]]
 
@@ -127,11 +127,7 @@ def _conv2d_impl(
 ) -> Tensor:
     num_tickets = _check_conv_args(x, weight, masks, route, bias, groups, transposed=False)
     ho, wo = _check_geometry(x, weight, stride, padding, dilation)
-    _checks.check_grouping(ticket_perm, ticket_offsets, x.shape[0], num_tickets)
-    if ticket_perm is None:
-        _checks.check_route_values(route, num_tickets)
-    else:  # a grouping from the caller: native code indexes rows through it
-        ticket_perm, ticket_offsets = checked_grouping(route, ticket_perm, ticket_offsets, num_tickets)
+    ticket_perm, ticket_offsets = checked_call_grouping(route, ticket_perm, ticket_offsets, x.shape[0], num_tickets)
     bias = None if bias is None else bias.contiguous()
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0], ho, wo))
@@ -393,11 +389,7 @@ def _conv_transpose2d_impl(
 ) -> Tensor:
     num_tickets = _check_conv_args(x, weight, masks, route, bias, groups, transposed=True)
     out_shape = _transposed_shape(x, weight, stride, padding, output_padding, dilation, groups)
-    _checks.check_grouping(ticket_perm, ticket_offsets, x.shape[0], num_tickets)
-    if ticket_perm is None:
-        _checks.check_route_values(route, num_tickets)
-    else:  # a grouping from the caller: native code indexes rows through it
-        ticket_perm, ticket_offsets = checked_grouping(route, ticket_perm, ticket_offsets, num_tickets)
+    ticket_perm, ticket_offsets = checked_call_grouping(route, ticket_perm, ticket_offsets, x.shape[0], num_tickets)
     bias = None if bias is None else bias.contiguous()
     if x.shape[0] == 0:
         return x.new_empty(out_shape)

@@ -7,12 +7,19 @@ Every routed op groups its batch this way; a model whose layers share one route 
 from __future__ import annotations
 
 import weakref
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._checks import check_grouping_values, check_route_dtype, check_route_values, check_tensor, eager_call_ok
+from ._checks import (
+    check_grouping,
+    check_grouping_values,
+    check_route_dtype,
+    check_route_values,
+    check_tensor,
+    eager_call_ok,
+)
 
 
 class TicketGrouping(NamedTuple):
@@ -115,3 +122,15 @@ def group_by_ticket_tensors(route: Tensor, num_tickets: int) -> tuple[Tensor, Te
     if eager_call_ok(route):
         return _group_by_ticket_impl(route, num_tickets)
     return torch.ops.rtl_kernels.group_by_ticket(route, num_tickets)
+
+
+def checked_call_grouping(
+    route: Tensor, perm: Optional[Tensor], offsets: Optional[Tensor], batch: int, num_tickets: int
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """An op's route and optional grouping checked before any backend runs: without a grouping the route's ids are
+    checked (the op groups it itself); a caller's grouping goes through :func:`checked_grouping`."""
+    check_grouping(perm, offsets, batch, num_tickets)
+    if perm is None:
+        check_route_values(route, num_tickets)
+        return None, None
+    return checked_grouping(route, perm, offsets, num_tickets)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _checks
 from .backends import register_autograd_on_forward_backend, select_backend
-from .grouping import TicketGrouping, checked_grouping, group_by_ticket_tensors
+from .grouping import TicketGrouping, checked_call_grouping, group_by_ticket_tensors
 
 
 def _grouping(route: Tensor, num_tickets: int, perm: Optional[Tensor], offsets: Optional[Tensor]):
@@ -33,11 +33,7 @@ def _linear_impl(
     ticket_offsets: Optional[Tensor] = None,
 ) -> Tensor:
     num_tickets = _checks.check_linear_args(x, weight, masks, route, bias)
-    _checks.check_grouping(ticket_perm, ticket_offsets, x.shape[0], num_tickets)
-    if ticket_perm is None:
-        _checks.check_route_values(route, num_tickets)
-    else:  # a grouping from the caller: native code indexes rows through it
-        ticket_perm, ticket_offsets = checked_grouping(route, ticket_perm, ticket_offsets, num_tickets)
+    ticket_perm, ticket_offsets = checked_call_grouping(route, ticket_perm, ticket_offsets, x.shape[0], num_tickets)
     bias = None if bias is None else bias.contiguous()
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0]))

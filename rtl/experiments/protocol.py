@@ -35,7 +35,7 @@ from ..convert import convert_
 from ..optim import TicketMaskedOptimizer
 from ..imp import IMP, CheckpointError
 from ..routing import RoutedModel, use_route
-from ..state_io import atomic_json, atomic_save
+from ..state_io import atomic_json, atomic_save, first_line
 from .run_lock import RunLock
 from .tasks import Task, parse_granularity
 
@@ -56,12 +56,6 @@ def _seed_all(seed: int) -> torch.Generator:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's message on one line (torch's unpickling errors span several)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 class StageStore:
@@ -111,7 +105,7 @@ class StageStore:
             blob = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as exc:  # a truncated or foreign file: refuse, never overwrite silently
             raise RunStateError(
-                f"checkpoint {path} is corrupt or not an rtl checkpoint ({_first_line(exc)}): "
+                f"checkpoint {path} is corrupt or not an rtl checkpoint ({first_line(exc)}): "
                 f"delete it to compute that stage again"
             ) from exc
         if not isinstance(blob, dict) or blob.get("rtl_stage") != stage or blob.get("version") != STATE_VERSION:

@@ -17,42 +17,25 @@ CPU_BACKENDS = ["reference"] + (["cpu"] if HAS_CPU_EXT else [])
 needs_cpu_ext = pytest.mark.skipif(not HAS_CPU_EXT, reason="rtl_kernels._C was not built")
 
 
-def make_case(batch, n, k, tickets, density, seed=0, dtype=torch.float32):
-    """x (B, K), weight (N, K), masks (T, N, K), route (B,), bias (N,) drawn from one seed."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, k, generator=gen, dtype=dtype)
-    w = torch.randn(n, k, generator=gen, dtype=dtype)
-    b = torch.randn(n, generator=gen, dtype=dtype)
-    masks = torch.rand(tickets, n, k, generator=gen) < density
-    route = torch.randint(0, tickets, (batch,), generator=gen)
-    return x, w, masks, route, b
-
-
-def oracle(x, weight, masks, route, bias):
-    """float64 y (B, N) with y[i] = x[i] @ (W * M[route[i]]).T + b, one masked weight per row."""
-    w = weight.double()[None] * masks[route.long()].double()
-    return torch.einsum("bk,bnk->bn", x.double(), w) + bias.double()
-
-
 @needs_cpu_ext
-def test_auto_falls_back_to_reference_with_one_warning():
+def test_auto_falls_back_to_reference_with_one_warning(linear_case, linear_oracle):
     from rtl_kernels import backends
 
     backends._warned.clear()
-    x, w, masks, route, b = make_case(9, 5, 6, 3, 0.5, seed=13, dtype=torch.float64)
+    x, w, masks, route, b = linear_case(9, 5, 6, 3, 0.5, seed=13, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         y1 = rk.routed_masked_linear(x, w, masks, route, b)
         rk.routed_masked_linear(x, w, masks, route, b)
     messages = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
     assert len(messages) == 1 and "'reference'" in messages[0] and "float32 only" in messages[0]
-    torch.testing.assert_close(y1, oracle(x, w, masks, route, b))
+    torch.testing.assert_close(y1, linear_oracle(x, w, masks, route, b))
 
 
-def test_unknown_and_unavailable_backends_raise_clearly():
+def test_unknown_and_unavailable_backends_raise_clearly(linear_case):
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         rk.set_backend("fast")
-    x, w, masks, route, b = make_case(6, 4, 5, 3, 0.5, seed=41)
+    x, w, masks, route, b = linear_case(6, 4, 5, 3, 0.5, seed=41)
     with rk.set_backend("cuda"):
         with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run.*reference: available"):
             rk.routed_masked_linear(x, w, masks, route, b)
@@ -171,10 +154,10 @@ def test_plain_set_backend_stays_in_its_thread_and_default_is_process_wide():
 
 
 @pytest.mark.skipif(not HAS_CPU_EXT, reason="rtl_kernels._C was not built")
-def test_backward_runs_on_the_backend_of_its_forward():
+def test_backward_runs_on_the_backend_of_its_forward(linear_case):
     from rtl_kernels.backends.cpu import trace
 
-    x, w, masks, route, b = make_case(12, 7, 9, 3, 0.2)
+    x, w, masks, route, b = linear_case(12, 7, 9, 3, 0.2)
     x.requires_grad_()
     with rk.set_backend("reference"):
         y = rk.routed_masked_linear(x, w, masks, route, b)

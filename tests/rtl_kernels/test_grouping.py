@@ -11,25 +11,8 @@ CPU_BACKENDS = ["reference"] + (["cpu"] if HAS_CPU_EXT else [])
 needs_cpu_ext = pytest.mark.skipif(not HAS_CPU_EXT, reason="rtl_kernels._C was not built")
 
 
-def make_case(batch, n, k, tickets, density, seed=0, dtype=torch.float32):
-    """x (B, K), weight (N, K), masks (T, N, K), route (B,), bias (N,) drawn from one seed."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, k, generator=gen, dtype=dtype)
-    w = torch.randn(n, k, generator=gen, dtype=dtype)
-    b = torch.randn(n, generator=gen, dtype=dtype)
-    masks = torch.rand(tickets, n, k, generator=gen) < density
-    route = torch.randint(0, tickets, (batch,), generator=gen)
-    return x, w, masks, route, b
-
-
-def oracle(x, weight, masks, route, bias):
-    """float64 y (B, N) with y[i] = x[i] @ (W * M[route[i]]).T + b, one masked weight per row."""
-    w = weight.double()[None] * masks[route.long()].double()
-    return torch.einsum("bk,bnk->bn", x.double(), w) + bias.double()
-
-
-def test_precomputed_grouping_matches():
-    x, w, masks, route, b = make_case(77, 9, 12, 4, 0.5, seed=23)
+def test_precomputed_grouping_matches(linear_case):
+    x, w, masks, route, b = linear_case(77, 9, 12, 4, 0.5, seed=23)
     g = rk.group_by_ticket(route, 4)
     for backend in CPU_BACKENDS:
         with rk.set_backend(backend):

@@ -11,26 +11,9 @@ CPU_BACKENDS = ["reference"] + (["cpu"] if HAS_CPU_EXT else [])
 needs_cpu_ext = pytest.mark.skipif(not HAS_CPU_EXT, reason="rtl_kernels._C was not built")
 
 
-def make_case(batch, n, k, tickets, density, seed=0, dtype=torch.float32):
-    """x (B, K), weight (N, K), masks (T, N, K), route (B,), bias (N,) drawn from one seed."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, k, generator=gen, dtype=dtype)
-    w = torch.randn(n, k, generator=gen, dtype=dtype)
-    b = torch.randn(n, generator=gen, dtype=dtype)
-    masks = torch.rand(tickets, n, k, generator=gen) < density
-    route = torch.randint(0, tickets, (batch,), generator=gen)
-    return x, w, masks, route, b
-
-
-def oracle(x, weight, masks, route, bias):
-    """float64 y (B, N) with y[i] = x[i] @ (W * M[route[i]]).T + b, one masked weight per row."""
-    w = weight.double()[None] * masks[route.long()].double()
-    return torch.einsum("bk,bnk->bn", x.double(), w) + bias.double()
-
-
 @needs_cpu_ext
-def test_layout_cache_follows_in_place_mask_edits():
-    x, w, masks, route, b = make_case(40, 10, 12, 2, 0.3, seed=31)
+def test_layout_cache_follows_in_place_mask_edits(linear_case, linear_oracle):
+    x, w, masks, route, b = linear_case(40, 10, 12, 2, 0.3, seed=31)
     with rk.set_backend("cpu"):
         before = rk.layout_cache_stats()["compiles"]
         y1 = rk.routed_masked_linear(x, w, masks, route, b)
@@ -41,11 +24,11 @@ def test_layout_cache_follows_in_place_mask_edits():
         masks[0, 3, :] = ~masks[0, 3, :]  # in-place edit: every layout of these masks compiles again
         y2 = rk.routed_masked_linear(x, w, masks, route, b)
         assert rk.layout_cache_stats()["compiles"] == compiles + (compiles - before)
-    torch.testing.assert_close(y2.double(), oracle(x, w, masks, route, b), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y2.double(), linear_oracle(x, w, masks, route, b), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(y1, y2)
     # weights are read through the layout, never copied: an in-place weight update is seen at once
     with torch.no_grad():
         w.mul_(2)
     with rk.set_backend("cpu"):
         y3 = rk.routed_masked_linear(x, w, masks, route, b)
-    torch.testing.assert_close(y3.double(), oracle(x, w, masks, route, b), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y3.double(), linear_oracle(x, w, masks, route, b), rtol=1e-4, atol=1e-4)
