@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .nn import RoutedSparseModule, routed_modules
-from .routing import model_num_tickets
+from .routed_model import model_num_tickets
 
 __all__ = ["TicketMaskedOptimizer"]
 

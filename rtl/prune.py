@@ -8,7 +8,8 @@ across all prunable layers at once (``scope="global"``) or within each layer (``
 or in groups (blocks, vectors, output channels) so that the kernels can skip whole tiles.
 
 :func:`ticket_sparsity` and :func:`prunable_count` measure what is pruned. The IMP driver (Alg. 1) lives in
-:mod:`rtl.imp` (``rtl.prune.IMP``, its former name, still works with a DeprecationWarning).
+:mod:`rtl.iterative_pruning` (``rtl.prune.IMP`` and ``rtl.imp.IMP``, its former names, still work with a
+DeprecationWarning).
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ _SCOPES = ("global", "layer")
 
 
 def __getattr__(name):
-    # IMP lives in rtl.imp, which imports this module; the old name rtl.prune.IMP keeps working, with a warning.
+    # IMP lives in rtl.iterative_pruning, which imports this module; the old name rtl.prune.IMP keeps working, with
+    # a warning.
     if name == "IMP":
         import warnings
 
-        from .imp import IMP
+        from .iterative_pruning import IMP
 
-        warnings.warn("rtl.prune.IMP moved: use rtl.imp.IMP (or rtl.IMP)", DeprecationWarning, stacklevel=2)
+        message = "rtl.prune.IMP moved: use rtl.iterative_pruning.IMP (or rtl.IMP)"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
         return IMP
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from .nn import check_route, routed_modules
 from .optim import TicketMaskedOptimizer
-from .routing import RoutedModel, model_num_tickets, use_route
+from .routed_model import RoutedModel, model_num_tickets, use_route
 from .state_io import atomic_save, rng_state, set_rng_state
 
 __all__ = ["StepInfo", "TrainResult", "balanced_cyclic_batches", "train_mixed", "train_sequential"]

@@ -20,9 +20,10 @@ import hashlib
 import json
 import os
 import platform
+import functools
 import random
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,11 +31,10 @@ from torch import Tensor, nn
 
 import rtl_kernels
 
-from .. import diagnostics, metrics as rtl_metrics
-from ..convert import convert_
-from ..optim import TicketMaskedOptimizer
-from ..imp import IMP, CheckpointError
-from ..routing import RoutedModel, use_route
+from .. import diagnostics, metrics as rtl_metrics, train as rtl_train
+from ..convert import convert_, extract_ticket
+from ..iterative_pruning import IMP, CheckpointError
+from ..routed_model import RoutedModel, model_num_tickets, use_route
 from ..state_io import atomic_json, atomic_save, first_line
 from .run_lock import RunLock
 from .tasks import Task, parse_granularity
@@ -118,111 +118,107 @@ class StageStore:
         atomic_save({"rtl_stage": stage, "version": STATE_VERSION, "data": data}, self.path(stage))
 
 
-# -- training loops --------------------------------------------------------------------------------------------
+# -- training: every loop is rtl.train.train_sequential on views of the task's batches ---------------------------
 
 
-def _optimizer(task: Task, model: nn.Module, total_steps: int, masked: bool):
-    """Adam (paper A.2 / C.4), wrapped so pruned weights stay put when ``masked``, and its LR schedule.
+class _TaskModel(nn.Module):
+    """The model as the task calls it (the INR hands its routed models the coordinates only)."""
 
-    With ``lr_schedule="cosine"`` the rate decays to 0 over ``total_steps``: the final weights then do not
-    depend on where the last few full-rate Adam steps happened to land, which keeps method comparisons stable
-    on short budgets. Returns (optimizer, scheduler or None).
+    def __init__(self, task: Task, model: nn.Module) -> None:
+        super().__init__()
+        self.task = task
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.task.forward(self.model, x)
+
+
+class _EpochBatches:
+    """One subset's batches as a loader for rtl.train: every pass draws a new epoch (new order, new negatives).
+
+    Args:
+        draw: ``draw() -> iterator of (x, target)`` for one epoch.
+        length: the number of batches one epoch holds.
+        steps: when given, one pass yields exactly this many batches, drawing further epochs as needed.
     """
-    adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=task.settings.lr)
-    scheduler = None
+
+    def __init__(self, draw: Callable[[], Iterator], length: int, steps: Optional[int] = None) -> None:
+        self.draw, self.length, self.steps = draw, length, steps
+
+    def __len__(self) -> int:
+        return self.length if self.steps is None else self.steps
+
+    def __iter__(self) -> Iterator:
+        if self.steps is None:
+            yield from self.draw()
+            return
+        done = 0
+        while done < self.steps:
+            for batch in self.draw():
+                yield batch
+                done += 1
+                if done == self.steps:
+                    return
+
+
+def _fit(task: Task, model: nn.Module, loaders: List, loss_fn: Callable, epochs: int) -> List[float]:
+    """``epochs`` of :func:`rtl.train.train_sequential` with the task's Adam (paper A.2 / C.4) and LR schedule.
+
+    With ``lr_schedule="cosine"`` the rate decays to 0 over the run's steps: the final weights then do not depend
+    on where the last few full-rate Adam steps happened to land, which keeps method comparisons stable on short
+    budgets. Returns the mean loss per epoch.
+    """
     if task.settings.lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {task.settings.lr_schedule!r}")
-    if task.settings.lr_schedule == "cosine" and total_steps > 0:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(adam, T_max=total_steps)
-    return (TicketMaskedOptimizer(adam, model) if masked else adam), scheduler
+    adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=task.settings.lr)
+    callbacks = []
+    lengths = [len(loader) for loader in loaders]
+    steps = epochs * max(lengths, default=0) * sum(1 for n in lengths if n)  # Alg. 2: shorter subsets cycled
+    if task.settings.lr_schedule == "cosine" and steps > 0:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(adam, T_max=steps)
+        callbacks.append(lambda info: scheduler.step())
+    result = rtl_train.train_sequential(
+        _TaskModel(task, model), loaders, adam, loss_fn, epochs=epochs, progress=False, callbacks=callbacks
+    )
+    return result.epoch_losses
 
 
-def _step(opt, scheduler) -> None:
-    opt.step()
-    if scheduler is not None:
-        scheduler.step()
+def train_plain(task: Task, model: nn.Module, epochs: int, gen: torch.Generator) -> List[float]:
+    """Train a one-ticket model on the whole training set (dense baseline, single-mask IMP).
 
-
-def train_plain(
-    task: Task, model: nn.Module, epochs: int, gen: torch.Generator, route_all: bool = False
-) -> List[float]:
-    """Train on the whole training set (dense baseline, single-mask IMP). Returns the mean loss per epoch."""
-    per_epoch = -(-task.x_train.shape[0] // task.settings.batch_size)
-    # a converted single-ticket model (route_all): pruned weights and their Adam state stay still
-    opt, scheduler = _optimizer(task, model, epochs * per_epoch, masked=route_all)
-    losses = []
-    model.train()
-    for _ in range(epochs):
-        total, count = 0.0, 0
-        for x, y in task.all_batches(gen):
-            opt.zero_grad()
-            if route_all:
-                with use_route(model, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)):
-                    loss = task.loss_all(task.forward(model, x), y)
-            else:
-                loss = task.loss_all(task.forward(model, x), y)
-            loss.backward()
-            _step(opt, scheduler)
-            total, count = total + float(loss.detach()) * x.shape[0], count + x.shape[0]
-        losses.append(total / max(count, 1))
-    return losses
+    Returns the mean loss per epoch.
+    """
+    loader = _EpochBatches(lambda: task.all_batches(gen), task.batch_count())
+    return _fit(task, model, [loader], lambda out, y: task.loss_all(out, y), epochs)
 
 
 def train_ticket_steps(
     task: Task, model: nn.Module, ticket: int, steps: int, gen: torch.Generator, route_ticket: Optional[int] = None
 ) -> float:
-    """``steps`` optimizer steps on ticket ``ticket``'s subset and objective. Returns the mean loss.
+    """``steps`` optimizer steps on ticket ``ticket``'s subset and objective. Returns the mean loss (NaN when the
+    subset is empty: its ticket gets no steps).
 
     Alg. 1's inner training routes the batch to ``ticket``; an independent one-mask model of the multi-model
     baseline routes it to its only ticket (``route_ticket=0``).
     """
     route_ticket = ticket if route_ticket is None else route_ticket
-    opt, scheduler = _optimizer(task, model, steps, masked=True)
-    model.train()
-    done, total = 0, 0.0
-    if task.subset_size(ticket) == 0:  # an empty subset: its ticket gets no steps
+    if task.subset_size(ticket) == 0 or steps == 0:
         return float("nan")
-    while done < steps:
-        for x, target in task.ticket_batches(ticket, gen):
-            opt.zero_grad()
-            with use_route(model, torch.full((x.shape[0],), route_ticket, dtype=torch.int64, device=x.device)):
-                loss = task.loss_ticket(task.forward(model, x), target, ticket)
-            loss.backward()
-            _step(opt, scheduler)
-            done, total = done + 1, total + float(loss.detach())
-            if done == steps:
-                break
-    return total / max(done, 1)
+    loaders: List = [[] for _ in range(model_num_tickets(model))]
+    loaders[route_ticket] = _EpochBatches(lambda: task.ticket_batches(ticket, gen), 0, steps=steps)
+    return _fit(task, model, loaders, lambda out, y: task.loss_ticket(out, y, ticket), 1)[0]
 
 
 def train_joint(task: Task, model: nn.Module, epochs: int, gen: torch.Generator) -> List[float]:
-    """Alg. 2, sequential: per batch index, one step per ticket on that ticket's batch; short subsets cycle.
+    """Alg. 2 (:func:`rtl.train.train_sequential`): per batch index, one step per ticket on that ticket's batch.
 
-    The same schedule as :func:`rtl.train.train_sequential`, written out here because the protocol's tasks
-    build their batches per epoch (fresh negatives for the detectors) and route through ``task.forward``.
+    Short subsets cycle, each pass drawing a new epoch of the subset. Returns the mean loss per epoch.
     """
-    losses = []
-    model.train()
-    opt = scheduler = None
-    for _ in range(epochs):
-        iters = [list(task.ticket_batches(t, gen)) for t in range(task.num_tickets)]
-        longest = max(len(b) for b in iters)
-        if opt is None:  # subset sizes are fixed, so every epoch takes the same number of steps
-            opt, scheduler = _optimizer(task, model, epochs * longest * sum(1 for b in iters if b), masked=True)
-        total, count = 0.0, 0
-        for m in range(longest):
-            for t, batches in enumerate(iters):
-                if not batches:
-                    continue
-                x, target = batches[m % len(batches)]
-                opt.zero_grad()
-                with use_route(model, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)):
-                    loss = task.loss_ticket(task.forward(model, x), target, t)
-                loss.backward()
-                _step(opt, scheduler)
-                total, count = total + float(loss.detach()), count + 1
-        losses.append(total / max(count, 1))
-    return losses
+    loaders = [
+        _EpochBatches(functools.partial(task.ticket_batches, t, gen), task.ticket_batch_count(t))
+        for t in range(task.num_tickets)
+    ]
+    return _fit(task, model, loaders, lambda out, y, ticket: task.loss_ticket(out, y, ticket), epochs)
 
 
 # -- mask extraction -------------------------------------------------------------------------------------------
@@ -247,7 +243,7 @@ def extract_masks(
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
 ) -> Dict:
-    """Alg. 1 with :class:`rtl.imp.IMP` from the model's current weights (θ0), masks snapshotted per target.
+    """Alg. 1 with :class:`rtl.IMP` from the model's current weights (θ0), masks snapshotted per target.
 
     One IMP run per target sparsity, in increasing order, each continuing from the previous masks (masks only
     shrink; IMP's rewind returns the weights to θ0 after every ticket's training, so θ0 is the same for all
@@ -472,10 +468,11 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
 
     # dense baseline
     def dense_stage(gen):
-        model = task.build_model(seed)
-        model.load_state_dict(theta0["dense"])
-        model.to(device)
+        # trained as one ticket whose mask keeps every weight (the same arithmetic as the dense model), so that
+        # every method goes through rtl.train; the plain model is taken out afterwards
+        model = routed_model(1)
         losses = train_plain(task, model, task.settings.dense_epochs, gen)
+        model = extract_ticket(model, 0)
         return {
             "state": model.state_dict(),
             "losses": losses,
@@ -493,9 +490,7 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
     def single_masks_stage(gen):
         model = routed_model(1, single=True)
         make = lambda target: (
-            lambda m, t, r: train_plain(
-                task, m, task.settings.single_epochs, round_gen("single_masks", target, t, r), route_all=True
-            )
+            lambda m, t, r: train_plain(task, m, task.settings.single_epochs, round_gen("single_masks", target, t, r))
         )
         return extract_masks(task, model, sparsities, make, os.path.join(store.dir, "single_masks_imp"), progress)
 
@@ -525,7 +520,7 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
             _load_masks(model, single_masks[key])
             # the paper gives the single model twice the epochs of the tickets to match data exposure (A.2)
             epochs = task.settings.retrain_epochs * (2 if task.kind == "detector" else 1)
-            losses = train_plain(task, model, epochs, gen, route_all=True)
+            losses = train_plain(task, model, epochs, gen)
             return {
                 "losses": losses,
                 "metrics": task.evaluate_single(_single_fn(task, model)),
@@ -551,7 +546,7 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
             for t in range(T):
                 model = routed_model(1)
                 _load_masks(model, {n: m[t : t + 1] for n, m in rtl_masks[key].items()})
-                steps = task.settings.retrain_epochs * max(1, len(list(task.ticket_batches(t, gen))))
+                steps = task.settings.retrain_epochs * max(1, task.ticket_batch_count(t))
                 train_ticket_steps(task, model, t, steps, gen, route_ticket=0)
                 models.append(model)
             return {"metrics": task.evaluate_routed(_multi_fn(task, models))}

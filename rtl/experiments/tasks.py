@@ -134,6 +134,14 @@ class Task:
     def subset_size(self, ticket: int) -> int:
         return int((self.t_train == ticket).sum())
 
+    def batch_count(self) -> int:
+        """The number of batches :meth:`all_batches` yields in one epoch."""
+        return -(-self.x_train.shape[0] // self.settings.batch_size)
+
+    def ticket_batch_count(self, ticket: int) -> int:
+        """The number of batches :meth:`ticket_batches` yields in one epoch (0 for an empty subset)."""
+        return -(-self.subset_size(ticket) // self.settings.batch_size)
+
     # -- objectives ----------------------------------------------------------------------------------------------
     def loss_all(self, out: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(out, y)
@@ -232,6 +240,9 @@ class DigitsClasses(Task):
             idx = torch.cat([p, n])
             target = torch.cat([torch.ones(p.numel()), torch.zeros(n.numel())])
             yield self.x_train[idx], target
+
+    def ticket_batch_count(self, ticket):
+        return -(-self.subset_size(ticket) // max(1, self.settings.batch_size // 2))
 
     def loss_ticket(self, out, target, ticket):
         return F.binary_cross_entropy_with_logits(out[:, ticket], target)

@@ -20,6 +20,13 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def tiny_budget():
+    """The smallest budget that runs every stage of `rtl run`: the arguments the run tests add to each command."""
+    settings = ["dense_epochs=1", "single_epochs=1", "ticket_steps=2", "retrain_epochs=1", "prune_fraction=0.5"]
+    return [arg for setting in settings + ["batch_size=32"] for arg in ("--set", setting)] + ["--no-progress"]
+
+
 # ------------------------------------------------------------------------------------------------------------ CIFAR
 # Tiny files in the official python-pickle layout. The official pickles were written by Python 2, whose str keys
 # read back as bytes under pickle.load(encoding="bytes") (b"data") and as str under encoding="latin1" (what

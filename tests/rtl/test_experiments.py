@@ -9,22 +9,6 @@ import torch
 from rtl import cli
 from rtl.experiments import protocol
 
-TINY = [
-    "--set",
-    "dense_epochs=1",
-    "--set",
-    "single_epochs=1",
-    "--set",
-    "ticket_steps=2",
-    "--set",
-    "retrain_epochs=1",
-    "--set",
-    "prune_fraction=0.5",
-    "--set",
-    "batch_size=32",
-    "--no-progress",
-]
-
 
 def _run(args):
     return cli.main(["run"] + args)
@@ -35,9 +19,9 @@ def _without_timing(metrics):
 
 
 @pytest.mark.parametrize("experiment", ["digits-classes", "digits-environments", "inr-regions"])
-def test_embedded_experiment_end_to_end(experiment, tmp_path):
+def test_embedded_experiment_end_to_end(experiment, tmp_path, tiny_budget):
     out = tmp_path / "run"
-    assert _run([experiment, "--quick", "--sparsities", "0.3,0.6", "--out", str(out)] + TINY) == 0
+    assert _run([experiment, "--quick", "--sparsities", "0.3,0.6", "--out", str(out)] + tiny_budget) == 0
     for name in (
         "config.json",
         "metrics.json",
@@ -66,8 +50,8 @@ def test_embedded_experiment_end_to_end(experiment, tmp_path):
     assert cli.main(["report", str(out)]) == 0 and (out / "report.md").is_file()
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
-    args = ["digits-environments", "--quick", "--sparsities", "0.5", "--seed", "3"] + TINY
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch, tiny_budget):
+    args = ["digits-environments", "--quick", "--sparsities", "0.5", "--seed", "3"] + tiny_budget
     assert _run(args + ["--out", str(tmp_path / "whole")]) == 0
 
     real_save = protocol.StageStore.save
@@ -107,14 +91,14 @@ def test_bad_inputs(tmp_path, capsys):
     assert "unknown backend" in capsys.readouterr().err
 
 
-def test_resume_refuses_foreign_corrupt_and_mismatched_runs(tmp_path, capsys):
+def test_resume_refuses_foreign_corrupt_and_mismatched_runs(tmp_path, capsys, tiny_budget):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    assert _run(["digits-classes", "--resume", str(foreign)] + TINY) == 2
+    assert _run(["digits-classes", "--resume", str(foreign)] + tiny_budget) == 2
     assert "not an rtl run directory" in capsys.readouterr().err
 
     run = tmp_path / "run"
-    args = ["digits-classes", "--quick", "--sparsities", "0.5"] + TINY
+    args = ["digits-classes", "--quick", "--sparsities", "0.5"] + tiny_budget
     assert _run(args + ["--out", str(run)]) == 0
     assert _run(args + ["--out", str(run)]) == 2  # an existing run is never overwritten
     assert "--resume" in capsys.readouterr().err
@@ -128,7 +112,7 @@ def test_resume_refuses_foreign_corrupt_and_mismatched_runs(tmp_path, capsys):
     assert {p: p.read_bytes() for p in (run / "stages").rglob("*") if p.is_file()} == before
     assert (run / "metrics.json").read_bytes() == metrics_before
 
-    assert _run(["digits-classes", "--quick", "--sparsities", "0.25", "--resume", str(run)] + TINY) == 2
+    assert _run(["digits-classes", "--quick", "--sparsities", "0.25", "--resume", str(run)] + tiny_budget) == 2
     assert "another configuration" in capsys.readouterr().err
 
 
@@ -142,7 +126,7 @@ def test_list_names_every_experiment(capsys):
 @pytest.mark.parametrize(
     "experiment, fixture", [("cifar10-classes", "cifar10_root"), ("cifar100-clusters", "cifar100_root")]
 )
-def test_cifar_experiments_on_format_exact_files(experiment, fixture, tmp_path, request):
+def test_cifar_experiments_on_format_exact_files(experiment, fixture, tmp_path, request, tiny_budget):
     root, _ = request.getfixturevalue(fixture)
     out = tmp_path / "run"
     assert (
@@ -159,7 +143,7 @@ def test_cifar_experiments_on_format_exact_files(experiment, fixture, tmp_path, 
                 "--set",
                 "eval_batch=8",
             ]
-            + TINY
+            + tiny_budget
         )
         == 0
     )
@@ -169,11 +153,11 @@ def test_cifar_experiments_on_format_exact_files(experiment, fixture, tmp_path, 
     assert (out / "report.md").is_file()
 
 
-def test_interrupted_mask_extraction_resumes_from_its_last_round(tmp_path, monkeypatch):
+def test_interrupted_mask_extraction_resumes_from_its_last_round(tmp_path, monkeypatch, tiny_budget):
     """An interruption inside Alg. 1 loses at most the round in progress, and the resumed masks are identical."""
-    from rtl import imp as imp_module
+    from rtl import iterative_pruning as imp_module
 
-    args = ["digits-classes", "--quick", "--sparsities", "0.6", "--seed", "1"] + TINY
+    args = ["digits-classes", "--quick", "--sparsities", "0.6", "--seed", "1"] + tiny_budget
     assert _run(args + ["--out", str(tmp_path / "whole")]) == 0
 
     real_run = imp_module.IMP.run
@@ -201,12 +185,12 @@ def test_interrupted_mask_extraction_resumes_from_its_last_round(tmp_path, monke
     assert [r["round"] for r in rounds] == list(range(len(rounds))) and len(rounds) >= 2
 
 
-def test_structured_masks_run_and_stay_structured(tmp_path):
+def test_structured_masks_run_and_stay_structured(tmp_path, tiny_budget):
     out = tmp_path / "run"
     assert (
         _run(
             ["digits-classes", "--quick", "--sparsities", "0.5", "--out", str(out), "--set", "granularity=vector:4"]
-            + TINY
+            + tiny_budget
         )
         == 0
     )

@@ -1,4 +1,4 @@
-"""rtl.imp.IMP (Alg. 1): rounds, counts, clipping, granularities, rewinding, late rewinding, resume, errors."""
+"""rtl.IMP (Alg. 1): rounds, counts, clipping, granularities, rewinding, late rewinding, resume, errors."""
 
 import math
 import os
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rtl
-from rtl.imp import IMP
+from rtl.iterative_pruning import IMP
 from rtl.nn import RoutedSparseConv2d, RoutedSparseLinear, routed_modules
 from rtl.prune import magnitude_prune_, ticket_sparsity
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rtl.nn import RoutedSparseConv2d, RoutedSparseConvTranspose2d, RoutedSparseLinear, routed_modules
-from rtl.imp import IMP
+from rtl.iterative_pruning import IMP
 from rtl.prune import magnitude_prune_, prunable_count, ticket_sparsity
 
 PRUNABLE = 4 * 1 * 3 * 3 + 10 * 256  # conv + linear weights of _model
@@ -330,9 +330,9 @@ def test_filter_fn_selects_prunable_layers():
 
 
 def test_imp_is_reexported():
-    from rtl.imp import IMP as direct
+    import rtl
 
-    assert IMP is direct
+    assert rtl.IMP is IMP
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------
@@ -404,9 +404,19 @@ def test_model_errors():
         magnitude_prune_(mixed, 1)
 
 
-def test_the_former_name_of_imp_still_works_with_a_warning():
-    import rtl.imp
+def test_the_former_names_of_imp_still_work_with_a_warning():
     import rtl.prune
 
-    with pytest.warns(DeprecationWarning, match="rtl.prune.IMP moved: use rtl.imp.IMP"):
-        assert rtl.prune.IMP is rtl.imp.IMP
+    with pytest.warns(DeprecationWarning, match="rtl.prune.IMP moved: use rtl.iterative_pruning.IMP"):
+        assert rtl.prune.IMP is IMP
+    with pytest.warns(DeprecationWarning, match="rtl.imp moved: use rtl.iterative_pruning"):
+        from rtl.imp import IMP as former
+    assert former is IMP
+
+
+def test_the_former_routing_module_still_works_with_a_warning():
+    import rtl
+
+    with pytest.warns(DeprecationWarning, match="rtl.routing moved: use rtl.routed_model"):
+        from rtl.routing import use_route
+    assert use_route is rtl.use_route

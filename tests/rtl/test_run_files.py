@@ -11,22 +11,11 @@ import pytest
 from rtl import cli
 from rtl.experiments import run_lock
 
-TINY = [
-    "--set",
-    "dense_epochs=1",
-    "--set",
-    "single_epochs=1",
-    "--set",
-    "ticket_steps=2",
-    "--set",
-    "retrain_epochs=1",
-    "--set",
-    "prune_fraction=0.5",
-    "--set",
-    "batch_size=32",
-    "--no-progress",
-]
-ARGS = ["digits-environments", "--quick", "--sparsities", "0.5"] + TINY
+
+@pytest.fixture(scope="module")
+def run_args(tiny_budget):
+    """A whole `rtl run` on the smallest experiment and budget."""
+    return ["digits-environments", "--quick", "--sparsities", "0.5"] + tiny_budget
 
 
 def _snapshot(root):
@@ -39,9 +28,9 @@ def _one_line_error(err):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(tmp_path_factory, run_args):
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert cli.main(["run"] + ARGS + ["--out", str(out)]) == 0
+    assert cli.main(["run"] + run_args + ["--out", str(out)]) == 0
     return out
 
 
@@ -62,7 +51,7 @@ def _damage(path, how):
 
 
 @pytest.mark.parametrize("how", ["truncated", "foreign"])
-def test_damaged_files_of_a_finished_run_get_a_clean_error(finished_run, how, tmp_path, capsys):
+def test_damaged_files_of_a_finished_run_get_a_clean_error(finished_run, how, tmp_path, capsys, run_args):
     import shutil
 
     run = tmp_path / "run"
@@ -71,7 +60,7 @@ def test_damaged_files_of_a_finished_run_get_a_clean_error(finished_run, how, tm
     assert any(p.name == "config.json" for p in files) and any(p.parent.name == "stages" for p in files)
     for path in files:
         original = _damage(path, how)
-        for command in (["report", str(run)], ["run"] + ARGS + ["--resume", str(run)]):
+        for command in (["report", str(run)], ["run"] + run_args + ["--resume", str(run)]):
             before = _snapshot(run)
             capsys.readouterr()
             rc = cli.main(command)
@@ -88,8 +77,8 @@ def test_damaged_files_of_a_finished_run_get_a_clean_error(finished_run, how, tm
         path.write_bytes(original)
 
 
-def test_truncated_imp_checkpoint_gets_a_clean_error(tmp_path, monkeypatch, capsys):
-    from rtl import imp as imp_module
+def test_truncated_imp_checkpoint_gets_a_clean_error(tmp_path, monkeypatch, capsys, run_args):
+    from rtl import iterative_pruning as imp_module
 
     real_run = imp_module.IMP.run
 
@@ -102,7 +91,7 @@ def test_truncated_imp_checkpoint_gets_a_clean_error(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(imp_module.IMP, "run", stop_after_one_round)
     run = tmp_path / "run"
-    assert cli.main(["run"] + ARGS + ["--out", str(run)]) == 130
+    assert cli.main(["run"] + run_args + ["--out", str(run)]) == 130
     monkeypatch.setattr(imp_module.IMP, "run", real_run)
     checkpoints = sorted(run.rglob("imp_checkpoint.pt"))
     assert checkpoints
@@ -110,12 +99,12 @@ def test_truncated_imp_checkpoint_gets_a_clean_error(tmp_path, monkeypatch, caps
         original = _damage(checkpoints[0], how)
         before = _snapshot(run)
         capsys.readouterr()
-        assert cli.main(["run"] + ARGS + ["--resume", str(run)]) == 2
+        assert cli.main(["run"] + run_args + ["--resume", str(run)]) == 2
         err = capsys.readouterr().err
         assert _one_line_error(err) and "imp_checkpoint.pt" in err and "Delete that file" in err, err
         assert _snapshot(run) == before
         checkpoints[0].write_bytes(original)
-    assert cli.main(["run"] + ARGS + ["--resume", str(run)]) == 0
+    assert cli.main(["run"] + run_args + ["--resume", str(run)]) == 0
 
 
 def test_report_of_a_directory_that_is_no_run(tmp_path, capsys):
@@ -132,13 +121,13 @@ time.sleep(600)
 """
 
 
-def test_a_run_directory_is_locked_while_a_run_holds_it(tmp_path, capsys):
+def test_a_run_directory_is_locked_while_a_run_holds_it(tmp_path, capsys, run_args):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert (run / run_lock.LOCK_NAME).read_text().strip() == str(holder.pid)
-        assert cli.main(["run"] + ARGS + ["--out", str(run)]) == 2
+        assert cli.main(["run"] + run_args + ["--out", str(run)]) == 2
         err = capsys.readouterr().err
         assert _one_line_error(err) and f"pid {holder.pid}" in err, err
         assert not (run / "config.json").exists()  # the refused run wrote nothing
@@ -147,8 +136,8 @@ def test_a_run_directory_is_locked_while_a_run_holds_it(tmp_path, capsys):
         holder.wait()
     # the killed holder left its lock file behind: stale, it blocks nothing
     assert (run / run_lock.LOCK_NAME).exists()
-    assert cli.main(["run"] + ARGS + ["--out", str(run)]) == 0
-    assert cli.main(["run"] + ARGS + ["--resume", str(run)]) == 0
+    assert cli.main(["run"] + run_args + ["--out", str(run)]) == 0
+    assert cli.main(["run"] + run_args + ["--resume", str(run)]) == 0
 
 
 def test_lock_is_released_and_reacquired_in_one_process(tmp_path):

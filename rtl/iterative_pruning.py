@@ -35,7 +35,7 @@ from .state_io import atomic_save, first_line, rng_state, set_rng_state
 
 __all__ = ["IMP", "CheckpointError"]
 
-_FORMAT = "rtl.imp"
+_FORMAT = "rtl.imp"  # the checkpoint tag keeps the module's former name, so older checkpoints still resume
 _VERSION = 1
 CHECKPOINT_NAME = "imp_checkpoint.pt"
 
