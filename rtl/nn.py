@@ -84,10 +84,10 @@ def check_route(route, num_tickets: int, batch: Optional[int] = None, device=Non
         raise ValueError(f"route must be 1-D (B,), got shape {tuple(route.shape)}")
     if batch is not None and route.shape[0] != batch:
         raise ValueError(f"route has {route.shape[0]} entries but the batch has {batch} samples")
-    # the value check reads the route back (a device sync on GPU); under CUDA graph capture it is skipped, as
-    # rtl_kernels' own check is
-    capturing = route.is_cuda and torch.cuda.is_current_stream_capturing()
-    if route.numel() and not capturing:
+    # The value check reads the route back: done here only in eager CPU calls, where that costs nothing. A GPU
+    # route (the read would sync with the device) and a compiled call (the read would break the graph) are checked
+    # by rtl_kernels inside the ops, which every routed layer calls.
+    if route.numel() and not route.is_cuda and not torch.compiler.is_compiling():
         lo, hi = int(route.min()), int(route.max())
         if lo < 0 or hi >= num_tickets:
             bad = lo if lo < 0 else hi

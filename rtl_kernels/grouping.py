@@ -88,7 +88,9 @@ def group_by_ticket(route: Tensor, num_tickets: int) -> TicketGrouping:
         ([1, 3, 0, 2], [1, 1, 2], [0, 1, 2, 4])
     """
     perm, counts, offsets = group_by_ticket_tensors(route, num_tickets)
-    _mark_checked(perm, offsets)
+    # A traced call holds no real tensors to mark: the first op that receives the grouping checks and marks it.
+    if not torch.compiler.is_compiling():
+        _mark_checked(perm, offsets)
     return TicketGrouping(perm, counts, offsets)
 
 
