@@ -63,8 +63,9 @@ demo: install
 		$(VPY) -m rtl run digits-classes --quick --out $(DEMO_DIR); \
 	fi
 
+# The benchmarks run from the checkout (they are not installed with the package): python -m bench TARGET [ARGS].
 bench: install
-	$(VPY) bench/bench_linear.py
+	$(VPY) -m bench linear
 
 clean:
 	rm -rf build rtl_kernels/*.so *.egg-info

@@ -2,12 +2,12 @@
 
 Usage::
 
-    python bench/bench_conv2d.py [--device cpu|cuda] [--quick] [--cases NAME,...] [--repeats N]
-                                 [--results-dir bench/results]
+    python -m bench conv2d [--device cpu|cuda] [--quick] [--cases NAME,...] [--repeats N]
+                           [--results-dir bench/results]
 
-The conv counterpart of bench_linear.py (same providers where they apply, same CSV style, same tables). Every
-provider of a case runs in this one process on the very same tensors (x, W, masks, route, bias and the backward's
-grad):
+The conv counterpart of bench_linear.py (same providers where they apply, same CSV style, same tables, the same
+harness). Every provider of a case runs in this one process on the very same tensors (x, W, masks, route, bias and
+the backward's grad):
 
 - B0  ``F.conv2d`` / ``F.conv_transpose2d`` with the unmasked W: dense, the speed-of-light reference (it computes
   the wrong function);
@@ -22,11 +22,10 @@ Routing prep is timed apart (provider ``route_prep``: ``group_by_ticket``); the 
 the same precomputed grouping, as a model whose layers share one route is.
 
 Modes: ``fwd`` and ``fwd+bwd`` (gradients of x, W and, where the layer has one, the bias, for one fixed random
-grad_y, via ``torch.autograd.grad``). The error column is the forward's max |difference| from a float64 computation
-done image by image (grouped by the image's own route entry, not by the grouping handed to the providers), once per
-case: the routed function for routed providers, the dense one for B0, the one-mask one for B0m. For the large cases
-the float64 check covers a subset of the images (at least one per ticket present; the row's ``err_images`` column and
-the table say how many).
+grad_y). Before timing, every provider's forward is checked against a float64 computation done image by image
+(grouped by the image's own route entry, not by the grouping handed to the providers): the routed function for
+routed providers, the dense one for B0, the one-mask one for B0m. For the large cases the float64 check covers a
+subset of the images (at least one per ticket present; the row's ``err_images`` column and the table say how many).
 
 The cases are the layers of the paper's models at its batch sizes and ticket counts (docs/paper_notes.md):
 GhostNet on 32x32 CIFAR at batch 320, T = 10; the speech U-Net at T = 3 (batch 4, the 626-frame input cut to 64
@@ -40,30 +39,18 @@ Results are appended to ``<results-dir>/conv2d_<cpu|cuda>.csv`` and the run's ta
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import sys
-import zlib
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-# Run as a script (python bench/bench_conv2d.py), so the sibling modules are found through the script's folder.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import rtl_kernels as rk
 
-# The target model, the "ours" list per device and the ratio/verdict and cell formatting are bench_linear's, reused
-# so both benchmarks judge and print the same way.
-import bench_linear as lin  # noqa: E402
-from bench_linear import MODES, OURS_BY_DEVICE, Target, at_most, faster  # noqa: E402
+from . import harness
+from .harness import OP_MODES as MODES
+from .harness import Target, at_most, faster, no_slower
 
-import rtl_kernels as rk  # noqa: E402
-from rtl_kernels.formats.block_csr import compile_block_csr  # noqa: E402
-
-DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Budget of the float64 error check per case, in dense forward GFLOP (it runs three functions on the chosen images).
 REFERENCE_GFLOP_BUDGET = 4.0
 
@@ -80,17 +67,14 @@ Pair = Tuple[int, int]
 
 
 # --------------------------------------------------------------------------------------------------------- the cases
-@dataclass(frozen=True)
-class Case:
-    """One conv layer at one batch, T and sparsity. ``base`` names it without its dtype (--cases accepts either).
+@dataclass(frozen=True, kw_only=True)
+class Case(harness.Case):
+    """One conv layer at one batch, T and sparsity (``family``: ghostnet, unet or resnet).
 
     For ``conv_transpose2d`` the weight is (C_in, C_out / groups, kh, kw), as F.conv_transpose2d wants; otherwise
     (C_out, C_in / groups, kh, kw). H x W is the input's size.
     """
 
-    name: str
-    base: str
-    family: str  # ghostnet, unet or resnet: --cases accepts it to select the family
     layer: str  # what the layer is in its model, for the tables
     op: str  # 'conv2d' or 'conv_transpose2d'
     batch: int
@@ -103,13 +87,7 @@ class Case:
     padding: Pair
     groups: int
     bias: bool
-    tickets: int
-    sparsity: float
-    dtype: torch.dtype
-    repeats: int
     output_padding: Pair = (0, 0)
-    warmup: Optional[int] = None  # None: the run's default
-    targets: Tuple[Target, ...] = field(default=())
 
     @property
     def structure(self) -> str:
@@ -145,6 +123,19 @@ class Case:
     @property
     def gflop(self) -> float:
         return self.gflop_per_image() * self.batch
+
+    def quick(self) -> "Case":
+        """The same layer kind (op, kernel, stride, padding, output padding, depthwise or not, bias, T, sparsity) on
+        tiny sizes: at most 16 input / 8 output channels, 12x12 input, 2 images a ticket."""
+        c_in = min(self.c_in, 16)
+        c_out = min(self.c_out, 8)
+        groups = self.groups
+        if groups > 1:  # depthwise stays depthwise
+            c_in = c_out = groups = min(self.c_in, 8)
+        return replace(
+            self, batch=2 * self.tickets, c_in=c_in, c_out=c_out, groups=groups, h=min(self.h, 12),
+            w=min(self.w, 12), repeats=3, warmup=None,
+        )  # fmt: skip
 
 
 def _geometry_text(case: Case) -> str:
@@ -246,11 +237,12 @@ def _gpu_targets(base: str, sparsity: float) -> Tuple[Target, ...]:
     if base.startswith(("ghost_", "unet_")):
         return tuple(t for m in MODES for t in (at_most(m, "B0", 1.2), faster(m, "B1", 3)))
     if base.startswith("resnet_c256_") and sparsity == 0.9:
-        return tuple(Target(m, "B0", 1.0, f"{m} no slower than B0") for m in MODES)
+        return tuple(no_slower(m, "B0") for m in MODES)
     return ()
 
 
 def cpu_cases(include_opt_in: bool = False) -> List[Case]:
+    """Every CPU case, fp32; those of CPU_OPT_IN only with ``include_opt_in`` (a run that names its cases)."""
     cases = _all_cases(torch.float32, "", _cpu_targets)
     return cases if include_opt_in else [c for c in cases if c.name not in CPU_OPT_IN]
 
@@ -264,95 +256,32 @@ def gpu_cases() -> List[Case]:
     return cases
 
 
-def quick_case(case: Case) -> Case:
-    """The same layer kind (op, kernel, stride, padding, output padding, depthwise or not, bias, T, sparsity) on
-    tiny sizes: at most 16 input / 8 output channels, 12x12 input, 2 images a ticket."""
-    c_in = min(case.c_in, 16)
-    c_out = min(case.c_out, 8)
-    groups = case.groups
-    if groups > 1:  # depthwise stays depthwise
-        c_in = c_out = groups = min(case.c_in, 8)
-    return replace(
-        case, batch=2 * case.tickets, c_in=c_in, c_out=c_out, groups=groups, h=min(case.h, 12), w=min(case.w, 12),
-        repeats=3, warmup=None,
-    )  # fmt: skip
+def selectable_cases(device_type: str, args: argparse.Namespace) -> List[Case]:
+    """The cases a run selects from: on CPU the opt-in ones too when --cases names cases."""
+    return cpu_cases(include_opt_in=bool(args.cases)) if device_type == "cpu" else gpu_cases()
 
 
-def select_cases(device_type: str, names: Optional[str], quick: bool) -> List[Case]:
-    if device_type == "cpu":
-        cases = cpu_cases(include_opt_in=bool(names))
-    else:
-        cases = gpu_cases()
-    if names:
-        wanted = [n.strip() for n in names.split(",") if n.strip()]
-        known = {c.name for c in cases} | {c.base for c in cases} | {c.family for c in cases}
-        unknown = [n for n in wanted if n not in known]
-        if unknown:
-            choices = ", ".join(dict.fromkeys([c.family for c in cases] + [c.name for c in cases]))
-            raise SystemExit(f"unknown case(s) {', '.join(unknown)} for {device_type}; choose from {choices}")
-        cases = [c for c in cases if c.name in wanted or c.base in wanted or c.family in wanted]
-    return [quick_case(c) for c in cases] if quick else cases
-
-
-# ------------------------------------------------------------------------------------------------------- the inputs
-@dataclass
-class Inputs:
-    """One case's tensors; every provider reads these same objects."""
-
-    x: torch.Tensor
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    masks: torch.Tensor
-    route: torch.Tensor
-    grad_y: torch.Tensor
-    grouping: rk.TicketGrouping
-    sparsity_measured: float
-    block_occupancy: Optional[float]
-
-
-def make_inputs(case: Case, device: torch.device) -> Inputs:
-    """Seeded from the case's base name: the bf16 and fp32 variants (and CPU/GPU runs) share their data."""
-    seed = zlib.crc32(case.base.encode())
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
-    B, T = case.batch, case.tickets
+# ------------------------------------------------------------------------------------- inputs and providers
+def make_inputs(case: Case, device: torch.device) -> harness.OpInputs:
+    """x (B, C_in, H, W), W as the op takes it, bias (C_out,) or None, grad_y (B, C_out, Ho, Wo), masks (T, *W)
+    with one mask row per weight row (the first dim of W), the rest flattened: an exact kept count per ticket."""
     wshape = case.weight_shape
     fan_in = wshape[1] * wshape[2] * wshape[3]
     if case.op == "conv_transpose2d":  # each output pixel sums over C_in x (taps hitting it), about C_in * kh*kw/s
         fan_in = wshape[0] * wshape[2] * wshape[3]
+    cols = wshape[1] * wshape[2] * wshape[3]
 
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=case.dtype)
+    def masks(seed: int) -> torch.Tensor:
+        return harness.unstructured_masks(case.tickets, wshape[0], cols, case.sparsity, seed=seed, device=device)
 
-    x = rand(B, case.c_in, case.h, case.w)
-    weight = rand(*wshape, scale=fan_in**-0.5)  # keeps outputs O(1), so absolute errors compare across cases
-    bias = rand(case.c_out, scale=0.1) if case.bias else None
-    grad_y = rand(B, case.c_out, *case.out_size)
-    # Balanced route (B/T images a ticket), images shuffled.
-    route = (torch.arange(B) % T)[torch.randperm(B, generator=g)].to(device)
-    # One mask row per weight row (the first dim of W), the rest flattened: exact kept count per ticket.
-    rows, cols = wshape[0], wshape[1] * wshape[2] * wshape[3]
-    masks2d = common.unstructured_masks(T, rows, cols, case.sparsity, seed=seed + 1, device=device)
-    masks = masks2d.view(T, *wshape)
-    try:
-        occupancy = float(compile_block_csr(masks2d, 64, 64).occupancy)
-    except Exception as exc:  # a reporting column must not stop the benchmark
-        print(f"  block occupancy unavailable: {common.error_text(exc)}", flush=True)
-        occupancy = None
-    return Inputs(
-        x=x,
-        weight=weight,
-        bias=bias,
-        masks=masks,
-        route=route,
-        grad_y=grad_y,
-        grouping=rk.group_by_ticket(route, T),
-        sparsity_measured=common.mask_sparsity(masks),
-        block_occupancy=occupancy,
-    )
+    x_shape = (case.batch, case.c_in, case.h, case.w)
+    out_shape = (case.batch, case.c_out, *case.out_size)
+    inp = harness.op_inputs(case, device, x_shape, wshape, fan_in, out_shape, case.c_out if case.bias else None, masks)
+    inp.check = reference_images(case, inp.route)
+    return inp
 
 
-def conv_fn(case: Case) -> Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
+def conv_fn(case: Case) -> harness.OpFunction:
     """The case's plain torch conv, ``f(x, W, b)``, for the dense baselines and the float64 reference."""
     if case.op == "conv_transpose2d":
         return lambda x, w, b: F.conv_transpose2d(
@@ -372,53 +301,9 @@ def reference_images(case: Case, route: torch.Tensor) -> torch.Tensor:
     return torch.tensor(sorted(order[:count]), dtype=torch.long, device=route.device)
 
 
-def float64_references(case: Case, inp: Inputs, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """The forward of each function the providers compute, on ``images`` only, in float64 from the same values.
-
-    The routed one reads each image's ticket from route itself (the images of one ticket are convolved together,
-    which is the same per-image computation), so a wrong group_by_ticket would show.
-    """
-    f = conv_fn(case)
-    x = inp.x.index_select(0, images).double()
-    w = inp.weight.double()
-    b = None if inp.bias is None else inp.bias.double()
-    route = inp.route.index_select(0, images)
-    routed = None
-    for t in range(case.tickets):
-        sel = (route == t).nonzero().flatten()
-        if sel.numel():
-            y = f(x.index_select(0, sel), w * inp.masks[t], b)
-            if routed is None:
-                routed = y.new_empty((x.shape[0], *y.shape[1:]))
-            routed[sel] = y
-    return {"routed": routed, "dense": f(x, w, b), "mask0": f(x, w * inp.masks[0], b)}
-
-
-# ---------------------------------------------------------------------------------------------------- the providers
-@dataclass
-class Provider:
-    """A way to compute the layer. ``forward(x, W, b)`` closes over the masks, route, grouping and geometry."""
-
-    name: str
-    kind: str  # 'baseline', 'ours' or 'prep'
-    forward: Optional[Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]]
-    err_reference: Optional[str]  # key of float64_references, None when there is no output to check
-    backward: bool = True
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    unavailable: Optional[str] = None
-
-
-def make_providers(case: Case, inp: Inputs, device: torch.device) -> List[Provider]:
+def make_providers(case: Case, inp: harness.OpInputs, device: torch.device) -> List[harness.Provider]:
+    """B0, B0m, B1, ours and route_prep (harness.op_providers) on the case's tensors."""
     masks, route, grp = inp.masks, inp.route, inp.grouping
-    m0 = masks[0]
-    dense = conv_fn(case)
-
-    def b0(x, w, b):
-        return dense(x, w, b)
-
-    def b0m(x, w, b):
-        return dense(x, w * m0, b)
-
     if case.op == "conv_transpose2d":
 
         def routed(x, w, b):
@@ -434,238 +319,92 @@ def make_providers(case: Case, inp: Inputs, device: torch.device) -> List[Provid
                 x, w, masks, route, b, stride=case.stride, padding=case.padding, groups=case.groups, grouping=grp
             )
 
-    providers = [
-        Provider("B0", "baseline", b0, "dense"),
-        Provider("B0m", "baseline", b0m, "mask0"),
-        Provider("B1", "baseline", routed, "routed", context=lambda: rk.set_backend("reference")),
-    ]
-    reasons = rk.unavailable_reasons(device, case.dtype)
-    for name in OURS_BY_DEVICE[device.type]:
-        providers.append(
-            Provider(
-                f"ours:{name}",
-                "ours",
-                routed,
-                "routed",
-                context=(lambda n=name: rk.set_backend(n)),
-                unavailable=reasons.get(name, f"no backend named {name!r}"),
-            )
-        )
-    providers.append(Provider("route_prep", "prep", None, None, backward=False))
-    return providers
+    return harness.op_providers(inp, device, case.dtype, conv_fn(case), routed)
 
 
-# ------------------------------------------------------------------------------------------------------- measuring
 def _pair_text(p: Pair) -> str:
     return f"{p[0]}x{p[1]}"
 
 
-def measure_case(
-    case: Case,
-    device: torch.device,
-    env: Dict[str, str],
-    run_id: str,
-    args: argparse.Namespace,
-    label: str,
-) -> List[Dict[str, object]]:
-    """All rows of one case: every provider in every mode it supports, plus route_prep."""
-    ho, wo = case.out_size
-    print(
-        f"{label} {case.name}: {case.layer}; x ({case.batch}, {case.c_in}, {case.h}, {case.w}) -> "
-        f"({case.batch}, {case.c_out}, {ho}, {wo}), {_geometry_text(case)}, T={case.tickets}, "
-        f"{case.structure} {case.sparsity:.0%}, {str(case.dtype).replace('torch.', '')}, "
-        f"{case.gflop:.3g} dense GFLOP",
-        flush=True,
-    )
-    gc.collect()  # once per case: the previous case's tensors and graphs go before anything is timed
+def prepare(case: Case, device: torch.device, args: argparse.Namespace) -> harness.Prepared:
+    """The case's inputs, providers and float64 references (on the images reference_images picks)."""
     inp = make_inputs(case, device)
-    images = reference_images(case, inp.route)
-    refs = float64_references(case, inp, images)
-    err_images = f"{images.numel()}/{case.batch}"
-    providers = make_providers(case, inp, device)
-    repeats = args.repeats if args.repeats else case.repeats
-    if args.warmup is not None:
-        warmup = args.warmup
-    elif args.quick:
-        warmup = 1
-    elif case.warmup is not None:
-        warmup = case.warmup
-    else:
-        warmup = 3 if device.type == "cuda" else 2
-    max_seconds = args.max_seconds if args.max_seconds is not None else (1.0 if args.quick else 5.0)
-
-    xg = inp.x.detach().requires_grad_(True)
-    wg = inp.weight.detach().requires_grad_(True)
-    bg = None if inp.bias is None else inp.bias.detach().requires_grad_(True)
-    grad_inputs = (xg, wg) if bg is None else (xg, wg, bg)
-
-    base = {
-        **{k: env.get(k, "") for k in FIELDS if k in env},
-        "run_id": run_id,
-        "quick": int(bool(args.quick)),
-        "case": case.name,
-        "layer": case.layer,
-        "op": case.op,
-        "dtype": str(case.dtype).replace("torch.", ""),
-        "B": case.batch,
-        "C_in": case.c_in,
-        "C_out": case.c_out,
-        "H": case.h,
-        "W": case.w,
-        "Ho": ho,
-        "Wo": wo,
-        "kernel": _pair_text(case.kernel),
-        "stride": _pair_text(case.stride),
-        "padding": _pair_text(case.padding),
-        "output_padding": _pair_text(case.output_padding),
-        "groups": case.groups,
-        "bias": int(case.bias),
-        "gflop_fwd": case.gflop,
-        "T": case.tickets,
-        "sparsity": case.sparsity,
-        "sparsity_measured": inp.sparsity_measured,
-        "mask_structure": case.structure,
-        "block_occupancy_64": inp.block_occupancy,
-    }
-
-    def timed(fn) -> Dict[str, object]:
-        t = common.time_fn(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
-        return dict(status="ok", median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, repeats=t.repeats)
-
-    def forward_error(p: Provider) -> float:
-        with p.context():
-            y = p.forward(inp.x, inp.weight, inp.bias)
-        return (y.index_select(0, images).double() - refs[p.err_reference]).abs().max().item()
-
-    def fwd_step(p: Provider) -> None:
-        with p.context():
-            p.forward(inp.x, inp.weight, inp.bias)
-
-    def fwd_bwd_step(p: Provider) -> None:
-        with p.context():
-            y = p.forward(xg, wg, bg)
-            torch.autograd.grad(y, grad_inputs, inp.grad_y)
-
-    rows = common.measure_providers(
-        providers, base, MODES, timed,
-        route_prep=lambda: rk.group_by_ticket(route=inp.route, num_tickets=case.tickets),
-        forward_error=forward_error, fwd_step=fwd_step, fwd_bwd_step=fwd_bwd_step,
-        extra={"err_images": err_images},
+    ho, wo = case.out_size
+    columns = dict(
+        layer=case.layer, op=case.op, B=case.batch, C_in=case.c_in, C_out=case.c_out, H=case.h, W=case.w, Ho=ho,
+        Wo=wo, kernel=_pair_text(case.kernel), stride=_pair_text(case.stride), padding=_pair_text(case.padding),
+        output_padding=_pair_text(case.output_padding), groups=case.groups, bias=int(case.bias),
+        gflop_fwd=case.gflop, sparsity_measured=inp.sparsity_measured, mask_structure=case.structure,
+        block_occupancy_64=inp.block_occupancy,
     )  # fmt: skip
-    lin._add_ratios_and_targets(rows, case, quick=args.quick)
-    inp = refs = providers = xg = wg = bg = grad_inputs = (
-        None  # free this case's tensors now (the closures above hold them)
+    return harness.Prepared(
+        providers=make_providers(case, inp, device),
+        references=harness.op_references(inp, conv_fn(case)),
+        columns=columns,
+        check_columns={"err_images": f"{inp.check.numel()}/{case.batch}"},
     )
-    rk.clear_layout_cache()  # the next case's masks are new tensors; drop this case's compiled layouts now
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
 
 
 # ------------------------------------------------------------------------------------------------------ reporting
-def case_markdown(case_rows: List[Dict[str, object]]) -> str:
-    """One table for one case: providers as rows, fwd and fwd+bwd columns with ms and ratios."""
+def describe(case: Case) -> str:
+    ho, wo = case.out_size
+    return (
+        f"{case.layer}; x ({case.batch}, {case.c_in}, {case.h}, {case.w}) -> ({case.batch}, {case.c_out}, {ho}, "
+        f"{wo}), {_geometry_text(case)}, T={case.tickets}, {case.structure} {case.sparsity:.0%}, {case.dtype_name}, "
+        f"{case.gflop:.3g} dense GFLOP"
+    )
+
+
+def heading(case_rows: Sequence[Dict[str, object]]) -> str:
+    """The title of a case's table, from its first row (and the images its float64 check covered)."""
     first = case_rows[0]
-    occ = first.get("block_occupancy_64")
-    err_images = next((r.get("err_images") for r in case_rows if r.get("err_images")), None)
-    checked = ""
-    if err_images:
-        done, total = str(err_images).split("/")
-        checked = (
-            f"; max abs err on all {total} images" if done == total else f"; max abs err on {done} of {total} images"
-        )
     geometry = f"{first['kernel']} kernel, stride {first['stride']}, pad {first['padding']}"
     if first.get("output_padding") not in (None, "", "0x0"):
         geometry += f", output_padding {first['output_padding']}"
     if int(first.get("groups") or 1) > 1:
         geometry += f", groups {first['groups']}"
-    title = (
+    return (
         f"### {first['case']}: {first['layer']} ({first['op']}); x ({first['B']}, {first['C_in']}, {first['H']}, "
         f"{first['W']}) -> ({first['B']}, {first['C_out']}, {first['Ho']}, {first['Wo']}), {geometry}, "
         f"{'bias' if int(first.get('bias') or 0) else 'no bias'}, {float(first['gflop_fwd']):.3g} dense GFLOP; "
-        f"T={first['T']}, {first['mask_structure']} {float(first['sparsity']):.0%} "
-        f"(measured {float(first['sparsity_measured']):.1%}), "
-        f"64x64 block occupancy {'n/a' if occ is None else f'{float(occ):.1%}'}, {first['dtype']}{checked}"
+        f"T={first['T']}, " + harness.masks_text(case_rows, "err_images", "images")
     )
-    by = {(r["provider"], r["mode"]): r for r in case_rows}
-    providers = list(dict.fromkeys(r["provider"] for r in case_rows))
-    table, notes = [], []
-    for name in providers:
-        f, fb = by.get((name, "fwd")), by.get((name, "fwd+bwd"))
-        any_row = f or fb
-        target = "; ".join(
-            f"{r['target']} → {r.get('target_met', '')}" for r in (f, fb) if r is not None and r.get("target")
-        )
-        err = lin._fmt_err(any_row.get("max_abs_err"))
-        if err and any_row.get("err_reference"):
-            err += f" vs {any_row['err_reference']}"
-        table.append([name, *common.mode_cells(f), *common.mode_cells(fb), err, target])
-        notes += common.error_notes(name, (f, fb))
-    headers = ["provider", "fwd ms (p10–p90)", "fwd vs B0", "fwd vs B1", "fwd+bwd ms (p10–p90)",
-               "fwd+bwd vs B0", "fwd+bwd vs B1", "max abs err", "target"]  # fmt: skip
-    return common.case_table(title, headers, table, "lrrrrrrrl", notes)
 
 
-def run_markdown(
-    env: Dict[str, str],
-    argv: Sequence[str],
-    all_rows: List[Dict[str, object]],
-    quick: bool,
-    skipped: Sequence[str] = (),
-) -> str:
-    lines = [
-        f"# routed_masked_conv2d / routed_masked_conv_transpose2d benchmark, {env['device_kind']}",
-        "",
-        f"- device: {env['device']}; threads: {env['threads']}",
-        f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}"
-        + (f", CUDA {env['cuda']}, fp32 matmul precision {env['fp32_matmul_precision']}"
-           if env["device_kind"] == "cuda" else ""),
-        f"- git {env['git_rev']}, {env['timestamp']}",
-        f"- command: `python bench/bench_conv2d.py {' '.join(argv)}`".rstrip(),
-        "- ms: median (p10–p90) of repeated calls after warm-up. \"vs B0\" / \"vs B1\": that baseline's median over "
-        "this one, same mode (> 1: faster than it). B0: F.conv2d / F.conv_transpose2d with the unmasked W; B0m: with "
-        "W * M_0; B1: the reference backend (per-ticket loop). Routed providers get a precomputed grouping; its cost "
-        "is the route_prep row. max abs err: forward vs a float64 per-image computation of the function the provider "
-        "computes (on a subset of the images where the case heading says so).",
-    ]  # fmt: skip
-    if quick:
-        lines.append("- **quick run: tiny smoke shapes; times say nothing about the real cases, targets not judged.**")
-    if skipped:
-        lines.append(
-            f"- skipped in this default run (one fwd+bwd call of C = 256 at 56x56 costs seconds per provider on "
-            f"this machine): {', '.join(skipped)}; run them with `--cases {','.join(skipped)}`."
-        )
-    for case in dict.fromkeys(r["case"] for r in all_rows):
-        lines += ["", case_markdown([r for r in all_rows if r["case"] == case])]
-    return "\n".join(lines) + "\n"
+BENCHMARK = harness.Benchmark(
+    name="conv2d",
+    title="routed_masked_conv2d / routed_masked_conv_transpose2d benchmark",
+    fields=FIELDS,
+    modes=MODES,
+    cases=selectable_cases,
+    prepare=prepare,
+    describe=describe,
+    heading=heading,
+    legend=harness.op_legend(
+        " B0: F.conv2d / F.conv_transpose2d with the unmasked W; B0m: with W * M_0; B1: the reference backend "
+        "(per-ticket loop).",
+        "per-image computation",
+        " (on a subset of the images where the case heading says so)",
+    ),
+    skipped=lambda device_type, args: list(CPU_OPT_IN) if device_type == "cpu" else [],
+    skipped_note="- skipped in this default run (one fwd+bwd call of C = 256 at 56x56 costs seconds per provider on "
+    "this machine): {names}; run them with `--cases {cases}`.",
+)
 
 
-# ------------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    common.add_run_arguments(
-        ap,
+    ap = harness.argument_parser(
+        "conv2d",
+        __doc__.split("\n\n")[0],
         cases_help=(
             "comma-separated case names (GPU: with or without _bf16/_fp32) or families (ghostnet, unet, resnet);\n"
             f"on CPU this also reaches the cases the default run leaves out ({', '.join(CPU_OPT_IN)})"
         ),
         warmup_help="untimed calls first (default 2 CPU (1 for the C = 256, 56x56 layer), 3 GPU, 1 quick)",
-        default_results_dir=DEFAULT_RESULTS_DIR,
     )
-    return common.parse_run_arguments(ap, argv)
+    return harness.parse_run_arguments(ap, argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    device = common.run_device(args)
-    cases = select_cases(device.type, args.cases, args.quick)
-    skipped = list(CPU_OPT_IN) if device.type == "cpu" and not args.cases else []
-
-    note = f"; not in this run: {', '.join(skipped)}" if skipped else ""
-    markdown = lambda env, argv, rows, quick: run_markdown(env, argv, rows, quick, skipped)  # noqa: E731
-    return common.run_cases("conv2d", FIELDS, cases, measure_case, markdown, args, argv, device, note)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    """``python -m bench conv2d [ARGS]``: measure the selected cases, append to the CSV, write the markdown."""
+    return harness.main(BENCHMARK, parse_args, argv)

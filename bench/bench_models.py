@@ -2,8 +2,8 @@
 
 Usage::
 
-    python bench/bench_models.py [--device cpu|cuda] [--quick] [--cases NAME,...] [--backend auto|cpu|triton|cuda]
-                                 [--full] [--repeats N] [--out bench/results]
+    python -m bench models [--device cpu|cuda] [--quick] [--cases NAME,...] [--backend auto|cpu|triton|cuda]
+                           [--full] [--repeats N] [--out bench/results] [--profile | --memory]
 
 The op benchmarks (bench_linear.py, bench_conv2d.py) time one layer; this one times what a user runs: a model
 converted with ``rtl.convert_``, pruned per ticket, called through ``rtl.RoutedModel``, and trained with Adam
@@ -44,10 +44,10 @@ several blocks per weight). A structured request removes whole groups only while
 layers smaller than one group stay dense: the ``sparsity_measured`` column says what was pruned. The route is
 balanced (B / T samples a ticket) and shuffled.
 
-The error column is the eval-mode forward's max |difference| from float64, computed once per case on a subset of
-the samples (round robin over the tickets, at least one per ticket; ``err_samples`` says how many): for the routed
-providers against ``rtl.extract_ticket(model, t)`` (plain torch layers with W * M_t) run on each ticket's own
-samples, for B0 against the dense model. The train_step rows repeat the infer rows' error.
+Before timing, every provider's eval-mode forward is checked against float64 (bench/harness.py), once per case on
+a subset of the samples (round robin over the tickets, at least one per ticket; ``err_samples`` says how many): for
+the routed providers against ``rtl.extract_ticket(model, t)`` (plain torch layers with W * M_t) run on each ticket's
+own samples, for B0 against the dense model. The train_step rows repeat the infer rows' error.
 
 Results are appended to ``<out>/models_<cpu|cuda>.csv`` and the run's tables are written to
 ``<out>/models_<cpu|cuda>_<git rev>.md`` and printed.
@@ -58,10 +58,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import sys
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -69,23 +68,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Run as a script (python bench/bench_models.py), so the sibling modules are found through the script's folder.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import rtl
+import rtl.diagnostics
+import rtl.optim
+import rtl.prune
+import rtl_kernels as rk
+from rtl.models import FourierINR, GhostNet
+from rtl_kernels.backends import select_backend
+from rtl_kernels.formats.block_csr import compile_block_csr
 
-# The ratio computation and the cell formatting are bench_linear's, reused so every benchmark prints the same way.
-import bench_linear as lin  # noqa: E402
+from . import harness
 
-import rtl  # noqa: E402
-import rtl.diagnostics  # noqa: E402
-import rtl.optim  # noqa: E402
-import rtl.prune  # noqa: E402
-import rtl_kernels as rk  # noqa: E402
-from rtl.models import FourierINR, GhostNet  # noqa: E402
-from rtl_kernels.backends import select_backend  # noqa: E402
-from rtl_kernels.formats.block_csr import compile_block_csr  # noqa: E402
-
-DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODES = ("infer", "train_step")
 FAMILIES = ("ghostnet", "inr", "resnet18")
 UNSTRUCTURED_SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
@@ -111,28 +104,26 @@ FIELDS = [
 Granularity = Tuple  # ("unstructured",), ("vector", v) or ("block", bn, bk)
 
 
+# The float64 check's tolerance for whole models, relative to max |y|: rounding compounds over a model's layers (and
+# TF32 convolutions on a GPU), while a wrong ticket moves the outputs by a few percent of their scale or more (the
+# INR's sigmoid outputs move least).
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-2, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+
+
 # --------------------------------------------------------------------------------------------------------- the cases
-@dataclass(frozen=True)
-class Case:
-    """One model at one batch, T, sparsity and mask structure. ``base`` names it without its dtype.
+@dataclass(frozen=True, kw_only=True)
+class Case(harness.Case):
+    """One model at one batch, T, sparsity and mask structure (``family``: ghostnet, inr or resnet18).
 
     ``batch`` is the number of samples the route assigns tickets to: images for the image models, coordinate rows
-    (``size`` x ``size`` of them) for the INR. ``size`` is the image side.
+    (``size`` x ``size`` of them) for the INR. ``size`` is the image side. The model targets are read from the
+    tables (docs/benchmarks.md), so cases carry none.
     """
 
-    name: str
-    base: str
-    family: str  # ghostnet, inr or resnet18: --cases accepts it to select the family
     batch: int
     size: int
-    tickets: int
-    sparsity: float
     granularity: Granularity
-    dtype: torch.dtype
-    repeats: int
     err_samples: int  # samples the float64 error check covers (at least one per ticket)
-    warmup: Optional[int] = None  # None: the run's default
-    targets: Tuple = field(default=())  # none: the model targets are read from the tables (docs/benchmarks.md)
 
     @property
     def structure(self) -> str:
@@ -153,6 +144,22 @@ class Case:
         if self.family == "inr":
             return (self.batch, 2)
         return (self.batch, 3, self.size, self.size)
+
+    def quick(self) -> "Case":
+        """The same model, T, sparsity, structure and dtype on tiny inputs, for smoke runs of seconds.
+
+        GhostNet and ResNet-18 keep their weights (the layers are the model's) on 2 images a ticket at 32x32; the INR
+        runs a 16x16 image (256 rows). The error check then covers every sample.
+
+        Example:
+            >>> cpu_cases()[0].quick().batch
+            20
+        """
+        if self.family == "inr":
+            batch, size = 16 * 16, 16
+        else:
+            batch, size = 2 * self.tickets, 32
+        return replace(self, batch=batch, size=size, repeats=3, warmup=None, err_samples=batch)
 
 
 def _sparsity_tag(sparsity: float) -> str:
@@ -222,36 +229,13 @@ def gpu_cases() -> List[Case]:
     return _cases_for("cuda", torch.bfloat16, "bf16", True) + _cases_for("cuda", torch.float32, "fp32", True)
 
 
-def quick_case(case: Case) -> Case:
-    """The same model, T, sparsity, structure and dtype on tiny inputs, for smoke runs of seconds.
-
-    GhostNet and ResNet-18 keep their weights (the layers are the model's) on 2 images a ticket at 32x32; the INR
-    runs a 16x16 image (256 rows). The error check then covers every sample.
-
-    Args:
-        case: a full-size case.
-
-    Returns:
-        The shrunk case (3 timed calls a row).
-
-    Example:
-        >>> quick_case(cpu_cases()[0]).batch
-        20
-    """
-    if case.family == "inr":
-        batch, size = 16 * 16, 16
-    else:
-        batch, size = 2 * case.tickets, 32
-    return replace(case, batch=batch, size=size, repeats=3, warmup=None, err_samples=batch)
-
-
 def select_cases(device_type: str, names: Optional[str], quick: bool, full: bool = False) -> List[Case]:
     """The cases of a run: all of the device's, or those named (case name, name without dtype, or family).
 
     Args:
         device_type: 'cpu' or 'cuda'.
         names: comma-separated names from ``--cases``, or None for all.
-        quick: shrink every case with :func:`quick_case`.
+        quick: shrink every case with :meth:`Case.quick`.
         full: CPU ResNet-18 at 224x224.
 
     Returns:
@@ -262,15 +246,7 @@ def select_cases(device_type: str, names: Optional[str], quick: bool, full: bool
         ['inr_u50']
     """
     cases = cpu_cases(full) if device_type == "cpu" else gpu_cases()
-    if names:
-        wanted = [n.strip() for n in names.split(",") if n.strip()]
-        known = {c.name for c in cases} | {c.base for c in cases} | {c.family for c in cases}
-        unknown = [n for n in wanted if n not in known]
-        if unknown:
-            choices = ", ".join(dict.fromkeys([c.family for c in cases] + [c.name for c in cases]))
-            raise SystemExit(f"unknown case(s) {', '.join(unknown)} for {device_type}; choose from {choices}")
-        cases = [c for c in cases if c.name in wanted or c.base in wanted or c.family in wanted]
-    return [quick_case(c) for c in cases] if quick else cases
+    return harness.select_cases(cases, names, device_type, quick)
 
 
 # ------------------------------------------------------------------------------------------------------- the models
@@ -438,7 +414,7 @@ def block_occupancy(model: nn.Module, block: int = 64) -> Optional[float]:
             occupied += layout.occupancy * tiles
             total += tiles
     except Exception as exc:  # a reporting column must not stop the benchmark
-        print(f"  block occupancy unavailable: {common.error_text(exc)}", flush=True)
+        print(f"  block occupancy unavailable: {harness.error_text(exc)}", flush=True)
         return None
     return occupied / total if total else None
 
@@ -570,7 +546,7 @@ def float64_references(setup: Setup) -> Dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------------- the providers
 @dataclass
-class Provider:
+class Runner:
     """A way to run the case's model: its own copy of the weights, how to call it, and the backend context.
 
     ``call(x)`` runs the model on x (B, ...) with the case's route where it is routed. The optimizer is built on the
@@ -581,12 +557,11 @@ class Provider:
     kind: str  # 'baseline' or 'ours'
     model: nn.Module
     call: Callable[[torch.Tensor], torch.Tensor]
-    err_reference: str  # key of float64_references
+    reference: str  # key of float64_references
     backend: str  # the rtl_kernels backend that runs the routed layers ('' for the plain torch model)
     routed: bool
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     unavailable: Optional[str] = None
-    backward: bool = True  # every provider trains (common.measure_providers reads it)
     optimizer: Optional[torch.optim.Optimizer] = None
 
 
@@ -601,8 +576,8 @@ def _backend_name(choice: str, device: torch.device, dtype: torch.dtype) -> str:
         return ""
 
 
-def make_providers(case: Case, setup: Setup, device: torch.device, ours: Sequence[str]) -> List[Provider]:
-    """B0, B1 and one ``ours:<choice>`` provider per backend choice, each on its own deep copy of the weights (a
+def make_runners(case: Case, setup: Setup, device: torch.device, ours: Sequence[str]) -> List[Runner]:
+    """B0, B1 and one ``ours:<choice>`` runner per backend choice, each on its own deep copy of the weights (a
     training step of one must not move the weights another starts from).
 
     Args:
@@ -612,10 +587,10 @@ def make_providers(case: Case, setup: Setup, device: torch.device, ours: Sequenc
         ours: backend choices from ``--backend`` ('auto', 'cpu', 'triton', 'cuda').
 
     Returns:
-        The providers, B0 first.
+        The runners, B0 first.
 
     Example:
-        >>> [p.name for p in make_providers(case, setup, torch.device("cpu"), ["auto"])]
+        >>> [r.name for r in make_runners(case, setup, torch.device("cpu"), ["auto"])]
         ['B0', 'B1', 'ours:auto']
     """
     route = setup.route
@@ -625,17 +600,17 @@ def make_providers(case: Case, setup: Setup, device: torch.device, ours: Sequenc
         return lambda x: wrapper(x, route)
 
     dense = copy.deepcopy(setup.dense)
-    providers = [Provider("B0", "baseline", dense, dense, "dense_f64", "", routed=False)]
+    runners = [Runner("B0", "baseline", dense, dense, "dense_f64", "", routed=False)]
     b1 = copy.deepcopy(setup.routed)
-    providers.append(
-        Provider("B1", "baseline", b1, routed_call(b1), "ticket_f64", "reference", routed=True,
-                 context=lambda: rk.set_backend("reference"))
+    runners.append(
+        Runner("B1", "baseline", b1, routed_call(b1), "ticket_f64", "reference", routed=True,
+               context=lambda: rk.set_backend("reference"))
     )  # fmt: skip
     reasons = rk.unavailable_reasons(device, case.dtype)
     for choice in ours:
         model = copy.deepcopy(setup.routed)
-        providers.append(
-            Provider(
+        runners.append(
+            Runner(
                 f"ours:{choice}",
                 "ours",
                 model,
@@ -647,7 +622,7 @@ def make_providers(case: Case, setup: Setup, device: torch.device, ours: Sequenc
                 unavailable=None if choice == "auto" else reasons.get(choice, f"no backend named {choice!r}"),
             )
         )
-    return providers
+    return runners
 
 
 def _loss(case: Case, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -656,38 +631,52 @@ def _loss(case: Case, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, target)
 
 
-def _optimizer(p: Provider) -> torch.optim.Optimizer:
-    if p.optimizer is None:
-        adam = torch.optim.Adam(p.model.parameters(), lr=LEARNING_RATE)
+def _optimizer(r: Runner) -> torch.optim.Optimizer:
+    if r.optimizer is None:
+        adam = torch.optim.Adam(r.model.parameters(), lr=LEARNING_RATE)
         # Adam alone would move weights outside the batch's tickets through its moments; the wrapper is what a
         # correct routed training step runs.
-        p.optimizer = rtl.optim.TicketMaskedOptimizer(adam, p.model) if p.routed else adam
-    return p.optimizer
+        r.optimizer = rtl.optim.TicketMaskedOptimizer(adam, r.model) if r.routed else adam
+    return r.optimizer
 
 
-def infer_step(p: Provider, x: torch.Tensor) -> torch.Tensor:
-    """One inference call of a provider (the model must already be in eval mode).
+def _infer(r: Runner, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return r.call(x)
+
+
+def _train(r: Runner, case: Case, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    opt = _optimizer(r)
+    opt.zero_grad(set_to_none=True)
+    loss = _loss(case, r.call(x), target)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def infer_step(r: Runner, x: torch.Tensor) -> torch.Tensor:
+    """One inference call of a runner under its backend (the model must already be in eval mode).
 
     Args:
-        p: the provider.
+        r: the runner.
         x (B, ...): the inputs.
 
     Returns:
         The model's output (B, ...).
 
     Example:
-        >>> y = infer_step(providers[0], setup.x)
+        >>> y = infer_step(runners[0], setup.x)
     """
-    with p.context(), torch.no_grad():
-        return p.call(x)
+    with r.context():
+        return _infer(r, x)
 
 
-def train_step(p: Provider, case: Case, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """One training step of a provider (the model must already be in train mode): zero_grad, forward, loss,
-    backward, optimizer step.
+def train_step(r: Runner, case: Case, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One training step of a runner under its backend (the model must already be in train mode): zero_grad,
+    forward, loss, backward, optimizer step.
 
     Args:
-        p: the provider.
+        r: the runner.
         case: its case (chooses the loss: cross entropy on labels, MSE on the INR's RGB).
         x (B, ...): the inputs.
         target (B,) int64 labels or (B, 3) RGB.
@@ -696,18 +685,61 @@ def train_step(p: Provider, case: Case, x: torch.Tensor, target: torch.Tensor) -
         The loss (a detached scalar).
 
     Example:
-        >>> train_step(providers[1], case, setup.x, setup.target)
+        >>> train_step(runners[1], case, setup.x, setup.target)
     """
-    opt = _optimizer(p)
-    with p.context():
-        opt.zero_grad(set_to_none=True)
-        loss = _loss(case, p.call(x), target)
-        loss.backward()
-        opt.step()
-    return loss.detach()
+    with r.context():
+        return _train(r, case, x, target)
 
 
-# ------------------------------------------------------------------------------------------------------- measuring
+def _checked_output(r: Runner, setup: Setup) -> torch.Tensor:
+    """The eval-mode output (S, ...) on the checked samples, the model's mode restored afterwards."""
+    was_training = r.model.training
+    r.model.eval()
+    try:
+        return _infer(r, setup.x).index_select(0, setup.check)
+    finally:
+        r.model.train(was_training)
+
+
+def make_providers(case: Case, setup: Setup, runners: Sequence[Runner]) -> List[harness.Provider]:
+    """The runners as the harness times them: ``infer`` (a no_grad forward) and ``train_step`` per runner."""
+    providers = []
+    for r in runners:
+        steps = {
+            "infer": lambda r=r: _infer(r, setup.x),
+            "train_step": lambda r=r: _train(r, case, setup.x, setup.target),
+        }
+        providers.append(
+            harness.Provider(
+                r.name, r.kind, steps, output=lambda r=r: _checked_output(r, setup), reference=r.reference,
+                context=r.context, unavailable=r.unavailable, columns={"backend": r.backend},
+            )
+        )  # fmt: skip
+    return providers
+
+
+def prepare(case: Case, device: torch.device, args: argparse.Namespace) -> harness.Prepared:
+    """The case's models, inputs, providers (one per runner) and float64 references."""
+    setup = make_setup(case, device)
+    runners = make_runners(case, setup, device, args.backend)
+
+    def enter_mode(mode: str) -> None:
+        for r in runners:
+            r.model.train(mode == "train_step")  # set once, outside the timed calls
+
+    jaccard = f" (mean Jaccard {setup.jaccard:.2f})" if setup.jaccard else ""
+    return harness.Prepared(
+        providers=make_providers(case, setup, runners),
+        references=float64_references(setup),
+        columns=dict(model=case.family, batch=case.batch, input_shape=_shape_text(case.input_shape),
+                     prunable_weights=setup.prunable_weights, sparsity_measured=setup.sparsity_measured,
+                     mask_structure=case.structure + jaccard, block_occupancy_64=setup.block_occupancy),
+        check_columns={"err_samples": f"{setup.check.numel()}/{case.batch}"},
+        enter_mode=enter_mode,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ reporting
 def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(d) for d in shape)
 
@@ -720,205 +752,51 @@ def _model_text(case: Case) -> str:
     return "torchvision resnet18 (num_classes=10, fc dense)"
 
 
-def measure_case(
-    case: Case,
-    device: torch.device,
-    env: Dict[str, str],
-    run_id: str,
-    args: argparse.Namespace,
-    label: str,
-) -> List[Dict[str, object]]:
-    """All rows of one case: every provider in both modes.
-
-    Args:
-        case: the case.
-        device: where it runs.
-        env: :func:`common.environment`'s record.
-        run_id: the run's id.
-        args: the parsed options (repeats, warmup, max_seconds, quick, backend).
-        label: prefix of the progress line.
-
-    Returns:
-        One dict per (provider, mode) with the CSV's fields.
-
-    Example:
-        >>> rows = measure_case(case, torch.device("cpu"), env, "r1", args, "[1/1]")
-    """
-    print(
-        f"{label} {case.name}: {_model_text(case)}; x {tuple(case.input_shape)}, T={case.tickets}, "
-        f"{case.structure} {case.sparsity:.0%}, {str(case.dtype).replace('torch.', '')}",
-        flush=True,
+def describe(case: Case) -> str:
+    return (
+        f"{_model_text(case)}; x {tuple(case.input_shape)}, T={case.tickets}, {case.structure} {case.sparsity:.0%}, "
+        f"{case.dtype_name}"
     )
-    gc.collect()  # once per case: the previous case's models and graphs go before anything is timed
-    setup = make_setup(case, device)
-    refs = float64_references(setup)
-    providers = make_providers(case, setup, device, args.backend)
-    repeats = args.repeats if args.repeats else case.repeats
-    if args.warmup is not None:
-        warmup = args.warmup
-    elif args.quick:
-        warmup = 1
-    elif case.warmup is not None:
-        warmup = case.warmup
-    else:
-        warmup = 3 if device.type == "cuda" else 2
-    max_seconds = args.max_seconds if args.max_seconds is not None else (1.0 if args.quick else 5.0)
-
-    base = {
-        **{k: env.get(k, "") for k in FIELDS if k in env},
-        "run_id": run_id,
-        "quick": int(bool(args.quick)),
-        "case": case.name,
-        "model": case.family,
-        "dtype": str(case.dtype).replace("torch.", ""),
-        "batch": case.batch,
-        "input_shape": _shape_text(case.input_shape),
-        "T": case.tickets,
-        "prunable_weights": setup.prunable_weights,
-        "sparsity": case.sparsity,
-        "sparsity_measured": setup.sparsity_measured,
-        "mask_structure": case.structure + (f" (mean Jaccard {setup.jaccard:.2f})" if setup.jaccard else ""),
-        "block_occupancy_64": setup.block_occupancy,
-    }
-
-    def timed(fn) -> Dict[str, object]:
-        t = common.time_fn(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
-        return dict(status="ok", median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, repeats=t.repeats)
-
-    errors: Dict[str, object] = {}
-
-    def forward_error(p: Provider) -> float:
-        # Measured once per provider (both modes report it), in eval mode, before any training step moved weights.
-        if p.name not in errors:
-            was_training = p.model.training
-            p.model.eval()
-            try:
-                y = infer_step(p, setup.x)
-                errors[p.name] = (y.index_select(0, setup.check).double() - refs[p.err_reference]).abs().max().item()
-            except Exception as exc:
-                errors[p.name] = exc
-            finally:
-                p.model.train(was_training)
-        if isinstance(errors[p.name], Exception):
-            raise errors[p.name]
-        return errors[p.name]
-
-    rows: List[Dict[str, object]] = []
-    for mode in MODES:
-        for p in providers:
-            p.model.train(mode == "train_step")  # set once, outside the timed calls
-        step = (
-            (lambda p: infer_step(p, setup.x))
-            if mode == "infer"
-            else (lambda p: train_step(p, case, setup.x, setup.target))
-        )
-        # measure_providers times fwd_bwd_step for every mode other than "fwd": one mode per call picks the step.
-        rows += common.measure_providers(
-            providers, base, (mode,), timed, route_prep=lambda: None, forward_error=forward_error,
-            fwd_step=step, fwd_bwd_step=step, extra={"err_samples": f"{setup.check.numel()}/{case.batch}"},
-        )  # fmt: skip
-    backend = {p.name: p.backend for p in providers}
-    # The outputs' scale, so an absolute error can be read (untrained models with random BN statistics give
-    # logits in the hundreds).
-    scale = {key: ref.abs().max().item() for key, ref in refs.items()}
-    for r in rows:
-        r["backend"] = backend[r["provider"]]
-        r["ref_max_abs"] = scale.get(r.get("err_reference"))
-    lin._add_ratios_and_targets(rows, case, quick=args.quick)
-    setup = refs = providers = None  # free this case's tensors now (the closures above hold them)
-    rk.clear_layout_cache()  # the next case's masks are new tensors; drop this case's compiled layouts now
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
 
 
-# ------------------------------------------------------------------------------------------------------ reporting
-def case_markdown(case_rows: List[Dict[str, object]]) -> str:
-    """One table for one case: providers as rows, infer and train_step columns with ms and ratios.
-
-    Args:
-        case_rows: the case's rows as :func:`measure_case` returns them (or as read back from the CSV).
-
-    Returns:
-        A heading line and a GitHub table.
-
-    Example:
-        >>> print(case_markdown(rows))
-    """
+def heading(case_rows: Sequence[Dict[str, object]]) -> str:
+    """The title of a case's table, from its rows (as measured or as read back from the CSV)."""
     first = case_rows[0]
-    occ = first.get("block_occupancy_64")
-    occ_text = "n/a" if occ in (None, "") else f"{float(occ):.1%}"
-    err_samples = next((r.get("err_samples") for r in case_rows if r.get("err_samples")), None)
-    checked = ""
-    if err_samples:
-        done, total = str(err_samples).split("/")
-        checked = f"; max abs err on all {total} samples" if done == total else f"; max abs err on {done} of {total}"
-    title = (
+    return (
         f"### {first['case']}: {first['model']}, x ({first['input_shape'].replace('x', ', ')}), T={first['T']}, "
-        f"{int(first['prunable_weights']):,} routed weights, {first['mask_structure']} "
-        f"{float(first['sparsity']):.0%} (measured {float(first['sparsity_measured']):.1%}), "
-        f"64x64 block occupancy {occ_text}, {first['dtype']}{checked}"
+        f"{int(first['prunable_weights']):,} routed weights, " + harness.masks_text(case_rows, "err_samples", "samples")
     )
-    by = {(r["provider"], r["mode"]): r for r in case_rows}
-    table, notes = [], []
-    for name in dict.fromkeys(r["provider"] for r in case_rows):
-        inf, tr = by.get((name, "infer")), by.get((name, "train_step"))
-        any_row = inf or tr
-        err = lin._fmt_err(any_row.get("max_abs_err"))
-        if err and any_row.get("err_reference"):
-            err += f" vs {any_row['err_reference']}"
-            if any_row.get("ref_max_abs") not in (None, ""):
-                err += f" (max |y| {float(any_row['ref_max_abs']):.3g})"
-        table.append([name, any_row.get("backend") or "torch", *common.mode_cells(inf), *common.mode_cells(tr), err])
-        notes += common.error_notes(name, (inf, tr))
-    headers = ["provider", "backend", "infer ms (p10–p90)", "infer vs B0", "infer vs B1",
-               "train_step ms (p10–p90)", "train_step vs B0", "train_step vs B1", "max abs err"]  # fmt: skip
-    return common.case_table(title, headers, table, "llrrrrrrr", notes)
 
 
-def run_markdown(env: Dict[str, str], argv: Sequence[str], all_rows: List[Dict[str, object]], quick: bool) -> str:
-    """The run's markdown file: the environment, how to read the tables, one table per case.
-
-    Args:
-        env: :func:`common.environment`'s record.
-        argv: the command line's arguments.
-        all_rows: every row of the run.
-        quick: whether this was a --quick run.
-
-    Returns:
-        The text.
-
-    Example:
-        >>> text = run_markdown(env, ["--quick"], rows, quick=True)
-    """
-    lines = [
-        f"# routed model benchmark (inference and one training step), {env['device_kind']}",
-        "",
-        f"- device: {env['device']}; threads: {env['threads']}",
-        f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}"
-        + (f", CUDA {env['cuda']}, fp32 matmul precision {env['fp32_matmul_precision']}"
-           if env["device_kind"] == "cuda" else ""),
-        f"- git {env['git_rev']}, {env['timestamp']}",
-        f"- command: `python bench/bench_models.py {' '.join(argv)}`".rstrip(),
-        "- ms: median (p10–p90) of repeated calls after warm-up. \"vs B0\" / \"vs B1\": that baseline's median over "
+BENCHMARK = harness.Benchmark(
+    name="models",
+    title="routed model benchmark (inference and one training step)",
+    fields=FIELDS,
+    modes=MODES,
+    cases=lambda device_type, args: cpu_cases(args.full) if device_type == "cpu" else gpu_cases(),
+    prepare=prepare,
+    describe=describe,
+    heading=heading,
+    legend=[
+        '- ms: median (p10–p90) of repeated calls after warm-up. "vs B0" / "vs B1": that baseline\'s median over '
         "this one, same mode (> 1: faster than it). B0: the plain dense model (no masks), plain Adam; B1: the routed "
         "model on the reference backend (per-ticket loop); ours: the routed model on the backend named. Routed "
         "providers train with Adam inside rtl.optim.TicketMaskedOptimizer. infer: eval mode, no_grad forward; "
         "train_step: train mode, zero_grad + forward + loss + backward + step (Adam, lr 1e-4).",
         "- masks: rtl.prune.magnitude_prune_ per ticket on a random importance (scope='layer'); routes balanced "
         "and shuffled. max abs err: eval-mode forward vs float64, per ticket through rtl.extract_ticket for the "
-        "routed providers and the dense model for B0.",
-    ]  # fmt: skip
-    if quick:
-        lines.append("- **quick run: tiny smoke shapes; times say nothing about the real cases.**")
-    for case in dict.fromkeys(r["case"] for r in all_rows):
-        lines += ["", case_markdown([r for r in all_rows if r["case"] == case])]
-    return "\n".join(lines) + "\n"
+        "routed providers and the dense model for B0; a provider beyond its dtype's tolerance is refused, not timed.",
+    ],  # fmt: skip
+    quick_note="- **quick run: tiny smoke shapes; times say nothing about the real cases.**",
+    table_columns=(("backend", "torch"),),
+    tolerance=TOLERANCE,
+)
 
 
 # ------------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command line: common.add_run_arguments' options plus --backend, --full and --out (--results-dir).
+    """The command line: the harness's options plus --backend, --full, --profile, --memory and --out
+    (--results-dir).
 
     Args:
         argv: the arguments (sys.argv[1:] when None).
@@ -930,13 +808,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         >>> parse_args(["--quick", "--backend", "auto,cpu"]).backend
         ['auto', 'cpu']
     """
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    common.add_run_arguments(
-        ap,
+    ap = harness.argument_parser(
+        "models",
+        __doc__.split("\n\n")[0],
         cases_help="comma-separated case names (GPU: with or without _bf16/_fp32) or families (ghostnet, inr, "
         "resnet18)",
         warmup_help="untimed calls first (default 2 CPU, 3 GPU, 1 quick)",
-        default_results_dir=DEFAULT_RESULTS_DIR,
     )
     ap.add_argument("--out", dest="results_dir", type=Path, default=argparse.SUPPRESS,
                     help="the same as --results-dir")  # fmt: skip
@@ -956,7 +833,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="instead of the timing table: the peak resident memory of inference, the dense model against the\n"
         "routed one, each in a fresh process (peak_memory.py; written to <out>/models_memory_<device>_<rev>.md)",
     )  # fmt: skip
-    args = common.parse_run_arguments(ap, argv)
+    args = harness.parse_run_arguments(ap, argv)
     choices = [c.strip().lower() for c in args.backend.split(",") if c.strip()]
     bad = [c for c in choices if c not in OURS_CHOICES]
     if not choices or bad:
@@ -966,7 +843,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark: measure every selected case, append its rows to the CSV and rewrite the markdown.
+    """``python -m bench models [ARGS]``: measure every selected case (or profile it, or measure its memory).
 
     Args:
         argv: command-line arguments (sys.argv[1:] when None).
@@ -980,13 +857,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    device = common.run_device(args)
+    device = harness.run_device(args)
     cases = select_cases(device.type, args.cases, args.quick, full=args.full)
     if args.profile:
         return profile_cases(cases, device, args, argv)
     if args.memory:
         return memory_cases(cases, device, args, argv)
-    return common.run_cases("models", FIELDS, cases, measure_case, run_markdown, args, argv, device, "")
+    return harness.run_cases(BENCHMARK, cases, args, argv, device)
+
+
+def _side_file(kind: str, device: torch.device, args: argparse.Namespace) -> Tuple[Dict[str, str], Path]:
+    """The environment record and the markdown path of a --profile or --memory run."""
+    results_dir = args.results_dir.resolve()
+    env = harness.environment(device, results_dir)
+    return env, harness.unused_path(results_dir / f"models_{kind}_{device.type}_{env['git_rev']}.md")
+
+
+def _side_header(title: str, env: Dict[str, str], argv: Sequence[str]) -> List[str]:
+    return [
+        f"# {title}, {env['device_kind']}",
+        "",
+        f"- device: {env['device']}; threads: {env['threads']}; torch {env['torch']}; git {env['git_rev']}, "
+        f"{env['timestamp']}",
+        f"- command: `{harness.command_text('models', argv)}`",
+    ]
 
 
 def memory_cases(cases: Sequence[Case], device: torch.device, args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -995,13 +889,11 @@ def memory_cases(cases: Sequence[Case], device: torch.device, args: argparse.Nam
     Returns:
         0.
     """
-    import peak_memory
+    from . import peak_memory
 
     if device.type != "cpu":
         raise SystemExit("--memory measures host memory: run it with --device cpu")
-    results_dir = args.results_dir.resolve()
-    env = common.environment(device, results_dir)
-    md_path = common._unused_path(results_dir / f"models_memory_{device.type}_{env['git_rev']}.md")
+    env, md_path = _side_file("memory", device, args)
     rows = []
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] memory of {case.name}", flush=True)
@@ -1009,12 +901,8 @@ def memory_cases(cases: Sequence[Case], device: torch.device, args: argparse.Nam
             (case.name, {w: peak_memory.measure(case.name, w, args.quick, env_threads(env)) for w in ("dense", "ours")})
         )
     text = "\n".join(
-        [
-            f"# peak memory of inference, dense against routed, {env['device_kind']}",
-            "",
-            f"- device: {env['device']}; threads: {env['threads']}; torch {env['torch']}; git {env['git_rev']}, "
-            f"{env['timestamp']}",
-            f"- command: `python bench/bench_models.py {' '.join(argv)}`",
+        _side_header("peak memory of inference, dense against routed", env, argv)
+        + [
             "- each model in a fresh process: the case built with the timing runs' seeds, the other model dropped and "
             "the set-up's freed memory returned, then the peak resident set (VmHWM, reset first) over 3 no_grad "
             "calls. loaded: resident set before the calls (the process, torch, the model, its masks and inputs); "
@@ -1042,19 +930,12 @@ def profile_cases(cases: Sequence[Case], device: torch.device, args: argparse.Na
     Returns:
         0.
     """
-    import layer_profile
+    from . import layer_profile
 
-    results_dir = args.results_dir.resolve()
-    env = common.environment(device, results_dir)
-    md_path = common._unused_path(results_dir / f"models_profile_{device.type}_{env['git_rev']}.md")
+    env, md_path = _side_file("profile", device, args)
     repeats = args.repeats if args.repeats else (3 if args.quick else 7)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    parts = [
-        f"# per-layer inference profile of routed models, {env['device_kind']}",
-        "",
-        f"- device: {env['device']}; threads: {env['threads']}; torch {env['torch']}; git {env['git_rev']}, "
-        f"{env['timestamp']}",
-        f"- command: `python bench/bench_models.py {' '.join(argv)}`",
+    parts = _side_header("per-layer inference profile of routed models", env, argv) + [
         f"- ms: median of {repeats} calls per model after {warmup} warm-up calls, the dense and the routed model in "
         "turn, timed by forward hooks on each layer; ours: the routed model on the backend "
         f"{args.backend[0]!r}; dense: the same layer of the dense model. path: what the cpu backend ran (dense: "
@@ -1087,7 +968,3 @@ def profile_cases(cases: Sequence[Case], device: torch.device, args: argparse.Na
         rk.clear_layout_cache()
     print(f"wrote {md_path}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
-"""Where a routed model's inference time goes, layer by layer: ``bench_models.py --profile`` (``rtl bench models
---profile``) prints this table per case.
+"""Where a routed model's inference time goes, layer by layer: ``python -m bench models --profile`` prints this table
+per case.
 
 For every routed layer: the path the backend took (on the cpu backend: dense / image / mixed, with the sparse tickets
 and the dense mask classes of the call), the layer's median time in the routed model and in the dense model (the

@@ -1,4 +1,4 @@
-"""Peak memory of inference, the dense model against the routed one: ``bench_models.py --memory``.
+"""Peak memory of inference, the dense model against the routed one: ``python -m bench models --memory``.
 
 Each model runs in a fresh process (the routed model's compiled layouts and kernel buffers live outside torch's
 allocator, so only the whole process's resident set shows them). The process builds the case (same seeds as the
@@ -18,13 +18,14 @@ import sys
 from pathlib import Path
 from typing import Dict
 
-HERE = Path(__file__).resolve().parent
+# The child imports the benchmark as ``bench.bench_models``, so it needs the checkout's root on its path.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _CHILD = """
 import ctypes, gc, json, sys
-sys.path.insert(0, {here!r})
+sys.path.insert(0, {root!r})
 import torch
-import bench_models as bm
+from bench import bench_models as bm
 import rtl, rtl_kernels as rk
 torch.set_num_threads({threads})
 case = {{c.name: c for c in bm.select_cases("cpu", None, {quick})}}[{case!r}]
@@ -68,7 +69,7 @@ def measure(case_name: str, which: str, quick: bool, threads: int, calls: int = 
     Returns:
         {"loaded_mb", "peak_mb"}.
     """
-    code = _CHILD.format(here=str(HERE), threads=threads, quick=quick, case=case_name, which=which, calls=calls)
+    code = _CHILD.format(root=str(REPO_ROOT), threads=threads, quick=quick, case=case_name, which=which, calls=calls)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     if out.returncode != 0:
         raise RuntimeError(f"memory child for {case_name}/{which} failed:\n{out.stderr[-2000:]}")

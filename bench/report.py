@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/report.py [--results DIR] [--out DIR] [--all-runs] [--include-quick]
+    python -m bench report [--results DIR] [--out DIR] [--all-runs] [--include-quick]
 
 Reads every ``*.csv`` under the results folder (default bench/results, searched recursively): ``linear_<kind>.csv``
 from bench_linear.py, ``conv2d_<kind>.csv`` from bench_conv2d.py, ``models_<kind>.csv`` from the model benchmark,
@@ -39,9 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-# Run as a script (python bench/report.py), so the sibling module is found through the script's folder.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from . import harness
 
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OP_ORDER = ("linear", "conv2d", "models")
@@ -297,14 +295,14 @@ def run_table(run: Run) -> str:
             for p in providers:
                 f = figures.get((case, mode, p))
                 row.append(_ms_text(figures, status, (case, mode, p)))
-                row.append(common.format_ratio(f["ratio_vs_B0"]) if f else "")
-                row.append(common.format_ratio(f["ratio_vs_B1"]) if f else "")
+                row.append(harness.format_ratio(f["ratio_vs_B0"]) if f else "")
+                row.append(harness.format_ratio(f["ratio_vs_B1"]) if f else "")
             if has_targets:
                 met = target.get((case, mode), [])
                 row.append("; ".join(v if len(providers) == 1 else f"{p}: {v}" for p, v in met))
             table.append(row)
     align = "l" * 2 + "r" * (len(headers) - 2 - int(has_targets)) + ("l" if has_targets else "")
-    return common.markdown_table(headers, table, align=align)
+    return harness.markdown_table(headers, table, align=align)
 
 
 def _ms_text(figures, status, key) -> str:
@@ -313,7 +311,7 @@ def _ms_text(figures, status, key) -> str:
         return ""
     if f["median_ms"] is None:
         return status.get(key, "") or ""
-    return common.format_ms(f["median_ms"])
+    return harness.format_ms(f["median_ms"])
 
 
 # --------------------------------------------------------------------------------------------------------- plots
@@ -514,7 +512,7 @@ def write_report(
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench report", description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--results",
         type=Path,
@@ -536,7 +534,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(f"wrote {summary} and plots in {summary.parent / 'plots'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

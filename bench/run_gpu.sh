@@ -62,7 +62,7 @@ for stage in "${STAGES[@]}"; do
       echo "gpu tests rc=$?" >> "$OUT/tests.log"
       tail -n 3 "$OUT/tests.log" ;;
     linear|conv2d|models)
-      python3 "bench/bench_$stage.py" --device cuda $QUICK --results-dir "$OUT" || rc=1 ;;
+      python3 -m bench "$stage" --device cuda $QUICK --results-dir "$OUT" || rc=1 ;;
   esac
 done
 exit $rc

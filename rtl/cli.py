@@ -4,7 +4,9 @@ rtl run EXPERIMENT [--sparsities 0.25,0.5,0.75,0.9] [--seed 0] [--device cpu] [-
                    [--out DIR] [--quick] [--resume DIR] [--data-root DIR] [--download]
 rtl report DIR
 rtl list
-rtl bench {linear,conv2d,models,report} [ARGS...]   (the benchmark scripts under bench/)
+
+The benchmarks are not part of the installed package: run them from a checkout with
+``python -m bench {linear,conv2d,models,report} [ARGS...]``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def _parse_sparsities(text: str) -> List[float]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rtl", description="Routing the Lottery: experiments and reports.")
+    parser = argparse.ArgumentParser(
+        prog="rtl",
+        description="Routing the Lottery: experiments and reports.",
+        epilog="The benchmarks live in the source checkout, not in the installed package: run them there with "
+        "`python -m bench {linear,conv2d,models,report} [ARGS...]`.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment: dense, single-mask IMP, independent models and RTL")
     run.add_argument("experiment", help="experiment name (see `rtl list`)")
@@ -73,9 +80,6 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild report.md and the plots of a finished run")
     report.add_argument("run_dir")
     sub.add_parser("list", help="list the experiments")
-    from .bench_cli import add_bench_parser
-
-    add_bench_parser(sub)
     return parser
 
 
@@ -241,10 +245,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _cmd_list()
     if args.command == "report":
         return _cmd_report(args)
-    if args.command == "bench":
-        from .bench_cli import run_bench
-
-        return run_bench(args)
     return _cmd_run(args)
 
 

@@ -1,53 +1,28 @@
-"""bench/bench_conv2d.py end to end on its --quick shapes, plus its case table and error-subset rule.
+"""bench/bench_conv2d.py end to end on its --quick shapes (``python -m bench conv2d``), plus its case table, its
+error-subset rule and its providers against the float64 references.
 
-Run as a subprocess, the way people run it, so argument parsing, the CSV/markdown output and the imports of its
-sibling modules are exercised. A second, one-case run shows that results are appended to the CSV, never rewritten.
+Run as a subprocess, the way people run it, so argument parsing and the CSV/markdown output are exercised. A second,
+one-case run shows that results are appended to the CSV, never rewritten.
 """
 
 import csv
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from bench import bench_conv2d as bench
+from bench import harness
 from rtl_kernels import _extension
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "bench" / "bench_conv2d.py"
 PROVIDERS = {"B0", "B0m", "B1", "ours:cpu", "route_prep"}
 FWD_ONLY = {"route_prep"}
 HAS_CPU_EXT = _extension.load("_C")[0] is not None
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_conv2d_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 DEFAULT_CASES = [c.name for c in bench.cpu_cases()]
 
 
-def _run(results_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # set by conftest for the Triton tests; the benchmark must not inherit it
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--results-dir", str(results_dir), *extra],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, f"bench_conv2d failed:\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    return proc
+def _run(run_bench, results_dir, *extra):
+    return run_bench("conv2d", "--quick", "--results-dir", str(results_dir), *extra, timeout=120)
 
 
 def _rows(path: Path):
@@ -63,8 +38,8 @@ def _positive(value: str) -> bool:
     return math.isfinite(v) and v > 0
 
 
-def test_quick_run_records_every_provider_and_appends(tmp_path):
-    _run(tmp_path)
+def test_quick_run_records_every_provider_and_appends(tmp_path, run_bench):
+    _run(run_bench, tmp_path)
     csv_path = tmp_path / "conv2d_cpu.csv"
     assert csv_path.exists()
     first_text = csv_path.read_text()
@@ -108,11 +83,12 @@ def test_quick_run_records_every_provider_and_appends(tmp_path):
     assert len(md) == 1
     text = md[0].read_text()
     assert all(f"### {case}:" in text for case in DEFAULT_CASES)
-    assert "resnet_c256_56_u50" in text  # the skipped case is named
+    assert "run them with `--cases resnet_c256_56_u50`" in text  # the skipped case is named
+    assert "| provider | fwd ms (p10–p90) | fwd vs B0 | fwd vs B1 | fwd+bwd ms (p10–p90) |" in text
 
     # Second run: a family name selects its cases (and the opt-in case is reachable); rows are appended under the
     # same header and the first run's bytes are untouched.
-    _run(tmp_path, "--cases", "unet,resnet_c256_56_u50")
+    _run(run_bench, tmp_path, "--cases", "unet,resnet_c256_56_u50")
     second_text = csv_path.read_text()
     assert second_text.startswith(first_text)
     added = _rows(csv_path)[len(rows) :]
@@ -122,16 +98,10 @@ def test_quick_run_records_every_provider_and_appends(tmp_path):
     assert second_text.count("run_id,") == 1  # one header line
 
 
-def test_unknown_case_is_refused(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--results-dir", str(tmp_path), "--cases", "no_such_case"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def test_unknown_case_is_refused(tmp_path, run_bench):
+    proc = run_bench("conv2d", "--quick", "--results-dir", str(tmp_path), "--cases", "no_such_case", check=False)
     assert proc.returncode != 0
-    assert "no_such_case" in proc.stderr
+    assert "unknown case(s) no_such_case for cpu; choose from ghostnet, unet, resnet" in proc.stderr
     assert not (tmp_path / "conv2d_cpu.csv").exists()
 
 
@@ -156,7 +126,7 @@ def test_cases_have_the_issue_shapes_and_targets():
     assert [t.text for t in cases["resnet_c256_56_u90"].targets] == ["fwd >= 2x faster than B0"]
     assert not cases["resnet_c64_56_u90"].targets
     # quick shapes keep the layer kind
-    q = bench.quick_case(cases["ghost_b4_dw5_s2_u50"])
+    q = cases["ghost_b4_dw5_s2_u50"].quick()
     assert q.groups == q.c_in == q.c_out and q.kernel == (5, 5) and q.stride == (2, 2)
 
 
@@ -168,3 +138,17 @@ def test_error_check_subset_covers_every_ticket():
     assert set(route[images].tolist()) == set(range(case.tickets))
     small = {c.name: c for c in bench.cpu_cases()}["ghost_stem_u50"]
     assert bench.reference_images(small, torch.arange(small.batch) % small.tickets).numel() == small.batch
+
+
+def test_transposed_conv_providers_match_the_per_image_reference():
+    case = {c.name: c for c in bench.cpu_cases()}["unet_dec_48_12_u50"].quick()
+    prepared = bench.prepare(case, torch.device("cpu"), None)
+    providers = {p.name: p for p in prepared.providers}
+    assert list(providers) == ["B0", "B0m", "B1", "ours:cpu", "route_prep"]
+    assert prepared.check_columns == {"err_images": f"{case.batch}/{case.batch}"}
+    assert prepared.references["routed"].shape == (case.batch, case.c_out, *case.out_size)
+    for name in ("B0", "B0m", "B1", "ours:cpu"):
+        if providers[name].unavailable:
+            continue
+        err, problem = harness.check_provider(providers[name], prepared.references, harness.TOLERANCE[torch.float32])
+        assert problem is None and err < 1e-5, (name, err)

@@ -1,56 +1,29 @@
-"""bench/bench_linear.py end to end on its --quick shapes, and the shared helpers of bench/common.py.
+"""bench/bench_linear.py end to end on its --quick shapes (``python -m bench linear``), and its cases and providers.
 
-The script is run as a subprocess, the way people run it, so argument parsing, the CSV/markdown output and the
-import of its sibling module are exercised too. Two runs (the second on one case only, to stay well under a
-minute) show that results are appended to the CSV, never overwritten.
+The benchmark is run as a subprocess, the way people run it, so argument parsing and the CSV/markdown output are
+exercised too. Two runs (the second on one case only, to stay well under a minute) show that results are appended to
+the CSV, never overwritten. The harness itself (the float64 check, verdicts, CSV and tables) is tested in
+test_harness.py.
 """
 
 import csv
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
+from bench import bench_linear as bench
+from bench import harness
 from rtl_kernels import _extension
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "bench" / "bench_linear.py"
 CPU_CASES = ["b_1024_u90", "b_1024_u95", "b_1024_u50", "small_groups_u90", "inr_u50", "inr_u75"]
 PROVIDERS = {"B0", "B0m", "B1", "B3", "B5", "ours:cpu", "route_prep"}
 FWD_ONLY = {"B5", "route_prep"}
 HAS_CPU_EXT = _extension.load("_C")[0] is not None
 
 
-def _load_common():
-    spec = importlib.util.spec_from_file_location("bench_common_under_test", REPO / "bench" / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load_common()
-
-
-def _run(results_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    # The test suite's conftest sets TRITON_INTERPRET for the Triton tests; the benchmark should not inherit it.
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--results-dir", str(results_dir), *extra],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, f"bench_linear failed:\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    return proc
+def _run(run_bench, results_dir, *extra):
+    return run_bench("linear", "--quick", "--results-dir", str(results_dir), *extra, timeout=120)
 
 
 def _rows(path: Path):
@@ -66,8 +39,8 @@ def _positive(value: str) -> bool:
     return math.isfinite(v) and v > 0
 
 
-def test_quick_run_records_every_provider_and_appends(tmp_path):
-    _run(tmp_path)
+def test_quick_run_records_every_provider_and_appends(tmp_path, run_bench):
+    _run(run_bench, tmp_path)
     csv_path = tmp_path / "linear_cpu.csv"
     assert csv_path.exists()
     first_text = csv_path.read_text()
@@ -109,9 +82,11 @@ def test_quick_run_records_every_provider_and_appends(tmp_path):
     assert len(md) == 1
     text = md[0].read_text()
     assert all(f"### {case}" in text for case in CPU_CASES)
+    assert "- command: `python -m bench linear --quick --results-dir" in text
+    assert "| provider | fwd ms (p10–p90) | fwd vs B0 | fwd vs B1 | fwd+bwd ms (p10–p90) |" in text
 
     # Second run: one case, appended under the same header; the first run's bytes are untouched.
-    _run(tmp_path, "--cases", "b_1024_u90")
+    _run(run_bench, tmp_path, "--cases", "b_1024_u90")
     second_text = csv_path.read_text()
     assert second_text.startswith(first_text)
     rows2 = _rows(csv_path)
@@ -127,54 +102,39 @@ def test_quick_run_records_every_provider_and_appends(tmp_path):
     assert "### b_1024_u90" in md2[0].read_text()
 
 
-def test_unknown_case_is_refused(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--results-dir", str(tmp_path), "--cases", "no_such_case"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def test_unknown_case_is_refused(tmp_path, run_bench):
+    proc = run_bench("linear", "--quick", "--results-dir", str(tmp_path), "--cases", "no_such_case", check=False)
     assert proc.returncode != 0
-    assert "no_such_case" in proc.stderr
+    assert "unknown case(s) no_such_case for cpu; choose from b_1024_u90" in proc.stderr
     assert not (tmp_path / "linear_cpu.csv").exists()
 
 
-def test_unstructured_masks_have_exact_sparsity_and_differ_per_ticket():
-    m = common.unstructured_masks(3, 40, 30, 0.9, seed=1)
-    assert m.dtype == torch.bool and m.shape == (3, 40, 30)
-    assert m.reshape(3, -1).sum(1).tolist() == [120, 120, 120]
-    assert not torch.equal(m[0], m[1])
-    assert torch.equal(m, common.unstructured_masks(3, 40, 30, 0.9, seed=1))
+def test_cases_and_their_quick_shapes():
+    cpu = {c.name: c for c in bench.cpu_cases()}
+    assert list(cpu) == CPU_CASES and all(c.dtype == torch.float32 and c.family == "" for c in cpu.values())
+    assert [t.text for t in cpu["b_1024_u90"].targets] == ["fwd >= 3x faster than B0", "fwd >= 2x faster than B5"]
+    gpu = bench.gpu_cases()
+    assert {c.dtype for c in gpu} == {torch.float32, torch.bfloat16} and len({c.name for c in gpu}) == len(gpu)
+    blk = {c.name: c for c in gpu}["b_4096_blk64_90_bf16"]
+    assert blk.structure == "block64x64" and blk.base == "b_4096_blk64_90"
+    q = blk.quick()
+    assert (q.rows, q.n, q.k, q.block, q.tickets, q.sparsity, q.dtype) == (96, 64, 48, (16, 16), 8, 0.9, torch.bfloat16)
+    names = [c.name for c in harness.select_cases(gpu, "inr_u50", "cuda", quick=False)]
+    assert names == ["inr_u50_bf16", "inr_u50_fp32"]
 
 
-def test_block_masks_are_whole_blocks():
-    m = common.block_masks(2, 40, 36, 0.5, 16, 16, seed=3)  # 3 x 3 blocks, edge blocks cut
-    assert m.shape == (2, 40, 36)
-    for t in range(2):
-        kept = 0
-        for nb in range(3):
-            for kb in range(3):
-                block = m[t, nb * 16 : (nb + 1) * 16, kb * 16 : (kb + 1) * 16]
-                assert block.all() or not block.any()
-                kept += int(block.any())
-        assert kept == round(0.5 * 9)
-
-
-def test_append_csv_keeps_old_rows_and_refuses_another_header(tmp_path):
-    path = tmp_path / "r.csv"
-    assert common.append_csv(path, [{"a": 1, "b": 0.5}], ["a", "b"]) == 1
-    common.append_csv(path, [{"a": 2, "b": None}], ["a", "b"])
-    assert path.read_text().splitlines() == ["a,b", "1,0.5", "2,"]
-    with pytest.raises(ValueError, match="columns"):
-        common.append_csv(path, [{"a": 3}], ["a"])
-    assert path.read_text().splitlines() == ["a,b", "1,0.5", "2,"]
-
-
-def test_markdown_table_and_timing():
-    table = common.markdown_table(["x", "y"], [["a|b", 1]])
-    assert table.splitlines() == ["| x | y |", "|:---|---:|", "| a\\|b | 1 |"]
-    t = common.time_fn(lambda: None, "cpu", warmup=1, repeats=5)
-    assert t.repeats == 5 and 0 <= t.p10_ms <= t.median_ms <= t.p90_ms
-    env = common.environment(torch.device("cpu"))
-    assert env["device_kind"] == "cpu" and env["git_rev"] and int(env["threads"]) >= 1
+def test_providers_compute_their_functions_and_a_wrong_route_is_caught():
+    case = {c.name: c for c in bench.cpu_cases()}["b_1024_u90"].quick()
+    prepared = bench.prepare(case, torch.device("cpu"), None)
+    providers = {p.name: p for p in prepared.providers}
+    assert list(providers) == ["B0", "B0m", "B1", "B3", "B5", "ours:cpu", "route_prep"]
+    assert set(providers["B5"].steps) == {"fwd"} and set(providers["B1"].steps) == {"fwd", "fwd+bwd"}
+    for name in ("B0", "B0m", "B1", "B3", "B5", "ours:cpu"):
+        p = providers[name]
+        if p.unavailable:
+            continue
+        err, problem = harness.check_provider(p, prepared.references, harness.TOLERANCE[torch.float32])
+        assert problem is None and err < 1e-5, (name, err)
+    # The references are per function: the dense output is not the routed one, so B0 as "routed" is refused.
+    wrong = harness.Provider("B0", "baseline", {}, output=providers["B0"].output, reference="routed")
+    assert harness.check_provider(wrong, prepared.references, harness.TOLERANCE[torch.float32])[1] is not None

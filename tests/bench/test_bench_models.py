@@ -1,40 +1,25 @@
 """bench/bench_models.py: a --quick run end to end, its case table, and the numerics its error column rests on.
 
-The end-to-end run is a subprocess, the way people run it, so argument parsing, the CSV/markdown output and the
-imports of its sibling modules are exercised; ResNet-18 stays out of it (pruning and compiling 11M weights x 8
-tickets takes half a minute even on quick shapes) and is covered by the case table and a conversion check. The
-numerical checks import the module and compare the routed providers with per-ticket float64 references.
+The end-to-end run is a subprocess (``python -m bench models``), the way people run it, so argument parsing and the
+CSV/markdown output are exercised; ResNet-18 stays out of it (pruning and compiling 11M weights x 8 tickets takes
+half a minute even on quick shapes) and is covered by the case table and a conversion check. The numerical checks
+import the module and compare the routed providers with per-ticket float64 references.
 """
 
 import copy
 import csv
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import rtl
+from bench import bench_models as bench
+from bench import harness
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "bench" / "bench_models.py"
 PROVIDERS = {"B0", "B1", "ours:auto"}
 QUICK_CASES = ["ghostnet_u50", "inr_u90", "inr_v8_90"]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_models_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 CPU = torch.device("cpu")
 
 
@@ -48,19 +33,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _run(results_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # set by conftest for the Triton tests; the benchmark must not inherit it
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(results_dir), *extra],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, f"bench_models failed:\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    return proc
+def _run(run_bench, results_dir, *extra):
+    return run_bench("models", "--quick", "--out", str(results_dir), *extra, timeout=180)
 
 
 def _rows(path: Path):
@@ -78,12 +52,12 @@ def _positive(value: str) -> bool:
 
 def _case(name: str, quick: bool = True):
     case = {c.name: c for c in bench.cpu_cases()}[name]
-    return bench.quick_case(case) if quick else case
+    return case.quick() if quick else case
 
 
 # -------------------------------------------------------------------------------------------------- end to end
-def test_quick_run_writes_csv_and_markdown_and_appends(tmp_path):
-    _run(tmp_path, "--cases", ",".join(QUICK_CASES))
+def test_quick_run_writes_csv_and_markdown_and_appends(tmp_path, run_bench):
+    _run(run_bench, tmp_path, "--cases", ",".join(QUICK_CASES))
     csv_path = tmp_path / "models_cpu.csv"
     assert csv_path.exists()
     first_text = csv_path.read_text()
@@ -132,9 +106,11 @@ def test_quick_run_writes_csv_and_markdown_and_appends(tmp_path):
     text = md[0].read_text()
     assert all(f"### {case}:" in text for case in QUICK_CASES)
     assert "train_step vs B1" in text and "quick run" in text
+    assert "| provider | backend | infer ms (p10–p90) | infer vs B0 | infer vs B1 | train_step ms (p10–p90) |" in text
+    assert "- command: `python -m bench models --quick --out" in text
 
     # A second run (a family name selects its cases) appends under the same header; the first bytes stay.
-    _run(tmp_path, "--cases", "inr_u0", "--backend", "auto,cpu")
+    _run(run_bench, tmp_path, "--cases", "inr_u0", "--backend", "auto,cpu")
     second_text = csv_path.read_text()
     assert second_text.startswith(first_text)
     added = _rows(csv_path)[len(rows) :]
@@ -161,7 +137,7 @@ def test_bad_backend_is_refused(backend, message, capsys):
 def test_backend_list_and_out_alias():
     args = bench.parse_args(["--backend", "CPU, auto,cpu", "--out", "/tmp/x"])
     assert args.backend == ["cpu", "auto"] and args.results_dir == Path("/tmp/x")
-    assert bench.parse_args([]).results_dir == bench.DEFAULT_RESULTS_DIR
+    assert bench.parse_args([]).results_dir == harness.DEFAULT_RESULTS_DIR
 
 
 def test_unknown_case_is_refused_before_writing(tmp_path):
@@ -193,12 +169,12 @@ def test_cases_have_the_brief_shapes():
     assert all(c.size == 224 for c in gpu if c.family == "resnet18")
     assert len({c.name for c in gpu}) == len(gpu)
 
-    q = bench.quick_case(one["resnet18"])
+    q = one["resnet18"].quick()
     assert (q.batch, q.size, q.tickets, q.err_samples) == (16, 32, 8, 16)
 
 
 def test_overlapping_masks_have_the_wanted_jaccard():
-    case = bench.quick_case({c.base: c for c in bench.cpu_cases()}["ghostnet_o90"])
+    case = {c.base: c for c in bench.cpu_cases()}["ghostnet_o90"].quick()
     setup = bench.make_setup(case, torch.device("cpu"))
     assert setup.sparsity_measured == pytest.approx(0.9, abs=0.01)
     assert setup.jaccard == pytest.approx(bench.OVERLAP_JACCARD, abs=0.05)
@@ -288,7 +264,7 @@ def test_routed_providers_match_the_per_ticket_reference(name):
     case = _case(name)
     setup = bench.make_setup(case, CPU)
     refs = bench.float64_references(setup)
-    providers = {p.name: p for p in bench.make_providers(case, setup, CPU, ["auto", "cpu"])}
+    providers = {r.name: r for r in bench.make_runners(case, setup, CPU, ["auto", "cpu"])}
     scale = refs["ticket_f64"].abs().max().item()
     for p in providers.values():
         p.model.eval()
@@ -309,6 +285,23 @@ def test_routed_providers_match_the_per_ticket_reference(name):
         wrong.route = shifted
         bad = bench.float64_references(wrong)["ticket_f64"]
         assert (bad - refs["ticket_f64"]).abs().max().item() > 1e-3 * scale
+
+
+def test_the_float64_check_refuses_a_routed_model_on_the_wrong_route():
+    case = _case("inr_u90")
+    setup = bench.make_setup(case, CPU)
+    prepared = bench.prepare(case, CPU, bench.parse_args(["--backend", "auto"]))
+    providers = {p.name: p for p in prepared.providers}
+    assert list(providers) == ["B0", "B1", "ours:auto"] and set(providers["B1"].steps) == set(bench.MODES)
+    assert prepared.check_columns == {"err_samples": f"{case.batch}/{case.batch}"}
+    for p in providers.values():
+        assert harness.check_provider(p, prepared.references, bench.TOLERANCE[torch.float32])[1] is None, p.name
+    wrong = copy.copy(setup)
+    wrong.route = (setup.route + 1) % case.tickets  # every sample through the next ticket's masks
+    runner = bench.make_runners(case, wrong, CPU, ["auto"])[2]
+    provider = bench.make_providers(case, wrong, [runner])[0]
+    err, problem = harness.check_provider(provider, prepared.references, bench.TOLERANCE[torch.float32])
+    assert problem is not None and "float64 check failed" in problem, err
 
 
 def test_reference_matches_a_masked_weight_computation():
@@ -334,7 +327,7 @@ def test_train_step_of_ours_matches_the_naive_loop():
     moves weights, but none that no ticket keeps (every ticket is in the batch)."""
     case = _case("ghostnet_u90")
     setup = bench.make_setup(case, CPU)
-    providers = {p.name: p for p in bench.make_providers(case, setup, CPU, ["auto"])}
+    providers = {r.name: r for r in bench.make_runners(case, setup, CPU, ["auto"])}
     losses, grads = {}, {}
     for name in ("B1", "ours:auto"):
         p = providers[name]
@@ -361,8 +354,8 @@ def test_train_step_of_ours_matches_the_naive_loop():
 
 
 # ---------------------------------------------------------------------------------------------- profile and memory
-def test_profile_prints_every_routed_layer_with_its_path(tmp_path):
-    proc = _run(tmp_path, "--profile", "--cases", "ghostnet_u90")
+def test_profile_prints_every_routed_layer_with_its_path(tmp_path, run_bench):
+    proc = _run(run_bench, tmp_path, "--profile", "--cases", "ghostnet_u90")
     md = list(tmp_path.glob("models_profile_cpu_*.md"))
     assert len(md) == 1 and not (tmp_path / "models_cpu.csv").exists()  # a profile appends no timing rows
     text = md[0].read_text()
@@ -377,8 +370,8 @@ def test_profile_prints_every_routed_layer_with_its_path(tmp_path):
     assert "blocks.0.ghost1.primary_conv.0" in proc.stdout
 
 
-def test_memory_compares_dense_and_routed_in_fresh_processes(tmp_path):
-    _run(tmp_path, "--memory", "--cases", "ghostnet_u90")
+def test_memory_compares_dense_and_routed_in_fresh_processes(tmp_path, run_bench):
+    _run(run_bench, tmp_path, "--memory", "--cases", "ghostnet_u90")
     md = list(tmp_path.glob("models_memory_cpu_*.md"))
     assert len(md) == 1
     row = next(line for line in md[0].read_text().splitlines() if line.startswith("| ghostnet_u90 |"))

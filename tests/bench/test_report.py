@@ -1,37 +1,18 @@
-"""bench/report.py on small synthetic CSVs, the ``rtl bench`` command, and the pytest-benchmark suites' collection.
+"""bench/report.py on small synthetic CSVs, and the checkout's entry point ``python -m bench``.
 
 The CSVs are written in a temporary folder: two devices, each with two runs (the newer one written first in the
 file, so "latest" has to come from the timestamps), a --quick run that must be left out by default, and a models
 CSV with most columns missing (no run id, no timestamp, no ratio columns) whose ratios must be computed from the
-medians. The suites under bench/ are only collected here (``pytest --collect-only``), never timed.
+medians.
 """
 
-import argparse
 import csv
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from rtl import bench_cli
-
-REPO = Path(__file__).resolve().parents[2]
-BENCH = REPO / "bench"
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load("bench_report_under_test", BENCH / "report.py")
-bench_conftest = _load("bench_conftest_under_test", BENCH / "conftest.py")
+from bench import __main__ as entry
+from bench import report
 
 FIELDS = ["run_id", "timestamp", "device_kind", "device", "torch", "threads", "git_rev", "quick", "case", "T",
           "sparsity", "mask_structure", "provider", "mode", "status", "median_ms", "ratio_vs_B0", "ratio_vs_B1",
@@ -212,122 +193,32 @@ def test_report_errors(tmp_path):
     assert report.main(["--results", str(tmp_path / "missing")]) == 2
 
 
-# -------------------------------------------------------------------------------------------------- rtl bench
-def _bench_parser():
-    parser = argparse.ArgumentParser(prog="rtl")
-    bench_cli.add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+# ---------------------------------------------------------------------------------------------- python -m bench
+def test_entry_point_refuses_an_unknown_or_missing_target(capsys):
+    assert entry.main(["nope", "--quick"]) == 2
+    assert "python -m bench: unknown target 'nope'; choose one of linear, conv2d, models, report" in (
+        capsys.readouterr().err
+    )
+    assert entry.main([]) == 2
+    assert "python -m bench {linear,conv2d,models,report}" in capsys.readouterr().err
+    assert entry.main(["--help"]) == 0
+    assert "python -m bench models [ARGS...]" in capsys.readouterr().out
 
 
-def test_rtl_bench_unknown_target(capsys):
-    args = _bench_parser().parse_args(["bench", "nope", "--quick"])
-    assert bench_cli.run_bench(args) == 2
-    err = capsys.readouterr().err
-    assert "rtl bench: unknown benchmark target 'nope'; choose one of linear, conv2d, models, report" in err
-    with pytest.raises(ValueError, match="unknown benchmark target 'nope'"):
-        bench_cli.bench_command("nope")
-
-
-def test_rtl_bench_without_source_tree(tmp_path):
-    package = tmp_path / "site-packages" / "rtl"
-    package.mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="the benchmarks live in the rtl source tree"):
-        bench_cli.find_bench_dir(package)
-    (tmp_path / "site-packages" / "bench").mkdir()
-    (tmp_path / "site-packages" / "bench" / "common.py").write_text("")
-    with pytest.raises(FileNotFoundError, match="bench_linear.py is missing from this source tree"):
-        bench_cli.bench_command("linear", package_dir=package)
-
-
-def test_rtl_bench_command_forwards_arguments():
-    command = bench_cli.bench_command("report", ["--all-runs", "--out", "x"])
-    assert command == [sys.executable, str(BENCH / "report.py"), "--all-runs", "--out", "x"]
-    args = _bench_parser().parse_args(["bench", "linear", "--quick", "--cases", "inr_u50"])
-    assert (args.target, args.args) == ("linear", ["--quick", "--cases", "inr_u50"])
-
-
-def test_rtl_bench_report_runs(results, tmp_path, capfd):
+def test_entry_point_forwards_the_arguments_to_the_report(results, tmp_path, capfd):
     out = tmp_path / "out"
-    args = _bench_parser().parse_args(["bench", "report", "--results", str(results), "--out", str(out)])
-    assert bench_cli.run_bench(args) == 0
+    assert entry.main(["report", "--results", str(results), "--out", str(out)]) == 0
     assert "wrote" in capfd.readouterr().out
     assert (out / "summary.md").is_file()
     assert (out / "plots" / "linear_cpu-x_speedup.png").is_file()
+    assert entry.main(["report", "--results", str(tmp_path / "missing")]) == 2
+    assert "report: results folder" in capfd.readouterr().err
 
 
-# ----------------------------------------------------------------------------------------- pytest-benchmark suites
-def _pytest(*args, env=None, code=None):
-    command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args]
-    if code is not None:
-        command = [sys.executable, "-c", code, *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
-
-
-SUITES = ["bench/test_speed_ops.py", "bench/test_speed_models.py"]
-
-
-def test_speed_suites_collect():
-    proc = _pytest("--collect-only", "-q", *SUITES)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    for provider in ("B0", "B1", "ours"):
-        assert f"bench/test_speed_ops.py::test_op_speed[linear_1024_u90-fwd-{provider}]" in lines
-        assert f"bench/test_speed_models.py::test_model_speed[ghostnet_u90-fwd-{provider}]" in lines
-    assert "bench/test_speed_models.py::test_model_speed[inr_u50-fwd+bwd-ours]" in lines
-    assert "48 tests collected" in proc.stdout
-
-
-# pytest-benchmark hidden: its entry point not loaded and its import refused, as on a machine without it.
-_WITHOUT_PYTEST_BENCHMARK = """
-import sys
-import pytest
-
-class _Refuse:
-    def find_spec(self, name, path=None, target=None):
-        if name == "pytest_benchmark" or name.startswith("pytest_benchmark."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, _Refuse())
-sys.exit(pytest.main(["-p", "no:cacheprovider", "-q", "-rs", *sys.argv[1:]]))
-"""
-
-
-def test_speed_suites_skip_without_pytest_benchmark():
-    env = dict(os.environ, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
-    proc = _pytest(*SUITES, env=env, code=_WITHOUT_PYTEST_BENCHMARK)
-    # 5: pytest's "no tests collected" (both modules skipped whole), not an error during collection (2).
-    assert proc.returncode == 5, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 skipped" in proc.stdout
-    assert "could not import 'pytest_benchmark'" in proc.stdout
-
-
-# ---------------------------------------------------------------------------------------- the suites' helpers
-@pytest.mark.parametrize("tickets,shape,sparsity", [(1, (7, 5), 0.5), (3, (13, 3, 3), 0.9), (4, (5,), 0.0),
-                                                    (2, (6, 7), 1.0)])  # fmt: skip
-def test_unstructured_masks_keep_an_exact_count(tickets, shape, sparsity):
-    masks = bench_conftest.unstructured_masks(tickets, shape, sparsity, seed=7)
-    numel = masks[0].numel()
-    assert masks.shape == (tickets, *shape) and masks.dtype == bench_conftest.torch.bool
-    assert masks.flatten(1).sum(1).tolist() == [round((1 - sparsity) * numel)] * tickets
-    assert bench_conftest.unstructured_masks(tickets, shape, sparsity, seed=7).equal(masks)
-
-
-def test_unstructured_masks_differ_between_tickets_and_check_sparsity():
-    masks = bench_conftest.unstructured_masks(2, (32, 32), 0.5, seed=0)
-    assert not masks[0].equal(masks[1])
-    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\], got 1.5"):
-        bench_conftest.unstructured_masks(2, (4, 4), 1.5, seed=0)
-
-
-@pytest.mark.parametrize("batch,tickets", [(10, 3), (7, 1), (5, 8), (0, 2)])
-def test_balanced_route(batch, tickets):
-    route = bench_conftest.balanced_route(batch, tickets, seed=1)
-    counts = bench_conftest.torch.bincount(route, minlength=tickets)
-    assert route.shape == (batch,) and int(counts.sum()) == batch
-    assert int(counts.max()) - int(counts.min()) <= 1
-
-
-def test_suite_speedups():
-    assert bench_conftest.speedups({"B0": 2.0, "B1": 6.0, "ours": 1.0}) == {"ratio_vs_B0": 2.0, "ratio_vs_B1": 6.0}
-    assert bench_conftest.speedups({"B0": 2.0}) == {"ratio_vs_B0": None, "ratio_vs_B1": None}
+def test_entry_point_runs_as_a_module_from_the_checkout(run_bench):
+    proc = run_bench("linear", "--help", timeout=60)
+    assert proc.stdout.startswith("usage: python -m bench linear") and "--quick" in proc.stdout
+    proc = run_bench("models", "--help", timeout=60)
+    assert all(option in proc.stdout for option in ("--profile", "--memory", "--full", "--backend", "--out"))
+    proc = run_bench("conv2d", "--cases", "x", "--repeats", "0", check=False, timeout=60)
+    assert proc.returncode == 2 and "--repeats must be >= 1" in proc.stderr

@@ -1,4 +1,4 @@
-"""What the cpu backend did in each routed call, for the profiler (``rtl bench models --profile``) and the tests.
+"""What the cpu backend did in each routed call, for the profiler (``python -m bench models --profile``) and the tests.
 
 Off by default, and then a call pays one thread-local lookup::
 
