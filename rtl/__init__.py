@@ -34,6 +34,7 @@ _LAZY_MODULES = (
     "optim",
     "prune",
     "routers",
+    "sync_batch_norm",
     "train",
 )
 _LAZY_NAMES = {

@@ -117,6 +117,27 @@ def _cmd_list() -> int:
 
 
 def _cmd_run(args) -> int:
+    from .experiments.ranks import leave, ranks_from_environment
+
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"rtl: --device {args.device} but torch sees no CUDA device", file=sys.stderr)
+            return 2
+    try:
+        # under torchrun: join the other processes (gloo on CPU, nccl with one GPU per process)
+        ranks, device = ranks_from_environment(args.device)
+    except (RuntimeError, ValueError) as exc:
+        print(f"rtl: cannot join the other processes: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run_on_ranks(args, ranks, device)
+    finally:
+        leave(ranks)
+
+
+def _run_on_ranks(args, ranks, device: str) -> int:
     import torch
 
     from . import prune
@@ -134,9 +155,6 @@ def _cmd_run(args) -> int:
             print(f"rtl: --threads must be >= 1, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"rtl: --device {args.device} but torch sees no CUDA device", file=sys.stderr)
-        return 2
     if args.backend not in (None, "auto"):
         import rtl_kernels
 
@@ -162,7 +180,7 @@ def _cmd_run(args) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"rtl: {exc}", file=sys.stderr)
         return 2
-    task.to(args.device)
+    task.to(device)
     model = task.build_model(args.seed)
     from .convert import convert_
 
@@ -184,10 +202,12 @@ def _cmd_run(args) -> int:
         "backend": args.backend or "auto",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    print(
-        f"rtl run {args.experiment}: {task.num_tickets} tickets, {prunable} prunable weights, sparsities "
-        f"{args.sparsities}, out {out}"
-    )
+    if ranks.main:
+        processes = f", {ranks.world} processes" if ranks.distributed else ""
+        print(
+            f"rtl run {args.experiment}: {task.num_tickets} tickets, {prunable} prunable weights, sparsities "
+            f"{args.sparsities}, out {out}{processes}"
+        )
     backend = None if args.backend in (None, "auto") else args.backend
     try:
         run_protocol(
@@ -199,20 +219,24 @@ def _cmd_run(args) -> int:
             resume=args.resume is not None,
             backend=backend,
             progress=not args.no_progress,
-            device=args.device,
+            device=device,
+            ranks=ranks,
         )
     except (RunStateError, RunLockedError) as exc:
-        print(f"rtl: {exc}", file=sys.stderr)
+        if ranks.main:  # raised on rank 0 and handed to every rank: said once
+            print(f"rtl: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            f"\nrtl: interrupted; every finished stage is saved. Continue with:\n  rtl run {args.experiment} "
-            f"--resume {out}{' --quick' if args.quick else ''}",
-            file=sys.stderr,
-        )
+        if ranks.main:
+            print(
+                f"\nrtl: interrupted; every finished stage is saved. Continue with:\n  rtl run {args.experiment} "
+                f"--resume {out}{' --quick' if args.quick else ''}",
+                file=sys.stderr,
+            )
         return 130
-    report = write_report(out)
-    print(f"report: {report}")
+    if ranks.main:
+        report = write_report(out)
+        print(f"report: {report}")
     return 0
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import functools
+import itertools
 import random
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -28,6 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 import rtl_kernels
 
@@ -36,6 +38,8 @@ from ..convert import convert_, extract_ticket
 from ..iterative_pruning import IMP, CheckpointError
 from ..routed_model import RoutedModel, model_num_tickets, use_route
 from ..state_io import atomic_json, atomic_save, first_line
+from ..sync_batch_norm import synchronized_batch_norm
+from .ranks import Ranks
 from .run_lock import RunLock
 from .tasks import Task, parse_granularity
 
@@ -94,6 +98,13 @@ class StageStore:
             atomic_json(config, cfg_path)
         os.makedirs(self.dir, exist_ok=True)
 
+    @classmethod
+    def reader(cls, out_dir: str) -> "StageStore":
+        """The store of a run another process (rank 0) owns: it loads stages and writes nothing."""
+        store = cls.__new__(cls)
+        store.out_dir, store.dir = out_dir, os.path.join(out_dir, "stages")
+        return store
+
     def path(self, stage: str) -> str:
         return os.path.join(self.dir, stage.replace("@", "_at_") + ".pt")
 
@@ -142,31 +153,43 @@ class _EpochBatches:
         steps: when given, one pass yields exactly this many batches, drawing further epochs as needed.
     """
 
-    def __init__(self, draw: Callable[[], Iterator], length: int, steps: Optional[int] = None) -> None:
-        self.draw, self.length, self.steps = draw, length, steps
+    def __init__(
+        self, draw: Callable[[], Iterator], length: int, steps: Optional[int] = None, ranks: Optional[Ranks] = None
+    ) -> None:
+        self.draw, self.length, self.steps, self.ranks = draw, length, steps, ranks
 
     def __len__(self) -> int:
         return self.length if self.steps is None else self.steps
 
     def __iter__(self) -> Iterator:
-        if self.steps is None:
-            yield from self.draw()
-            return
-        done = 0
-        while done < self.steps:
-            for batch in self.draw():
+        batches = self.draw() if self.steps is None else itertools.islice(self._epochs(), self.steps)
+        for batch in batches:
+            yield batch if self.ranks is None else self._share(*batch)
+
+    def _epochs(self) -> Iterator:
+        while True:
+            drawn = 0
+            for drawn, batch in enumerate(self.draw(), 1):
                 yield batch
-                done += 1
-                if done == self.steps:
-                    return
+            if not drawn:  # an empty subset has no batch to repeat
+                return
+
+    def _share(self, x: Tensor, target: Tensor):
+        """This rank's rows of a global batch, with the weight that makes the ranks' losses add up to its mean."""
+        rows = self.ranks.shard(x.shape[0])
+        weight = (rows.stop - rows.start) * self.ranks.world / max(x.shape[0], 1)
+        return x[rows], (target[rows], weight)
 
 
-def _fit(task: Task, model: nn.Module, loaders: List, loss_fn: Callable, epochs: int) -> List[float]:
+def _fit(
+    task: Task, model: nn.Module, loaders: List, loss_fn: Callable, epochs: int, ranks: Optional[Ranks] = None
+) -> List[float]:
     """``epochs`` of :func:`rtl.train.train_sequential` with the task's Adam (paper A.2 / C.4) and LR schedule.
 
     With ``lr_schedule="cosine"`` the rate decays to 0 over the run's steps: the final weights then do not depend
     on where the last few full-rate Adam steps happened to land, which keeps method comparisons stable on short
-    budgets. Returns the mean loss per epoch.
+    budgets. With ``ranks`` (several processes, loaders that share their batches out) the model trains
+    data-parallel: DistributedDataParallel and BatchNorm over the global batch. Returns the mean loss per epoch.
     """
     if task.settings.lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {task.settings.lr_schedule!r}")
@@ -177,10 +200,29 @@ def _fit(task: Task, model: nn.Module, loaders: List, loss_fn: Callable, epochs:
     if task.settings.lr_schedule == "cosine" and steps > 0:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(adam, T_max=steps)
         callbacks.append(lambda info: scheduler.step())
-    result = rtl_train.train_sequential(
-        _TaskModel(task, model), loaders, adam, loss_fn, epochs=epochs, progress=False, callbacks=callbacks
-    )
+    if ranks is None or not ranks.distributed:
+        result = rtl_train.train_sequential(
+            _TaskModel(task, model), loaders, adam, loss_fn, epochs=epochs, progress=False, callbacks=callbacks
+        )
+        return result.epoch_losses
+    with synchronized_batch_norm(model):
+        wrapped = DistributedDataParallel(_TaskModel(task, model))
+        result = rtl_train.train_sequential(
+            wrapped, loaders, adam, _shared_loss(loss_fn), epochs=epochs, progress=False, callbacks=callbacks
+        )
     return result.epoch_losses
+
+
+def _shared_loss(loss_fn: Callable) -> Callable:
+    """The loss of one rank's rows, weighted so that the ranks' losses add up to the global batch's mean."""
+
+    def weighted(out: Tensor, target_and_weight, ticket: int) -> Tensor:
+        target, weight = target_and_weight
+        if out.shape[0] == 0:  # a batch smaller than the number of ranks: this rank joins with a zero loss
+            return out.sum() * 0.0
+        return loss_fn(out, target, ticket) * weight
+
+    return weighted
 
 
 def train_plain(task: Task, model: nn.Module, epochs: int, gen: torch.Generator) -> List[float]:
@@ -209,16 +251,20 @@ def train_ticket_steps(
     return _fit(task, model, loaders, lambda out, y: task.loss_ticket(out, y, ticket), 1)[0]
 
 
-def train_joint(task: Task, model: nn.Module, epochs: int, gen: torch.Generator) -> List[float]:
+def train_joint(
+    task: Task, model: nn.Module, epochs: int, gen: torch.Generator, ranks: Optional[Ranks] = None
+) -> List[float]:
     """Alg. 2 (:func:`rtl.train.train_sequential`): per batch index, one step per ticket on that ticket's batch.
 
-    Short subsets cycle, each pass drawing a new epoch of the subset. Returns the mean loss per epoch.
+    Short subsets cycle, each pass drawing a new epoch of the subset. With several ranks every rank draws the same
+    batches (same generator) and trains on its share of their rows. Returns the mean loss per epoch.
     """
+    shared = ranks if ranks is not None and ranks.distributed else None
     loaders = [
-        _EpochBatches(functools.partial(task.ticket_batches, t, gen), task.ticket_batch_count(t))
+        _EpochBatches(functools.partial(task.ticket_batches, t, gen), task.ticket_batch_count(t), ranks=shared)
         for t in range(task.num_tickets)
     ]
-    return _fit(task, model, loaders, lambda out, y, ticket: task.loss_ticket(out, y, ticket), epochs)
+    return _fit(task, model, loaders, lambda out, y, ticket: task.loss_ticket(out, y, ticket), epochs, shared)
 
 
 # -- mask extraction -------------------------------------------------------------------------------------------
@@ -242,13 +288,16 @@ def extract_masks(
     make_train_fn: Callable[[float], Callable[[nn.Module, int, int], object]],
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
+    ranks: Optional[Ranks] = None,
 ) -> Dict:
     """Alg. 1 with :class:`rtl.IMP` from the model's current weights (θ0), masks snapshotted per target.
 
-    One IMP run per target sparsity, in increasing order, each continuing from the previous masks (masks only
-    shrink; IMP's rewind returns the weights to θ0 after every ticket's training, so θ0 is the same for all
-    runs). Each round removes ``prune_fraction`` of a ticket's remaining weights, clipped to hit the target.
-    With ``checkpoint_dir`` every finished round is saved, and an interrupted extraction resumes after it.
+    Each ticket is extracted on its own (the tickets share nothing but θ0, so this is the paper's K independent IMP
+    runs): one IMP run per target sparsity, in increasing order, each continuing from the previous masks (masks only
+    shrink; IMP's rewind returns the weights to θ0 after every training, so θ0 is the same for all runs). Each round
+    removes ``prune_fraction`` of a ticket's remaining weights, clipped to hit the target. With ``checkpoint_dir``
+    every finished round is saved, per ticket, and an interrupted extraction resumes after it with any number of
+    ranks. With ``ranks`` the tickets are spread over the processes and their masks gathered on every rank.
 
     Args:
         make_train_fn: ``make_train_fn(target) -> train_fn(model, ticket, round)``; the train_fn must draw its
@@ -257,31 +306,45 @@ def extract_masks(
     Returns:
         {"masks": {str(sparsity): {layer name: masks (T, *weight.shape)}}, "log": [per-round dicts]}.
     """
-    snapshots: Dict[str, Dict[str, Tensor]] = {}
+    ranks = ranks or Ranks()
+    start = _masks_of(model)
+    keys = [f"{target:g}" for target in sorted(sparsities)]
+    mine: Dict[int, Dict[str, Dict[str, Tensor]]] = {}
     log: List[Dict] = []
-    for target in sorted(sparsities):
-        key = f"{target:g}"
-        if target > 0:
-            ckpt = None if checkpoint_dir is None else os.path.join(checkpoint_dir, key)
-            imp = IMP(
-                model,
-                make_train_fn(target),
-                target,
-                amount=task.settings.prune_fraction,
-                checkpoint_dir=ckpt,
-                granularity=parse_granularity(task.settings.granularity),
-                progress=progress,
-            )
-            try:
-                imp.run()
-            except CheckpointError as exc:
-                raise RunStateError(
-                    f"{exc}. Delete that file to redo the rounds of sparsity {key} from their "
-                    f"start (the finished stages are kept)"
-                ) from exc
-            log += [dict(entry, target=target) for entry in imp.log]
-        snapshots[key] = _masks_of(model)
-    return {"masks": snapshots, "log": log}
+    for ticket in ranks.owned(range(model_num_tickets(model))):
+        mine[ticket] = {}
+        for target, key in zip(sorted(sparsities), keys):
+            if target > 0:
+                ckpt = None if checkpoint_dir is None else os.path.join(checkpoint_dir, f"ticket{ticket}", key)
+                imp = IMP(
+                    model,
+                    make_train_fn(target),
+                    target,
+                    amount=task.settings.prune_fraction,
+                    tickets=[ticket],
+                    checkpoint_dir=ckpt,
+                    granularity=parse_granularity(task.settings.granularity),
+                    progress=progress and ranks.main,
+                )
+                try:
+                    imp.run()
+                except CheckpointError as exc:
+                    raise RunStateError(
+                        f"{exc}. Delete that file to redo the rounds of ticket {ticket} at sparsity {key} from "
+                        f"their start (the finished stages are kept)"
+                    ) from exc
+                log += [dict(entry, target=target, ticket=ticket) for entry in imp.log]
+            mine[ticket][key] = {name: m[ticket].clone() for name, m in _masks_of(model).items()}
+    snapshots = {key: {name: m.clone() for name, m in start.items()} for key in keys}
+    logs = []
+    for masks_of_rank, log_of_rank in ranks.gather((mine, log)):
+        logs += log_of_rank
+        for ticket, per_key in masks_of_rank.items():
+            for key, masks in per_key.items():
+                for name, row in masks.items():
+                    snapshots[key][name][ticket] = row
+    logs.sort(key=lambda entry: (entry["target"], entry["ticket"], entry["round"]))
+    return {"masks": snapshots, "log": logs}
 
 
 # -- speed ----------------------------------------------------------------------------------------------------
@@ -402,8 +465,12 @@ def run_protocol(
     progress: bool = True,
     device="cpu",
     log: Callable[[str], None] = print,
+    ranks: Optional[Ranks] = None,
 ) -> Dict:
     """Run (or resume) every stage of the protocol on ``task`` and return the metrics (also in metrics.json).
+
+    With ``ranks`` (several processes started by torchrun, see :mod:`rtl.experiments.ranks`) rank 0 owns the run
+    directory; Alg. 1 and the independent models are spread over the ranks and Alg. 2 runs data-parallel.
 
     Args:
         task: the experiment's :class:`~rtl.experiments.tasks.Task`.
@@ -415,7 +482,8 @@ def run_protocol(
         backend: rtl_kernels backend for the routed models (None: automatic).
         device: where models and data live ("cpu" or "cuda"); the task's tensors must already be there.
         progress: show progress bars.
-        log: where one-line progress messages go.
+        log: where one-line progress messages go (rank 0 only).
+        ranks: this process's rank among the run's processes (default: a single process).
 
     Raises:
         RunStateError: ``out_dir`` cannot be resumed, or holds a run when ``resume`` is False.
@@ -424,35 +492,60 @@ def run_protocol(
     Returns:
         The metrics dictionary.
     """
+    ranks = ranks or Ranks()
     lock = None
-    if not resume or os.path.isfile(os.path.join(out_dir, "config.json")):
-        lock = RunLock(out_dir)  # held until the metrics are written; a killed run's lock dies with it
+
+    def take_directory() -> StageStore:
+        nonlocal lock
+        if not resume or os.path.isfile(os.path.join(out_dir, "config.json")):
+            lock = RunLock(out_dir)  # held until the metrics are written; a killed run's lock dies with it
+        return StageStore(out_dir, config, resume)
+
     try:
-        return _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, progress, device, log)
+        store = ranks.from_main(take_directory)
+        if not ranks.main:
+            store, log = StageStore.reader(out_dir), lambda message: None
+        return _run_protocol(task, store, sparsities, seed, backend, progress and ranks.main, device, log, ranks)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, progress, device, log) -> Dict:
-    store = StageStore(out_dir, config, resume)
+def _run_protocol(task, store, sparsities, seed, backend, progress, device, log, ranks: Ranks) -> Dict:
+    out_dir = store.out_dir
     sparsities = sorted(float(s) for s in sparsities)
     s_keys = [f"{s:g}" for s in sparsities]
     filt = task.prunable_filter
     T = task.num_tickets
 
-    def stage(name: str, fn: Callable[[], object]):
+    def stage(name: str, fn: Callable[[], object], spread: bool = False):
+        """A stage's data: loaded when done earlier, else computed by rank 0 (by every rank when ``spread``: the
+        stage shares its work out itself) and saved by rank 0; the other ranks read rank 0's file."""
         cached = store.load(name)
         if cached is not None:
             log(f"[{name}] done earlier, loaded")
             return cached
         start = time.perf_counter()
-        gen = _seed_all(_stage_seed(seed, name))
-        data = fn(gen)
-        store.save(name, data)
-        if isinstance(data, dict) and "losses" in data:  # the training curve, readable without torch
-            os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
-            atomic_json(_jsonable(data["losses"]), os.path.join(out_dir, "logs", f"{name}_losses.json"))
+
+        def compute():
+            gen = _seed_all(_stage_seed(seed, name))
+            data = fn(gen)
+            if ranks.main:
+                store.save(name, data)
+                if isinstance(data, dict) and "losses" in data:  # the training curve, readable without torch
+                    os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
+                    atomic_json(_jsonable(data["losses"]), os.path.join(out_dir, "logs", f"{name}_losses.json"))
+            return data
+
+        computed: Dict[str, object] = {}
+        if spread:
+            computed["data"] = compute()
+            ranks.barrier()
+        else:  # rank 0 alone; its failure is raised on every rank
+            ranks.from_main(lambda: computed.update(data=compute()))
+        data = computed.get("data")
+        if not ranks.main:
+            data = store.load(name)
         log(f"[{name}] {time.perf_counter() - start:.1f} s")
         return data
 
@@ -504,12 +597,14 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
                 task, m, t, task.settings.ticket_steps, round_gen("rtl_masks", target, t, r)
             )
         )
-        return extract_masks(task, model, sparsities, make, os.path.join(store.dir, "rtl_masks_imp"), progress)
+        checkpoints = os.path.join(store.dir, "rtl_masks_imp")
+        return extract_masks(task, model, sparsities, make, checkpoints, progress, ranks)
 
-    rtl_masks = stage("rtl_masks", rtl_masks_stage)
-    os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
-    for name, data in (("single_masks", single_masks), ("rtl_masks", rtl_masks)):
-        atomic_json(_jsonable(data["log"]), os.path.join(out_dir, "logs", f"{name}_rounds.json"))
+    rtl_masks = stage("rtl_masks", rtl_masks_stage, spread=True)
+    if ranks.main:
+        os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
+        for name, data in (("single_masks", single_masks), ("rtl_masks", rtl_masks)):
+            atomic_json(_jsonable(data["log"]), os.path.join(out_dir, "logs", f"{name}_rounds.json"))
     single_masks, rtl_masks = single_masks["masks"], rtl_masks["masks"]
 
     results: Dict = {"dense": dense["metrics"], "sparsities": {}}
@@ -530,7 +625,9 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
         def rtl_stage(gen, key=key):
             model = routed_model(T)
             _load_masks(model, rtl_masks[key])
-            losses = train_joint(task, model, task.settings.retrain_epochs, gen)
+            losses = train_joint(task, model, task.settings.retrain_epochs, gen, ranks)
+            if not ranks.main:  # the weights are the same on every rank: rank 0 evaluates them
+                return None
             return {
                 "state": model.state_dict(),
                 "losses": losses,
@@ -541,19 +638,33 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
                 "similarity_chance_corrected": diagnostics.chance_corrected_similarity(model),
             }
 
+        def multi_model(t: int, key=key) -> nn.Module:
+            model = routed_model(1)
+            _load_masks(model, {n: m[t : t + 1] for n, m in rtl_masks[key].items()})
+            return model
+
         def multi_stage(gen, key=key):
+            # the T independent models are spread over the ranks, each with its own generator
+            trained = {}
+            for t in ranks.owned(range(T)):
+                model = multi_model(t)
+                steps = task.settings.retrain_epochs * max(1, task.ticket_batch_count(t))
+                own_gen = torch.Generator().manual_seed(_stage_seed(seed, f"multi@{key}:{t}"))
+                train_ticket_steps(task, model, t, steps, own_gen, route_ticket=0)
+                trained[t] = {name: v.cpu() for name, v in model.state_dict().items()}
+            states = {t: state for part in ranks.gather(trained) for t, state in part.items()}
+            if not ranks.main:
+                return None
             models = []
             for t in range(T):
-                model = routed_model(1)
-                _load_masks(model, {n: m[t : t + 1] for n, m in rtl_masks[key].items()})
-                steps = task.settings.retrain_epochs * max(1, task.ticket_batch_count(t))
-                train_ticket_steps(task, model, t, steps, gen, route_ticket=0)
+                model = multi_model(t)
+                model.load_state_dict(states[t])
                 models.append(model)
             return {"metrics": task.evaluate_routed(_multi_fn(task, models))}
 
         single_r = stage(f"single@{key}", single_stage)
-        rtl_r = stage(f"rtl@{key}", rtl_stage)
-        multi_r = stage(f"multi@{key}", multi_stage)
+        rtl_r = stage(f"rtl@{key}", rtl_stage, spread=True)
+        multi_r = stage(f"multi@{key}", multi_stage, spread=True)
         results["sparsities"][key] = {
             "single": {"metrics": single_r["metrics"], "counts": single_r["counts"]},
             "rtl": {
@@ -585,8 +696,10 @@ def _run_protocol(task, out_dir, sparsities, seed, config, resume, backend, prog
         "threads": torch.get_num_threads(),
         "backend": backend or "auto",
         "backends": rtl_kernels.available_backends(),
+        "processes": ranks.world,
     }
-    atomic_json(_jsonable(results), os.path.join(out_dir, "metrics.json"))
+    if ranks.main:
+        atomic_json(_jsonable(results), os.path.join(out_dir, "metrics.json"))
     return results
 
 
