@@ -10,6 +10,7 @@
 
 #include "cpu/routed_conv_kernels.h"
 #include "cpu/routed_linear_kernels.h"
+#include "op_checks.h"
 
 #include <sys/mman.h>
 
@@ -108,50 +109,60 @@ void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t col
               "), got ", t.sizes());
 }
 
+// What the forward and the input gradient check alike: a (B, a_cols) times weight (N, K), read transposed for the
+// input gradient, into out (B, out_cols) through an index of out_cols rows a ticket over a_cols columns.
+struct Product {
+  rtl_cpu::RoutedRows rows;
+  int64_t n, k, n_chunks;
+};
+
+Product check_product(const at::Tensor& a, const char* a_name, const at::Tensor& weight, const at::Tensor& out,
+                      bool transposed, const at::Tensor& perm, const at::Tensor& offsets,
+                      const at::Tensor& ticket_sparse, const at::Tensor& ptr, const at::Tensor& chunk_ptr,
+                      const at::Tensor& idx) {
+  check_f32(a, a_name);
+  check_f32(weight, "weight");
+  check_f32(out, "out");
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D");
+  Product p;
+  p.n = weight.size(0);
+  p.k = weight.size(1);
+  const int64_t a_cols = transposed ? p.n : p.k, out_cols = transposed ? p.k : p.n;
+  p.rows = routed_rows(perm, offsets, ticket_sparse);
+  check_rows(a, a_name, p.rows.batch, a_cols);
+  check_rows(out, "out", p.rows.batch, out_cols);
+  check_index(ptr, idx, p.rows.num_tickets * out_cols + 1);
+  p.n_chunks = check_chunks(chunk_ptr, p.rows.num_tickets * out_cols);
+  check_index_values(p.rows, ptr, chunk_ptr, p.n_chunks, idx, out_cols, a_cols);
+  return p;
+}
+
 void linear_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                     const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& ticket_sparse,
                     const at::Tensor& csr_ptr, const at::Tensor& csr_chunk_ptr, const at::Tensor& csr_idx,
                     at::Tensor& out) {
-  check_f32(x, "x");
-  check_f32(weight, "weight");
-  check_f32(out, "out");
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D");
-  const int64_t n = weight.size(0), k = weight.size(1);
-  auto rows = routed_rows(perm, offsets, ticket_sparse);
-  check_rows(x, "x", rows.batch, k);
-  check_rows(out, "out", rows.batch, n);
-  check_index(csr_ptr, csr_idx, rows.num_tickets * n + 1);
+  const Product p =
+      check_product(x, "x", weight, out, false, perm, offsets, ticket_sparse, csr_ptr, csr_chunk_ptr, csr_idx);
   const float* b = nullptr;
   if (bias.has_value()) {
     check_f32(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "bias must have shape (", n, ")");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.n, "bias must have shape (", p.n, ")");
     b = bias->data_ptr<float>();
   }
-  const int64_t n_chunks = check_chunks(csr_chunk_ptr, rows.num_tickets * n);
-  check_index_values(rows, csr_ptr, csr_chunk_ptr, n_chunks, csr_idx, n, k);
   advise_huge_pages(out);
-  rtl_cpu::routed_linear_forward(rows, n, k, x.data_ptr<float>(), weight.data_ptr<float>(), b,
-                                 csr_ptr.data_ptr<int64_t>(), csr_chunk_ptr.data_ptr<int64_t>(), n_chunks,
+  rtl_cpu::routed_linear_forward(p.rows, p.n, p.k, x.data_ptr<float>(), weight.data_ptr<float>(), b,
+                                 csr_ptr.data_ptr<int64_t>(), csr_chunk_ptr.data_ptr<int64_t>(), p.n_chunks,
                                  csr_idx.data_ptr<int32_t>(), out.data_ptr<float>());
 }
 
 void linear_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& perm,
                        const at::Tensor& offsets, const at::Tensor& ticket_sparse, const at::Tensor& csc_ptr,
                        const at::Tensor& csc_chunk_ptr, const at::Tensor& csc_idx, at::Tensor& out) {
-  check_f32(grad_y, "grad_y");
-  check_f32(weight, "weight");
-  check_f32(out, "out");
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D");
-  const int64_t n = weight.size(0), k = weight.size(1);
-  auto rows = routed_rows(perm, offsets, ticket_sparse);
-  check_rows(grad_y, "grad_y", rows.batch, n);
-  check_rows(out, "out", rows.batch, k);
-  check_index(csc_ptr, csc_idx, rows.num_tickets * k + 1);
-  const int64_t n_chunks = check_chunks(csc_chunk_ptr, rows.num_tickets * k);
-  check_index_values(rows, csc_ptr, csc_chunk_ptr, n_chunks, csc_idx, k, n);
+  const Product p =
+      check_product(grad_y, "grad_y", weight, out, true, perm, offsets, ticket_sparse, csc_ptr, csc_chunk_ptr, csc_idx);
   advise_huge_pages(out);
-  rtl_cpu::routed_linear_grad_input(rows, n, k, grad_y.data_ptr<float>(), weight.data_ptr<float>(),
-                                    csc_ptr.data_ptr<int64_t>(), csc_chunk_ptr.data_ptr<int64_t>(), n_chunks,
+  rtl_cpu::routed_linear_grad_input(p.rows, p.n, p.k, grad_y.data_ptr<float>(), weight.data_ptr<float>(),
+                                    csc_ptr.data_ptr<int64_t>(), csc_chunk_ptr.data_ptr<int64_t>(), p.n_chunks,
                                     csc_idx.data_ptr<int32_t>(), out.data_ptr<float>());
 }
 
@@ -190,32 +201,20 @@ void check_writable(const at::Tensor& t, const char* name) {
 rtl_cpu::ConvShape conv_shape(const at::Tensor& x, int64_t out_channels, at::IntArrayRef out_hw, at::IntArrayRef kernel,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups) {
-  TORCH_CHECK(
-      kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && out_hw.size() == 2,
-      "kernel, stride, padding, dilation and the output size must be pairs");
-  TORCH_CHECK(kernel[0] >= 1 && kernel[1] >= 1 && stride[0] >= 1 && stride[1] >= 1 && padding[0] >= 0 &&
-                  padding[1] >= 0 && dilation[0] >= 1 && dilation[1] >= 1 && groups >= 1,
-              "invalid conv geometry");
-  TORCH_CHECK(x.size(1) % groups == 0 && out_channels % groups == 0, "channels must divide by groups");
+  TORCH_CHECK(kernel.size() == 2 && kernel[0] >= 1 && kernel[1] >= 1 && out_hw.size() == 2,
+              "the kernel must be two sizes >= 1 and the output size a pair, got ", kernel, " and ", out_hw);
   rtl_cpu::ConvShape s;
+  rtl_ops::set_conv_params(s, stride, padding, dilation, groups);
+  TORCH_CHECK(x.size(1) % groups == 0 && out_channels % groups == 0, "channels must divide by groups");
   s.channels = x.size(1);
   s.height = x.size(2);
   s.width = x.size(3);
   s.out_channels = out_channels;
   s.kernel_h = kernel[0];
   s.kernel_w = kernel[1];
-  s.stride_h = stride[0];
-  s.stride_w = stride[1];
-  s.pad_h = padding[0];
-  s.pad_w = padding[1];
-  s.dil_h = dilation[0];
-  s.dil_w = dilation[1];
-  s.groups = groups;
-  s.out_height = (s.height + 2 * s.pad_h - s.dil_h * (s.kernel_h - 1) - 1) / s.stride_h + 1;
-  s.out_width = (s.width + 2 * s.pad_w - s.dil_w * (s.kernel_w - 1) - 1) / s.stride_w + 1;
-  TORCH_CHECK(s.height + 2 * s.pad_h >= s.dil_h * (s.kernel_h - 1) + 1 &&
-                  s.width + 2 * s.pad_w >= s.dil_w * (s.kernel_w - 1) + 1,
-              "the input is smaller than the dilated kernel");
+  s.out_height = rtl_ops::conv_out_size(s.height, s.pad_h, s.dil_h, s.kernel_h, s.stride_h);
+  s.out_width = rtl_ops::conv_out_size(s.width, s.pad_w, s.dil_w, s.kernel_w, s.stride_w);
+  TORCH_CHECK(s.out_height > 0 && s.out_width > 0, "the input is smaller than the dilated kernel");
   TORCH_CHECK(out_hw[0] == s.out_height && out_hw[1] == s.out_width, "the output size must be (", s.out_height, ", ",
               s.out_width, ") for this geometry, got ", out_hw);
   return s;

@@ -16,6 +16,7 @@
 
 #include "cuda/routed_conv2d_kernels.cuh"
 #include "cuda/routed_linear_kernels.cuh"
+#include "op_checks.h"
 
 extern "C" PyObject* PyInit__C_cuda(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda",
@@ -88,32 +89,54 @@ void check_grid(int64_t out_blocks, const char* dim_name, int64_t dim) {
   TORCH_CHECK(out_blocks <= 65535, "the cuda backend supports ", dim_name, " up to 65535 * 64, got ", dim);
 }
 
+// What the forward and the input gradient check alike: a (B, a_cols) times the masked weight (N, K), read
+// transposed for the input gradient, into out (B, out_cols) through a block index of out_cols / 64 block rows a
+// ticket. Returns the element type, the grouping and (N, K).
+struct Product {
+  rtl_cuda::DType dtype;
+  rtl_cuda::RoutedRows rows;
+  int64_t n, k;
+};
+
+Product check_product(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& masks, const at::Tensor& perm,
+                      const at::Tensor& offsets, const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& full,
+                      int64_t block_n, int64_t block_k, const at::Tensor& out, bool transposed) {
+  const char* a_name = transposed ? "grad_y" : "x";
+  check_blocks(block_n, block_k);
+  TORCH_CHECK(a.is_cuda() && a.dim() == 2, a_name, " must be a 2-D CUDA tensor, got ", a.device(), " ", a.sizes());
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D, got shape ", weight.sizes());
+  const auto device = a.device();
+  Product p;
+  p.dtype = element_type(a, a_name);
+  p.n = weight.size(0);
+  p.k = weight.size(1);
+  const int64_t b = a.size(0), a_cols = transposed ? p.n : p.k, out_cols = transposed ? p.k : p.n;
+  check(a, a_name, a.scalar_type(), device, {b, a_cols});
+  check(weight, "weight", a.scalar_type(), device, {p.n, p.k});
+  check(masks, "masks", at::kBool, device, {masks.dim() == 3 ? masks.size(0) : -1, p.n, p.k});
+  check(out, "out", a.scalar_type(), device, {b, out_cols});
+  p.rows = routed_rows(perm, offsets, masks, b, device);
+  const int64_t out_blocks = cdiv(out_cols, transposed ? rtl_cuda::kBlockK : rtl_cuda::kBlockN);
+  check(ptr, transposed ? "t_col_ptr" : "row_ptr", at::kInt, device, {p.rows.num_tickets * out_blocks + 1});
+  check_1d(idx, transposed ? "t_row_idx" : "col_idx", at::kInt, device);
+  check(full, transposed ? "t_full" : "full", at::kChar, device, {idx.numel()});
+  check_grid(out_blocks, transposed ? "in_features" : "out_features", out_cols);
+  return p;
+}
+
 void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& masks,
                     const std::optional<at::Tensor>& bias, const at::Tensor& perm, const at::Tensor& offsets,
                     const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& full, int64_t block_n,
                     int64_t block_k, at::Tensor& out) {
-  check_blocks(block_n, block_k);
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor, got ", x.device(), " ", x.sizes());
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D, got shape ", weight.sizes());
-  const auto device = x.device();
-  const auto dtype = element_type(x, "x");
-  const int64_t b = x.size(0), n = weight.size(0), k = weight.size(1);
-  check(x, "x", x.scalar_type(), device, {b, k});
-  check(weight, "weight", x.scalar_type(), device, {n, k});
-  check(masks, "masks", at::kBool, device, {masks.dim() == 3 ? masks.size(0) : -1, n, k});
-  check(out, "out", x.scalar_type(), device, {b, n});
-  if (bias.has_value()) check(*bias, "bias", x.scalar_type(), device, {n});
-  const auto rows = routed_rows(perm, offsets, masks, b, device);
-  const int64_t nb = cdiv(n, rtl_cuda::kBlockN);
-  check(row_ptr, "row_ptr", at::kInt, device, {rows.num_tickets * nb + 1});
-  check_1d(col_idx, "col_idx", at::kInt, device);
-  check(full, "full", at::kChar, device, {col_idx.numel()});
-  check_grid(nb, "out_features", n);
+  const Product p =
+      check_product(x, weight, masks, perm, offsets, row_ptr, col_idx, full, block_n, block_k, out, false);
+  if (bias.has_value()) check(*bias, "bias", x.scalar_type(), x.device(), {p.n});
   if (out.numel() == 0) return;
 
+  const auto device = x.device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  raise_on_error(rtl_cuda::linear_forward(dtype, rows, n, k, x.data_ptr(), weight.data_ptr(),
+  raise_on_error(rtl_cuda::linear_forward(p.dtype, p.rows, p.n, p.k, x.data_ptr(), weight.data_ptr(),
                                           reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
                                           bias.has_value() ? bias->data_ptr() : nullptr, row_ptr.data_ptr<int32_t>(),
                                           col_idx.data_ptr<int32_t>(), full.data_ptr<int8_t>(), out.data_ptr(), stream),
@@ -124,28 +147,14 @@ void linear_grad_input(const at::Tensor& grad_y, const at::Tensor& weight, const
                        const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& t_col_ptr,
                        const at::Tensor& t_row_idx, const at::Tensor& t_full, int64_t block_n, int64_t block_k,
                        at::Tensor& out) {
-  check_blocks(block_n, block_k);
-  TORCH_CHECK(grad_y.is_cuda() && grad_y.dim() == 2, "grad_y must be a 2-D CUDA tensor, got ", grad_y.device(), " ",
-              grad_y.sizes());
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D, got shape ", weight.sizes());
-  const auto device = grad_y.device();
-  const auto dtype = element_type(grad_y, "grad_y");
-  const int64_t b = grad_y.size(0), n = weight.size(0), k = weight.size(1);
-  check(grad_y, "grad_y", grad_y.scalar_type(), device, {b, n});
-  check(weight, "weight", grad_y.scalar_type(), device, {n, k});
-  check(masks, "masks", at::kBool, device, {masks.dim() == 3 ? masks.size(0) : -1, n, k});
-  check(out, "out", grad_y.scalar_type(), device, {b, k});
-  const auto rows = routed_rows(perm, offsets, masks, b, device);
-  const int64_t kb = cdiv(k, rtl_cuda::kBlockK);
-  check(t_col_ptr, "t_col_ptr", at::kInt, device, {rows.num_tickets * kb + 1});
-  check_1d(t_row_idx, "t_row_idx", at::kInt, device);
-  check(t_full, "t_full", at::kChar, device, {t_row_idx.numel()});
-  check_grid(kb, "in_features", k);
+  const Product p =
+      check_product(grad_y, weight, masks, perm, offsets, t_col_ptr, t_row_idx, t_full, block_n, block_k, out, true);
   if (out.numel() == 0) return;
 
+  const auto device = grad_y.device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  raise_on_error(rtl_cuda::linear_grad_input(dtype, rows, n, k, grad_y.data_ptr(), weight.data_ptr(),
+  raise_on_error(rtl_cuda::linear_grad_input(p.dtype, p.rows, p.n, p.k, grad_y.data_ptr(), weight.data_ptr(),
                                              reinterpret_cast<const uint8_t*>(masks.data_ptr<bool>()),
                                              t_col_ptr.data_ptr<int32_t>(), t_row_idx.data_ptr<int32_t>(),
                                              t_full.data_ptr<int8_t>(), out.data_ptr(), stream),
@@ -193,14 +202,9 @@ rtl_cuda::Conv2dShape conv2d_shape(c10::IntArrayRef input, c10::IntArrayRef weig
                                    int64_t groups) {
   TORCH_CHECK(input.size() == 4, "the conv input must be (B, C, H, W), got shape ", input);
   TORCH_CHECK(weight.size() == 4, "weight must be (O, C / groups, kh, kw), got shape ", weight);
-  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1, "stride must be two ints >= 1, got ", stride);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, "padding must be two ints >= 0, got ",
-              padding);
-  TORCH_CHECK(dilation.size() == 2 && dilation[0] >= 1 && dilation[1] >= 1, "dilation must be two ints >= 1, got ",
-              dilation);
-  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
-  TORCH_CHECK(tickets >= 1, "masks must hold at least one ticket, got ", tickets);
   rtl_cuda::Conv2dShape s{};
+  rtl_ops::set_conv_params(s, stride, padding, dilation, groups);
+  TORCH_CHECK(tickets >= 1, "masks must hold at least one ticket, got ", tickets);
   s.batch = input[0];
   s.channels = input[1];
   s.height = input[2];
@@ -212,20 +216,10 @@ rtl_cuda::Conv2dShape conv2d_shape(c10::IntArrayRef input, c10::IntArrayRef weig
               " must divide the input channels (", s.channels, ") and the output channels (", s.out_channels, ")");
   TORCH_CHECK(weight[1] == s.channels / groups, "weight must be (O, C / groups, kh, kw) = (", s.out_channels, ", ",
               s.channels / groups, ", kh, kw), got shape ", weight);
-  s.stride_h = stride[0];
-  s.stride_w = stride[1];
-  s.pad_h = padding[0];
-  s.pad_w = padding[1];
-  s.dil_h = dilation[0];
-  s.dil_w = dilation[1];
-  s.groups = groups;
   s.num_tickets = tickets;
   TORCH_CHECK(s.kernel_h >= 1 && s.kernel_w >= 1, "the kernel must be at least 1 x 1, got weight shape ", weight);
-  // Floor division as F.conv2d (a negative span means no output position, not C++'s truncation towards zero).
-  const int64_t span_h = s.height + 2 * s.pad_h - s.dil_h * (s.kernel_h - 1) - 1;
-  const int64_t span_w = s.width + 2 * s.pad_w - s.dil_w * (s.kernel_w - 1) - 1;
-  s.out_h = span_h < 0 ? 0 : span_h / s.stride_h + 1;
-  s.out_w = span_w < 0 ? 0 : span_w / s.stride_w + 1;
+  s.out_h = rtl_ops::conv_out_size(s.height, s.pad_h, s.dil_h, s.kernel_h, s.stride_h);
+  s.out_w = rtl_ops::conv_out_size(s.width, s.pad_w, s.dil_w, s.kernel_w, s.stride_w);
   TORCH_CHECK(s.out_h > 0 && s.out_w > 0, "the conv output would be empty (", s.out_h, " x ", s.out_w, ") for input ",
               input, ", kernel ", s.kernel_h, " x ", s.kernel_w, ", padding ", padding, ", dilation ", dilation,
               ", stride ", stride);

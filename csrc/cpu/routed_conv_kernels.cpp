@@ -431,8 +431,9 @@ PlaneLayout plane_layout(const ConvShape& s) {
   return l;
 }
 
-DepthwisePlane plane_args(const ConvShape& s, const PlaneLayout& l, float* buf) {
-  DepthwisePlane a{};
+// The plane geometry and buffer width both depthwise loops read (DepthwisePlane, DepthwiseLanes).
+template <typename Args>
+void set_plane_geometry(Args& a, const ConvShape& s, const PlaneLayout& l) {
   a.h = s.height;
   a.w = s.width;
   a.ho = s.out_height;
@@ -442,8 +443,33 @@ DepthwisePlane plane_args(const ConvShape& s, const PlaneLayout& l, float* buf) 
   a.pad_h = s.pad_h;
   a.pad_w = s.pad_w;
   a.wp = l.wp;
+}
+
+// The arguments every plane of a call shares: geometry, the thread's buffers, and the strides of the plane read
+// (x, or dy for the input gradient). wts may be null where the weights are not read.
+DepthwisePlane plane_args(const ConvShape& s, const PlaneLayout& l, float* buf, const float* wts, const int64_t* offs,
+                          Strides4 in) {
+  DepthwisePlane a{};
+  a.x_h = in.h;
+  a.x_w = in.w;
+  a.wts = wts;
+  a.offs = offs;
+  set_plane_geometry(a, s, l);
   a.buf = buf;
   return a;
+}
+
+// Gathers the kept taps of index row `row` into wts (their weights, from w_o: the output channel's kh * kw) and
+// offs (their offsets in the plane buffer); returns how many.
+int gather_taps(const int64_t* ptr, const int32_t* idx, int64_t row, const float* w_o, const PlaneLayout& l, float* wts,
+                int64_t* offs) {
+  const int count = static_cast<int>(ptr[row + 1] - ptr[row]);
+  for (int e = 0; e < count; ++e) {
+    const int32_t tap = idx[ptr[row] + e];
+    wts[e] = w_o[tap];
+    offs[e] = l.tap_offset[tap];
+  }
+  return count;
 }
 
 // Whether a depthwise forward runs an image at a time with the channels as vector lanes: one output channel per
@@ -484,15 +510,7 @@ void depthwise_forward_lanes(const ConvShape& s, const TicketImages& g, const st
     a.y_w = ys.w;
     a.channels = c;
     a.c8 = c8;
-    a.h = s.height;
-    a.w = s.width;
-    a.ho = s.out_height;
-    a.wo = s.out_width;
-    a.stride_h = s.stride_h;
-    a.stride_w = s.stride_w;
-    a.pad_h = s.pad_h;
-    a.pad_w = s.pad_w;
-    a.wp = l.wp;
+    set_plane_geometry(a, s, l);
     a.bias8 = bias ? bias8.data() : nullptr;
     a.tap_offset = tap_offset.data();
     a.taps = taps;
@@ -525,24 +543,14 @@ const char* depthwise_forward(const ConvShape& s, const TicketImages& g, const s
   {
     std::vector<float> buf(l.size, 0.f), wts(taps);
     std::vector<int64_t> offs(taps);
-    DepthwisePlane a = plane_args(s, l, buf.data());
-    a.wts = wts.data();
-    a.offs = offs.data();
-    a.x_h = xs.h;
-    a.x_w = xs.w;
+    DepthwisePlane a = plane_args(s, l, buf.data(), wts.data(), offs.data(), xs);
     a.y_h = ys.h;
     a.y_w = ys.w;
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_items; ++item) {
       const int64_t img = item / s.out_channels, o = item % s.out_channels, t = ticket[img];
       if (t < 0) continue;
-      const int64_t row = t * s.out_channels + o;
-      a.count = static_cast<int>(ptr[row + 1] - ptr[row]);
-      for (int e = 0; e < a.count; ++e) {
-        const int32_t tap = idx[ptr[row] + e];
-        wts[e] = w[o * taps + tap];
-        offs[e] = l.tap_offset[tap];
-      }
+      a.count = gather_taps(ptr, idx, t * s.out_channels + o, w + o * taps, l, wts.data(), offs.data());
       a.x = x + img * xs.n + (o / m) * xs.c;
       a.y = y + img * ys.n + o * ys.c;
       a.bias = bias ? bias[o] : 0.f;
@@ -565,24 +573,14 @@ const char* depthwise_grad_input(const ConvShape& s, const TicketImages& g, cons
   {
     std::vector<float> buf(l.size, 0.f), wts(taps);
     std::vector<int64_t> offs(taps);
-    DepthwisePlane a = plane_args(s, l, buf.data());
-    a.wts = wts.data();
-    a.offs = offs.data();
-    a.x_h = dys.h;
-    a.x_w = dys.w;
+    DepthwisePlane a = plane_args(s, l, buf.data(), wts.data(), offs.data(), dys);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < n_items; ++item) {
       const int64_t img = item / s.channels, c = item % s.channels, t = ticket[img];
       if (t < 0) continue;
       std::fill(buf.begin(), buf.end(), 0.f);
       for (int64_t o = c * m; o < (c + 1) * m; ++o) {
-        const int64_t row = t * s.out_channels + o;
-        a.count = static_cast<int>(ptr[row + 1] - ptr[row]);
-        for (int e = 0; e < a.count; ++e) {
-          const int32_t tap = idx[ptr[row] + e];
-          wts[e] = w[o * taps + tap];
-          offs[e] = l.tap_offset[tap];
-        }
+        a.count = gather_taps(ptr, idx, t * s.out_channels + o, w + o * taps, l, wts.data(), offs.data());
         a.x = dy + img * dys.n + o * dys.c;
         kernels.depthwise_grad_input_plane(a);
       }
@@ -609,10 +607,7 @@ const char* depthwise_grad_weight(const ConvShape& s, const TicketImages& g, con
   {
     std::vector<float> buf(l.size, 0.f), sums(taps);
     std::vector<int64_t> offs(taps);
-    DepthwisePlane a = plane_args(s, l, buf.data());
-    a.offs = offs.data();
-    a.x_h = xs.h;
-    a.x_w = xs.w;
+    DepthwisePlane a = plane_args(s, l, buf.data(), nullptr, offs.data(), xs);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t o = 0; o < s.out_channels; ++o) {
       for (int64_t t : run) {

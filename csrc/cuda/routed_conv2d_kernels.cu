@@ -22,9 +22,7 @@
 // (no host sync, no planning kernel); the grid is the bound cdiv(B * pixels, 64) + T, surplus blocks exit.
 #include "routed_conv2d_kernels.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "device_common.cuh"
 
 #include <cstdint>
 #include <string>
@@ -39,28 +37,6 @@ constexpr int kBK = kConvTileK;  // inner elements of a step
 constexpr int kThreads = 256;    // 16 x 16 threads, 4 x 4 outputs each (rows tx + 16 i, columns ty + 16 j)
 static_assert(kBM == 64 && kBN == 64 && kBK == 16, "the thread mappings below are written for 64x64x16 tiles");
 static_assert(kThreads == kBM * kBK / 4 && kThreads == kBN * kBK / 4, "each thread loads 4 elements per tile");
-constexpr int64_t kMaxGridX = 2147483647;
-constexpr int64_t kMaxGridYZ = 65535;
-
-template <typename T>
-struct Num;
-template <>
-struct Num<float> {
-  __device__ static float to_f(float v) { return v; }
-  __device__ static float from_f(float v) { return v; }
-};
-template <>
-struct Num<__half> {
-  __device__ static float to_f(__half v) { return __half2float(v); }
-  __device__ static __half from_f(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Num<__nv_bfloat16> {
-  __device__ static float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-};
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct ConvArgs {
   Conv2dShape s;
@@ -158,10 +134,7 @@ __global__ void __launch_bounds__(kThreads) conv_mm_kernel(const ConvArgs args) 
   const int tx = tid % 16;
   const int ty = tid / 16;
   float acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  zero_4x4(acc);
 
   for (int64_t k0 = 0; k0 < kdim; k0 += kBK) {
 #pragma unroll
@@ -210,18 +183,7 @@ __global__ void __launch_bounds__(kThreads) conv_mm_kernel(const ConvArgs args) 
       Bs[bk][n] = v;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBK; ++kk) {
-      float av[4], bv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = As[kk][tx + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][ty + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-    }
+    fma_step_4x4(acc, As, tx, Bs, ty);
     __syncthreads();
   }
 
@@ -297,10 +259,7 @@ __global__ void __launch_bounds__(kThreads) conv_grad_weight_kernel(const ConvAr
   }
 
   float total[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) total[i][j] = 0.f;
+  zero_4x4(total);
 
   for (int64_t t = 0; t < s.num_tickets; ++t) {
     const int64_t lo = args.offsets[t], hi = args.offsets[t + 1];
@@ -321,10 +280,7 @@ __global__ void __launch_bounds__(kThreads) conv_grad_weight_kernel(const ConvAr
     if (__syncthreads_or(keep != 0) == 0) continue;
 
     float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    zero_4x4(acc);
 
     const int64_t length = (hi - lo) * out_pix;  // GEMM reduction length of this ticket
     for (int64_t q0 = 0; q0 < length; q0 += kBK) {
@@ -355,18 +311,7 @@ __global__ void __launch_bounds__(kThreads) conv_grad_weight_kernel(const ConvAr
         Xs[lq][lc + 16 * j] = xv;
       }
       __syncthreads();
-#pragma unroll
-      for (int qq = 0; qq < kBK; ++qq) {
-        float dv[4], xv[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) dv[i] = Ds[qq][ty + 16 * i];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) xv[j] = Xs[qq][tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(dv[i], xv[j], acc[i][j]);
-      }
+      fma_step_4x4(acc, Ds, ty, Xs, tx);
       __syncthreads();
     }
     // A select: a NaN/inf in a pruned position of this ticket's product never reaches dW.

@@ -16,10 +16,9 @@
 // step. Out-of-range rows/columns are stored as zeros in shared memory, so edge tiles need no special MMA path.
 #include "routed_linear_kernels.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <mma.h>
+
+#include "device_common.cuh"
 
 #include <atomic>
 #include <cstdint>
@@ -32,27 +31,6 @@ namespace {
 constexpr int kTile = 64;
 static_assert(kBlockM == kTile && kBlockN == kTile && kBlockK == kTile, "the kernels are written for 64x64x64 tiles");
 constexpr unsigned kFullWarp = 0xffffffffu;
-
-// ---------------------------------------------------------------------------------------------------------------
-// Element types
-// ---------------------------------------------------------------------------------------------------------------
-template <typename T>
-struct Num;
-template <>
-struct Num<float> {
-  __device__ static float to_f(float v) { return v; }
-  __device__ static float from_f(float v) { return v; }
-};
-template <>
-struct Num<__half> {
-  __device__ static float to_f(__half v) { return __half2float(v); }
-  __device__ static __half from_f(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Num<__nv_bfloat16> {
-  __device__ static float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-};
 
 // How the threads of a block share the global loads of one 64x64 tile: each thread owns one 16-byte column chunk
 // (kVec elements) in kRowsPerThread rows kRowStep apart, so a warp reads whole 128/256-byte row segments.
@@ -209,6 +187,23 @@ __device__ __forceinline__ void fetch_mm_step(const MmArgs& args, int64_t e, int
   }
 }
 
+// The batch row of each row of this block's tile (s_rows, the scatter targets) and the input rows of this thread's
+// chunks (a_row, null past the tile's rows), gathered through perm.
+template <typename T, bool kGradInput>
+__device__ __forceinline__ void gather_tile_rows(const MmArgs& args, int64_t row0, int rows, int tid, int64_t* s_rows,
+                                                 const T* (&a_row)[TileCfg<T>::kRowsPerThread]) {
+  using Cfg = TileCfg<T>;
+  const T* a = static_cast<const T*>(args.a);
+  const int64_t a_cols = kGradInput ? args.n : args.k;
+  const int r_first = tid / Cfg::kChunksPerRow;
+  for (int r = tid; r < kTile; r += Cfg::kThreads) s_rows[r] = r < rows ? args.perm[row0 + r] : 0;
+#pragma unroll
+  for (int i = 0; i < Cfg::kRowsPerThread; ++i) {
+    const int r = r_first + i * Cfg::kRowStep;
+    a_row[i] = r < rows ? a + args.perm[row0 + r] * a_cols : nullptr;
+  }
+}
+
 // Tensor-core kernel (fp16/bf16). Grid (row_tile_bound(B, T), out_blocks), 128 threads.
 template <typename T, bool kGradInput>
 __global__ void __launch_bounds__(128) routed_mm_tc_kernel(const MmArgs args) {
@@ -237,21 +232,13 @@ __global__ void __launch_bounds__(128) routed_mm_tc_kernel(const MmArgs args) {
   if (!find_row_tile(args.offsets, args.num_tickets, blockIdx.x, ticket, row0, rows)) return;
 
   const int64_t ob = blockIdx.y;
-  const int64_t a_cols = kGradInput ? args.n : args.k;
   const int64_t out_cols = kGradInput ? args.k : args.n;
-  const T* a = static_cast<const T*>(args.a);
   const uint8_t* mask_t = args.masks + ticket * args.n * args.k;
   const int tid = threadIdx.x;
   const int cc = (tid % Cfg::kChunksPerRow) * Cfg::kVec;
   const int r_first = tid / Cfg::kChunksPerRow;
-
-  for (int r = tid; r < kTile; r += NT) s_rows[r] = r < rows ? args.perm[row0 + r] : 0;
-  const T* a_row[Cfg::kRowsPerThread];  // gathered input rows of this thread's chunks (null past the tile's rows)
-#pragma unroll
-  for (int i = 0; i < Cfg::kRowsPerThread; ++i) {
-    const int r = r_first + i * Cfg::kRowStep;
-    a_row[i] = r < rows ? a + args.perm[row0 + r] * a_cols : nullptr;
-  }
+  const T* a_row[Cfg::kRowsPerThread];
+  gather_tile_rows<T, kGradInput>(args, row0, rows, tid, s_rows, a_row);
 
   const int64_t list = ticket * args.out_blocks + ob;
   const int64_t e_begin = args.ptr[list], e_end = args.ptr[list + 1];
@@ -337,31 +324,20 @@ __global__ void __launch_bounds__(256) routed_mm_simt_kernel(const MmArgs args) 
   if (!find_row_tile(args.offsets, args.num_tickets, blockIdx.x, ticket, row0, rows)) return;
 
   const int64_t ob = blockIdx.y;
-  const int64_t a_cols = kGradInput ? args.n : args.k;
   const int64_t out_cols = kGradInput ? args.k : args.n;
-  const float* a = static_cast<const float*>(args.a);
   const uint8_t* mask_t = args.masks + ticket * args.n * args.k;
   const int tid = threadIdx.x;
   const int cc = (tid % Cfg::kChunksPerRow) * Cfg::kVec;
   const int r_first = tid / Cfg::kChunksPerRow;
   const int tx = tid % 16, ty = tid / 16;
-
-  for (int r = tid; r < kTile; r += NT) s_rows[r] = r < rows ? args.perm[row0 + r] : 0;
   const float* a_row[Cfg::kRowsPerThread];
-#pragma unroll
-  for (int i = 0; i < Cfg::kRowsPerThread; ++i) {
-    const int r = r_first + i * Cfg::kRowStep;
-    a_row[i] = r < rows ? a + args.perm[row0 + r] * a_cols : nullptr;
-  }
+  gather_tile_rows<float, kGradInput>(args, row0, rows, tid, s_rows, a_row);
 
   const int64_t list = ticket * args.out_blocks + ob;
   const int64_t e_begin = args.ptr[list], e_end = args.ptr[list + 1];
 
   float acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  zero_4x4(acc);
 
   MmStage<float> st;
   if (e_begin < e_end) fetch_mm_step<float, kGradInput>(args, e_begin, ob, a_row, mask_t, cc, r_first, st);
@@ -388,10 +364,7 @@ __global__ void __launch_bounds__(256) routed_mm_simt_kernel(const MmArgs args) 
       for (int i = 0; i < 4; ++i) av[i] = As[(ty + 16 * i) * LD + kk];
 #pragma unroll
       for (int j = 0; j < 4; ++j) bv[j] = kGradInput ? Ws[kk * LD + tx + 16 * j] : Ws[(tx + 16 * j) * LD + kk];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+      fma_4x4(acc, av, bv);
     }
   }
   __syncthreads();  // publishes s_rows when the loop ran zero times
@@ -593,10 +566,7 @@ __global__ void __launch_bounds__(256) grad_weight_simt_kernel(const GwArgs args
   const int j_end = k_left <= 0 ? 0 : static_cast<int>((k_left + 15) / 16);
 
   float total[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) total[i][j] = 0.f;
+  zero_4x4(total);
 
   const int64_t e_end = args.w_ptr[blk + 1];
   for (int64_t e = args.w_ptr[blk]; e < e_end; ++e) {
@@ -606,10 +576,7 @@ __global__ void __launch_bounds__(256) grad_weight_simt_kernel(const GwArgs args
     if (lo >= hi) continue;
 
     float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    zero_4x4(acc);
 
     GwStage<float> st;
     fetch_gw_step<float>(args, lo, hi, n0, k0, cc, r_first, st);
@@ -635,10 +602,7 @@ __global__ void __launch_bounds__(256) grad_weight_simt_kernel(const GwArgs args
         for (int i = 0; i < 4; ++i) av[i] = Ds[mm * LD + ty + 16 * i];
 #pragma unroll
         for (int j = 0; j < 4; ++j) bv[j] = Xs[mm * LD + tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        fma_4x4(acc, av, bv);
       }
     }
     // where(M_t, P, 0) straight from the registers: this thread's outputs have a known (n, k).
@@ -682,11 +646,6 @@ __global__ void __launch_bounds__(256) sum_splits_kernel(const float* partial, i
 // ---------------------------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------------------------
-constexpr int64_t kMaxGridY = 65535;
-constexpr int64_t kMaxGridX = 2147483647;
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 bool aligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
 
 int vec_elems(DType dtype) { return dtype == DType::kFloat32 ? 4 : 8; }
@@ -707,9 +666,35 @@ int sm_count(int device) {
   return sms;
 }
 
+// The arguments of forward (a = x (B, K), out = y (B, N)) or, grad_input, of the transposed product (a = dy (B, N),
+// out = dx (B, K)), with the 16-byte load paths allowed where the row lengths and pointers are aligned.
+MmArgs mm_args(DType dtype, const RoutedRows& rows, int64_t n, int64_t k, const void* a, const void* w,
+               const uint8_t* masks, const void* bias, const int32_t* ptr, const int32_t* idx, const int8_t* full,
+               void* out, bool grad_input) {
+  const int v = vec_elems(dtype);
+  MmArgs args{};
+  args.a = a;
+  args.w = w;
+  args.masks = masks;
+  args.bias = bias;
+  args.perm = rows.perm;
+  args.offsets = rows.offsets;
+  args.ptr = ptr;
+  args.idx = idx;
+  args.full = full;
+  args.out = out;
+  args.n = n;
+  args.k = k;
+  args.num_tickets = rows.num_tickets;
+  args.out_blocks = cdiv(grad_input ? k : n, kTile);
+  args.a_vec = (grad_input ? n : k) % v == 0 && aligned(a, 16);
+  args.w_vec = k % v == 0 && aligned(w, 16) && aligned(masks, v);
+  return args;
+}
+
 template <typename T, bool kGradInput>
 cudaError_t launch_mm(const MmArgs& args, int64_t tiles, cudaStream_t stream) {
-  if (tiles > kMaxGridX || args.out_blocks > kMaxGridY) return cudaErrorInvalidConfiguration;
+  if (tiles > kMaxGridX || args.out_blocks > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(args.out_blocks));
   if constexpr (std::is_same_v<T, float>) {
     routed_mm_simt_kernel<kGradInput><<<grid, 256, 0, stream>>>(args);
@@ -734,7 +719,7 @@ cudaError_t dispatch_mm(DType dtype, const MmArgs& args, int64_t tiles, cudaStre
 
 template <typename T>
 cudaError_t launch_grad_weight(const GwArgs& args, int64_t blocks, int64_t splits, cudaStream_t stream) {
-  if (blocks > kMaxGridX || splits > kMaxGridY) return cudaErrorInvalidConfiguration;
+  if (blocks > kMaxGridX || splits > kMaxGridYZ) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
   if constexpr (std::is_same_v<T, float>) {
     grad_weight_simt_kernel<<<grid, 256, 0, stream>>>(args);
@@ -756,24 +741,7 @@ cudaError_t linear_forward(DType dtype, const RoutedRows& rows, int64_t n, int64
                            const uint8_t* masks, const void* bias, const int32_t* row_ptr, const int32_t* col_idx,
                            const int8_t* full, void* y, cudaStream_t stream) {
   if (rows.batch <= 0 || n <= 0) return cudaSuccess;  // nothing to write
-  const int v = vec_elems(dtype);
-  MmArgs args{};
-  args.a = x;
-  args.w = w;
-  args.masks = masks;
-  args.bias = bias;
-  args.perm = rows.perm;
-  args.offsets = rows.offsets;
-  args.ptr = row_ptr;
-  args.idx = col_idx;
-  args.full = full;
-  args.out = y;
-  args.n = n;
-  args.k = k;
-  args.num_tickets = rows.num_tickets;
-  args.out_blocks = cdiv(n, kTile);
-  args.a_vec = k % v == 0 && aligned(x, 16);
-  args.w_vec = k % v == 0 && aligned(w, 16) && aligned(masks, v);
+  const MmArgs args = mm_args(dtype, rows, n, k, x, w, masks, bias, row_ptr, col_idx, full, y, false);
   return dispatch_mm<false>(dtype, args, row_tile_bound(rows.batch, rows.num_tickets), stream);
 }
 
@@ -781,24 +749,7 @@ cudaError_t linear_grad_input(DType dtype, const RoutedRows& rows, int64_t n, in
                               const uint8_t* masks, const int32_t* t_col_ptr, const int32_t* t_row_idx,
                               const int8_t* t_full, void* dx, cudaStream_t stream) {
   if (rows.batch <= 0 || k <= 0) return cudaSuccess;
-  const int v = vec_elems(dtype);
-  MmArgs args{};
-  args.a = dy;
-  args.w = w;
-  args.masks = masks;
-  args.bias = nullptr;
-  args.perm = rows.perm;
-  args.offsets = rows.offsets;
-  args.ptr = t_col_ptr;
-  args.idx = t_row_idx;
-  args.full = t_full;
-  args.out = dx;
-  args.n = n;
-  args.k = k;
-  args.num_tickets = rows.num_tickets;
-  args.out_blocks = cdiv(k, kTile);
-  args.a_vec = n % v == 0 && aligned(dy, 16);
-  args.w_vec = k % v == 0 && aligned(w, 16) && aligned(masks, v);
+  const MmArgs args = mm_args(dtype, rows, n, k, dy, w, masks, nullptr, t_col_ptr, t_row_idx, t_full, dx, true);
   return dispatch_mm<true>(dtype, args, row_tile_bound(rows.batch, rows.num_tickets), stream);
 }
 
@@ -815,7 +766,7 @@ int grad_weight_splits(int64_t batch, int64_t n, int64_t k, int device) {
   if (s > by_rows) s = by_rows;
   const int64_t by_memory = (int64_t(1) << 26) / (n * k);  // workspace <= 256 MiB
   if (s > by_memory) s = by_memory;
-  if (s > kMaxGridY) s = kMaxGridY;
+  if (s > kMaxGridYZ) s = kMaxGridYZ;
   if (s <= 1) return 1;
   // Drop splits that would hold no rows once each split is rounded up to whole 64-row steps.
   const int64_t per_split = cdiv(cdiv(batch, s), kTile) * kTile;
