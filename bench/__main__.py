@@ -3,6 +3,7 @@
     python -m bench linear [ARGS...]    routed_masked_linear against the baselines (bench_linear.py)
     python -m bench conv2d [ARGS...]    routed_masked_conv2d / conv_transpose2d against the baselines (bench_conv2d.py)
     python -m bench models [ARGS...]    whole routed models against the baselines (bench_models.py)
+    python -m bench processes [ARGS...] one rtl run on 1 and on N processes, wall time (bench_processes.py)
     python -m bench report [ARGS...]    summary.md and plots from the results' CSVs (report.py)
 
 ``python -m bench TARGET --help`` shows a target's options. The benchmarks are not part of the installed rtl
@@ -16,7 +17,13 @@ import sys
 from typing import Optional, Sequence
 
 # Target -> module of this package.
-TARGETS = {"linear": "bench_linear", "conv2d": "bench_conv2d", "models": "bench_models", "report": "report"}
+TARGETS = {
+    "linear": "bench_linear",
+    "conv2d": "bench_conv2d",
+    "models": "bench_models",
+    "processes": "bench_processes",
+    "report": "report",
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
