@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
+from .autocast import autocast_inputs
 from .backends import register_autograd_on_forward_backend, select_backend
 from .conv_geometry import conv_output_size, transposed_output_size
 from .grouping import TicketGrouping, checked_call_grouping, group_by_ticket_tensors
@@ -349,6 +350,7 @@ def routed_masked_conv2d(
     perm = offsets = None
     if grouping is not None:
         perm, offsets = grouping.perm, grouping.offsets
+    x, weight, bias = autocast_inputs(x, weight, bias)
     if _checks.eager_call_ok(x, weight, masks, route, bias, perm, offsets):
         return _conv2d_impl(x, weight, masks, route, bias, stride, padding, dilation, groups, perm, offsets)
     return torch.ops.rtl_kernels.routed_masked_conv2d(
@@ -520,6 +522,7 @@ def routed_masked_conv_transpose2d(
     perm = offsets = None
     if grouping is not None:
         perm, offsets = grouping.perm, grouping.offsets
+    x, weight, bias = autocast_inputs(x, weight, bias)
     if _checks.eager_call_ok(x, weight, masks, route, bias, perm, offsets):
         return _conv_transpose2d_impl(
             x, weight, masks, route, bias, stride, padding, output_padding, groups, dilation, perm, offsets

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .autocast import autocast_inputs
 from .backends import register_autograd_on_forward_backend, select_backend
 from .grouping import TicketGrouping, checked_call_grouping, group_by_ticket_tensors
 
@@ -157,6 +158,7 @@ def routed_masked_linear(
     perm = offsets = None
     if grouping is not None:
         perm, offsets = grouping.perm, grouping.offsets
+    x, weight, bias = autocast_inputs(x, weight, bias)
     if _checks.eager_call_ok(x, weight, masks, route, bias, perm, offsets):
         return _linear_impl(x, weight, masks, route, bias, perm, offsets)
     return torch.ops.rtl_kernels.routed_masked_linear(x, weight, masks, route, bias, perm, offsets)
