@@ -56,6 +56,23 @@ def _block_m(num_rows: int, num_tickets: int, dtype: torch.dtype) -> int:
     return min(cap, max(16, _next_power_of_2(mean_rows)))
 
 
+# Warps of the conv kernels: their patch gathers keep per-row offsets, bounds and masks for every row a thread
+# touches, which at 4 warps overflowed the 255 registers of sm_90 (docs/gpu_kernels.md); 8 warps halve that.
+_CONV_WARPS = 8
+
+
+def _conv_block_m(num_rows: int, num_tickets: int, dtype: torch.dtype, grad_weight: bool = False) -> int:
+    """Pixel rows per tile of the conv kernels: as :func:`_block_m`, capped at 64 rows in every dtype.
+
+    A 128-row gather tile spilled even at 8 warps. grad_weight's exact-fp32 dot (FMA units, no TF32) holds its
+    operands in registers and takes 32 rows, the largest tile that compiles for sm_90 without spilling.
+    """
+    from ..triton_kernels import dot_precision
+
+    cap = 32 if grad_weight and dot_precision(dtype) == "ieee" else 64
+    return min(cap, _block_m(num_rows, num_tickets, dtype))
+
+
 def _layout(masks: Tensor) -> BlockCSR:
     block_n, block_k = _layout_blocks(masks.shape[1], masks.shape[2])
     return get_layout(f"block_csr:{block_n}x{block_k}", masks, lambda m: compile_block_csr(m, block_n, block_k))
@@ -150,7 +167,7 @@ class TritonBackend(Backend):
             x.shape[3], kw, stride[1], padding[1], dilation[1]
         )
         block_n, block_k = _layout_blocks(O // groups, Cg * kh * kw)
-        block_m = _block_m(B * max(1, pixels), masks.shape[0], x.dtype)
+        block_m = _conv_block_m(B * max(1, pixels), masks.shape[0], x.dtype)
         with _on_device(x.device):
             return conv2d_forward(
                 x.contiguous(),
@@ -166,6 +183,7 @@ class TritonBackend(Backend):
                 block_m,
                 block_n,
                 block_k,
+                num_warps=_CONV_WARPS,
             )
 
     def conv2d_grad_input(self, grad_y, weight, masks, perm, offsets, input_shape, stride, padding, dilation, groups):
@@ -175,7 +193,7 @@ class TritonBackend(Backend):
         B, C, H, W = (int(d) for d in input_shape)
         O, Cg, kh, kw = weight.shape
         block_c, block_j = _layout_blocks(Cg, (O // groups) * kh * kw)
-        block_m = _block_m(B * max(1, H * W), masks.shape[0], grad_y.dtype)
+        block_m = _conv_block_m(B * max(1, H * W), masks.shape[0], grad_y.dtype)
         with _on_device(grad_y.device):
             return conv2d_grad_input(
                 grad_y.contiguous(),
@@ -191,6 +209,7 @@ class TritonBackend(Backend):
                 block_m,
                 block_c,
                 block_j,
+                num_warps=_CONV_WARPS,
             )
 
     def conv2d_grad_weight(self, grad_y, x, masks, perm, offsets, stride, padding, dilation, groups):
@@ -200,7 +219,7 @@ class TritonBackend(Backend):
         B, O, Ho, Wo = grad_y.shape
         _, _, Cg, kh, kw = masks.shape
         block_n, block_k = _layout_blocks(O // groups, Cg * kh * kw)
-        block_m = _block_m(B * max(1, Ho * Wo), masks.shape[0], grad_y.dtype)
+        block_m = _conv_block_m(B * max(1, Ho * Wo), masks.shape[0], grad_y.dtype, grad_weight=True)
         with _on_device(grad_y.device):
             return conv2d_grad_weight(
                 grad_y.contiguous(),
@@ -215,6 +234,7 @@ class TritonBackend(Backend):
                 block_m,
                 block_n,
                 block_k,
+                num_warps=_CONV_WARPS,
             )
 
 

@@ -16,11 +16,16 @@ from torch import Tensor
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input_precision for operands of this dtype.
 
-    fp32 operands get "ieee" (exact fp32 products, no TF32) so fp32 results match an fp32 reference. 16-bit operands
-    are unaffected by the setting, so they keep Triton's default ("tf32") rather than rely on how "ieee" is lowered
-    for them.
+    fp32 operands get "ieee" (exact fp32 products on the FMA units) so fp32 results match an fp32 reference, unless
+    torch allows TF32 for fp32 matmuls (``torch.backends.cuda.matmul.allow_tf32`` or a float32 matmul precision
+    other than "highest"): then "tf32", the tensor-core path, as torch's own fp32 matmuls take. 16-bit operands are
+    unaffected by the setting, so they keep Triton's default ("tf32") rather than rely on how "ieee" is lowered for
+    them.
     """
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype != torch.float32:
+        return "tf32"
+    allowed = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "ieee"
 
 
 def max_row_tiles(num_rows: int, num_tickets: int, block_m: int) -> int:

@@ -101,8 +101,8 @@ def _conv2d_grad_input_kernel(
                 mask=row_ok[:, None] & j_ok[None, :] & hit,
                 other=0.0,
             )
-            w = tl.load(w_ptr + w_off, mask=w_in, other=0.0)
-            w = tl.where(keep != 0, w, tl.zeros_like(w))
+            # The mask predicates the weight load (keep is 0 outside the tile's bounds): pruned weights are never read.
+            w = tl.load(w_ptr + w_off, mask=keep != 0, other=0.0)
             acc = tl.dot(gy, w, acc, input_precision=DOT_PRECISION)
 
     dx_off = img[:, None] * C * HW + (g * Cg + c).to(tl.int64)[None, :] * HW + pix[:, None]
@@ -123,7 +123,7 @@ def conv2d_grad_input(
     block_m: int,
     block_c: int,
     block_j: int,
-    num_warps: int = 4,
+    num_warps: int = 8,
 ) -> Tensor:
     """dx of the routed masked conv2d, launched without host synchronisation.
 
@@ -136,7 +136,7 @@ def conv2d_grad_input(
         groups: channel groups.
         block_m: input pixels per tile; block_c: input channels per tile; block_j: reduction step over
             (output channel, tap) (powers of two >= 16).
-        num_warps: warps per program.
+        num_warps: warps per program (8 keeps the per-row gather state of a 64-row tile in registers).
 
     Returns:
         dx (B, C, H, W) in grad_y's dtype; every element written (zero where no kept tap reads it).

@@ -147,7 +147,7 @@ def conv2d_grad_weight(
     block_n: int,
     block_k: int,
     split: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = 8,
 ) -> Tensor:
     """dW of the routed masked conv2d, exactly zero outside the union of the present tickets' masks.
 
@@ -160,7 +160,7 @@ def conv2d_grad_weight(
         block_m: pixel rows reduced per step; block_n: output channels per block; block_k: K per block
             (powers of two >= 16).
         split: parts the pixel tiles are cut into (None: :func:`default_split`).
-        num_warps: warps per program.
+        num_warps: warps per program (8 keeps the per-row gather state of a 64-row tile in registers).
 
     Returns:
         dW (O, C // groups, kh, kw) in grad_y's dtype, accumulated in fp32 and rounded once.

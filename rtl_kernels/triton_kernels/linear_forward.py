@@ -68,11 +68,11 @@ def _linear_forward_kernel(
         # W read transposed through the pointers, a (BLOCK_K, BLOCK_N) tile.
         w_off = n64[None, :] * K + k[:, None]
         w_in = k_ok[:, None] & n_ok[None, :]
-        w = tl.load(w_ptr + w_off, mask=w_in, other=0.0)
         # A full block predicates the mask load off entirely (no memory traffic) and reads as all-kept.
         keep = tl.load(mask_base + w_off, mask=w_in & partial, other=1)
-        # where(), not a multiply: a non-finite weight outside the mask must not reach the output.
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
+        # The mask predicates the weight load (not a where() on a loaded tile): a pruned weight, finite or not, is
+        # never read, and the tile goes straight to shared memory, which keeps fp32 tiles from spilling.
+        w = tl.load(w_ptr + w_off, mask=w_in & (keep != 0), other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:

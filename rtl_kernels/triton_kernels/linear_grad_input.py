@@ -61,10 +61,11 @@ def _linear_grad_input_kernel(
         g = tl.load(dy_ptr + rows[:, None] * N + n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         w_off = n.to(tl.int64)[:, None] * K + k[None, :]
         w_in = n_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_ptr + w_off, mask=w_in, other=0.0)
         # A full block predicates the mask load off entirely and reads as all-kept.
         keep = tl.load(mask_base + w_off, mask=w_in & partial, other=1)
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
+        # The mask predicates the weight load: pruned weights are never read, and no where() pass over the tile in
+        # registers is needed (that pass made fp32 tiles spill).
+        w = tl.load(w_ptr + w_off, mask=w_in & (keep != 0), other=0.0)
         acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
 
     dx_off = rows[:, None] * K + k[None, :]
