@@ -35,6 +35,16 @@ def _parse_sparsities(text: str) -> List[float]:
     return sorted(values)
 
 
+def _parse_seeds(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not values or len(set(values)) != len(values) or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"--seeds needs distinct integers >= 0, got {text!r}")
+    return values
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rtl",
@@ -52,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated target sparsities in [0, 1) (default {DEFAULT_SPARSITIES})",
     )
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--seeds",
+        type=_parse_seeds,
+        default=None,
+        help="run every seed of a comma-separated list (each in OUT/seed<N>, resumable per seed) and write "
+        "OUT/aggregate.md: mean ± std per method and the paired difference RTL minus each baseline with its 95 %% "
+        "interval",
+    )
     run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     run.add_argument("--backend", default=None, help="rtl_kernels backend for the routed model (default: automatic)")
     run.add_argument("--out", default=None, help="run directory (default runs/EXPERIMENT-seedN[-quick])")
@@ -132,9 +150,44 @@ def _cmd_run(args) -> int:
         print(f"rtl: cannot join the other processes: {exc}", file=sys.stderr)
         return 2
     try:
-        return _run_on_ranks(args, ranks, device)
+        if args.seeds is None:
+            return _run_on_ranks(args, ranks, device)
+        return _run_seeds(args, ranks, device)
     finally:
         leave(ranks)
+
+
+def _run_seeds(args, ranks, device: str) -> int:
+    """Every seed of ``--seeds`` in OUT/seed<N> (a finished seed is kept, an interrupted one resumed with --resume),
+    then the aggregate over the finished seeds."""
+    import copy
+
+    from .experiments.aggregate import write_aggregate
+
+    if args.seed != 0:
+        print("rtl: give --seed or --seeds, not both", file=sys.stderr)
+        return 2
+    tag = "-".join(map(str, args.seeds))
+    base = (
+        args.resume or args.out or os.path.join("runs", f"{args.experiment}-seeds{tag}{'-quick' if args.quick else ''}")
+    )
+    for seed in args.seeds:
+        seed_dir = os.path.join(base, f"seed{seed}")
+        if args.resume is not None and os.path.isfile(os.path.join(seed_dir, "metrics.json")):
+            if ranks.main:
+                print(f"seed {seed}: done earlier ({seed_dir})")
+            continue
+        one = copy.copy(args)
+        one.seed, one.seeds, one.out = seed, None, seed_dir
+        one.resume = (
+            seed_dir if args.resume is not None and os.path.isfile(os.path.join(seed_dir, "config.json")) else None
+        )
+        code = _run_on_ranks(one, ranks, device)
+        if code != 0:
+            return code
+    if ranks.main:
+        print(f"aggregate: {write_aggregate(base)}")
+    return 0
 
 
 def _run_on_ranks(args, ranks, device: str) -> int:
@@ -241,8 +294,15 @@ def _run_on_ranks(args, ranks, device: str) -> int:
 
 
 def _cmd_report(args) -> int:
+    from .experiments.aggregate import seed_dirs, write_aggregate
     from .experiments.report import write_report
 
+    if not os.path.isfile(os.path.join(args.run_dir, "config.json")) and os.path.isdir(args.run_dir):
+        if seed_dirs(args.run_dir):  # a --seeds directory: every seed's report, then the aggregate
+            for _, seed_dir in seed_dirs(args.run_dir):
+                write_report(seed_dir)
+            print(write_aggregate(args.run_dir))
+            return 0
     if not os.path.isfile(os.path.join(args.run_dir, "config.json")):
         print(f"rtl: {args.run_dir} is not an rtl run directory (no config.json)", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..state_io import atomic_write
 
-__all__ = ["headline_metric", "write_report"]
+__all__ = ["headline_metric", "headline_value", "method_rows", "write_report"]
 
 
 def headline_metric(kind: str) -> Tuple[str, str]:
@@ -20,7 +20,7 @@ def headline_metric(kind: str) -> Tuple[str, str]:
     return ("PSNR", "dB") if kind == "inr" else ("balanced accuracy", "")
 
 
-def _method_rows(kind: str, entry: Dict) -> List[Tuple[str, Optional[Dict], Optional[int]]]:
+def method_rows(kind: str, entry: Dict) -> List[Tuple[str, Optional[Dict], Optional[int]]]:
     """(method label, metrics dict with balanced_accuracy/precision/recall or psnr, stored weights)."""
     rtl_m, multi_m, single_m = entry["rtl"]["metrics"], entry["multi"]["metrics"], entry["single"]["metrics"]
     union, total = entry["rtl"]["counts"]["union"], entry["rtl"]["counts"]["sum"]
@@ -61,7 +61,7 @@ def _fmt(value, digits=3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _headline(kind: str, metrics: Dict) -> float:
+def headline_value(kind: str, metrics: Dict) -> float:
     return metrics["psnr"] if kind == "inr" else metrics["balanced_accuracy"]
 
 
@@ -111,7 +111,7 @@ def write_report(run_dir: str) -> str:
             "|---:|:---|---:|---:|---:|---:|",
         ]
     for key in keys:
-        for name, m, count in _method_rows(kind, metrics["sparsities"][key]):
+        for name, m, count in method_rows(kind, metrics["sparsities"][key]):
             if kind == "inr":
                 lines.append(f"| {key} | {name} | {_fmt(m['psnr'], 2)} | {_count(count)} |")
             else:
@@ -197,8 +197,8 @@ def _plots(run_dir, kind, metrics, keys, label, unit, config) -> List[Tuple[str,
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     methods: Dict[str, List[float]] = {}
     for key in keys:
-        for name, m, _ in _method_rows(kind, metrics["sparsities"][key]):
-            methods.setdefault(name, []).append(_headline(kind, m))
+        for name, m, _ in method_rows(kind, metrics["sparsities"][key]):
+            methods.setdefault(name, []).append(headline_value(kind, m))
     for name, ys in methods.items():
         ax.plot(xs, ys, marker="o", label=name)
     dense = metrics["dense"]["image"]["psnr"] if kind == "inr" else metrics["dense"]["multiclass"]["balanced_accuracy"]
