@@ -1,6 +1,12 @@
 """The cpu backend's own interfaces: the path policy (pure functions and the per-thread override), mask classes,
-the trace, the masked-weight cache, and the direct sparse conv ops given malformed indices."""
+the trace, the masked-weight cache, each ISA build of the kernels, the native ops called directly (every routed row
+written, malformed indices refused), the row-by-row linear path and the conv paths forced one by one. The contract
+shared with the other backends is in test_*_contract.py (where the cpu backend also runs with each conv path forced).
+"""
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -263,3 +269,278 @@ def test_conv_op_leaves_images_of_other_tickets_alone():
     )
     assert torch.equal(y[1:3], torch.full((2, 5, 6, 6), 7.0))
     assert not torch.equal(y[0], torch.full((5, 6, 6), 7.0))
+
+
+# -- the linear kernels called directly, each ISA build, the row-by-row path ------------------------------------------
+@needs_cpu_ext
+def test_cpu_kernels_write_every_routed_row(linear_case, linear_oracle, check_float64):
+    """Poison the output: every row of a sparse ticket must be overwritten (the op allocates with empty)."""
+    from rtl_kernels.formats.cpu_csr import compile_cpu_layout
+
+    x, w, masks, route, b = linear_case(150, 70, 33, 3, 0.3, 37)
+    g = rk.group_by_ticket(route, 3)
+    layout = compile_cpu_layout(masks, sparse_max_density=1.1)
+    y = torch.full((150, 70), float("nan"))
+    torch.ops.rtl_kernels._cpu_linear_forward(
+        x,
+        w,
+        b,
+        g.perm,
+        g.offsets,
+        torch.ones(3, dtype=torch.uint8),
+        layout.csr_ptr,
+        layout.csr_chunk_ptr,
+        layout.csr_idx,
+        y,
+    )
+    gy = torch.randn(150, 70)
+    exact = linear_oracle(x, w, masks, route, b, gy)
+    check_float64(y, exact.y, "y")
+    dx = torch.full((150, 33), float("nan"))
+    torch.ops.rtl_kernels._cpu_linear_grad_input(
+        gy,
+        w,
+        g.perm,
+        g.offsets,
+        torch.ones(3, dtype=torch.uint8),
+        layout.csc_ptr,
+        layout.csc_chunk_ptr,
+        layout.csc_idx,
+        dx,
+    )
+    check_float64(dx, exact.dx, "dx")
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_FLAGS = _cpu_flags()
+_ISA_NEEDS = {"generic": set(), "avx2": {"avx2", "fma"}, "avx512": {"avx2", "fma", "avx512f", "avx512vl"}}
+
+# Run in a fresh process per ISA (the kernels pick theirs once per process). Every tile width (1 to 64 rows: the
+# 512-bit build pairs 8-row vectors and keeps an 8-row tail for odd counts), both walks of a tile (whole rows at
+# 10 %; input chunks at 40 % over 130 inputs), and the direct conv kernels in table mode over conv grids (every
+# geometry family), each against float64.
+_ISA_SCRIPT = """
+import sys, torch, torch.nn.functional as F, rtl_kernels as rk
+from rtl_kernels.backends.cpu import policy
+torch.manual_seed(0)
+rk.set_backend("cpu")
+worst = 0.0
+def check(got, ref, scale):
+    global worst
+    err = (got.double() - ref).abs().max().item() / scale
+    worst = max(worst, err)
+for rows in [1, 7, 8, 9, 16, 23, 33, 40, 57, 64, 71, 150]:
+    for density in [0.1, 0.4]:
+        x = torch.randn(rows, 130, requires_grad=True); w = torch.randn(45, 130, requires_grad=True)
+        b = torch.randn(45)
+        m = torch.rand(2, 45, 130) < density; r = torch.randint(0, 2, (rows,))
+        y = rk.routed_masked_linear(x, w, m, r, b)
+        gy = torch.randn_like(y)
+        dx, dw = torch.autograd.grad(y, (x, w), gy)
+        wm = w.detach().double()[None] * m[r].double()
+        check(y, torch.einsum("bk,bnk->bn", x.detach().double(), wm) + b.double(), 130 ** 0.5)
+        check(dx, torch.einsum("bn,bnk->bk", gy.double(), wm), 45 ** 0.5)
+        check(dw, torch.einsum("bn,bk,bnk->nk", gy.double(), x.detach().double(), m[r].double()), rows ** 0.5)
+# The direct sparse conv on every ticket: plain, strided, grouped, depthwise, pointwise in place (4x4) and packed,
+# on maps whose grids end in partial tiles of every width.
+conv_cases = [(20, 16, (3, 3), 1, 1, 1), (20, 16, (3, 3), 2, 1, 1), (8, 12, (3, 3), 1, 1, 4),
+              (12, 12, (5, 5), 2, 2, 12), (12, 12, (3, 3), 1, 1, 12), (20, 16, (1, 1), 1, 0, 1)]
+with policy.use_policy(conv_path="mixed", conv_sparse_max_density=1.01):
+    for c, o, k, s, p, g in conv_cases:
+        for hw in [(3, 3), (5, 7), (9, 9), (4, 4)]:
+            x = torch.randn(5, c, *hw, requires_grad=True); w = torch.randn(o, c // g, *k, requires_grad=True)
+            m = torch.rand(2, o, c // g, *k) < 0.3; r = torch.tensor([0, 1, 1, 0, 1])
+            y = rk.routed_masked_conv2d(x, w, m, r, stride=s, padding=p, groups=g)
+            gy = torch.randn_like(y)
+            dx, dw = torch.autograd.grad(y, (x, w), gy)
+            xd, wd, gd = x.detach().double(), w.detach().double(), gy.double()
+            ref_y = torch.cat([F.conv2d(xd[i:i + 1], wd * m[r[i]], None, s, p, 1, g) for i in range(5)])
+            ref_dx = torch.cat([torch.nn.grad.conv2d_input(xd[i:i + 1].shape, wd * m[r[i]], gd[i:i + 1], s, p, 1, g)
+                                for i in range(5)])
+            ref_dw = sum(torch.nn.grad.conv2d_weight(xd[i:i + 1], wd.shape, gd[i:i + 1], s, p, 1, g) * m[r[i]]
+                         for i in range(5))
+            fan = c // g * k[0] * k[1]
+            check(y, ref_y, fan ** 0.5); check(dx, ref_dx, o ** 0.5); check(dw, ref_dw, 5 ** 0.5)
+    # An inf in x must make non-finite only the gradients of the weights that truly see it: positions of a grid that
+    # are not outputs are never multiplied into a weight's gradient (0 * inf would be NaN there).
+    for c, o, k, s, p, g in conv_cases:
+        for hw, at in [((7, 9), (0, 8)), ((5, 6), (4, 0)), ((6, 6), (2, 5))]:
+            x = torch.randn(3, c, *hw); x[:, 1, at[0], at[1]] = float("inf")
+            w = torch.randn(o, c // g, *k, requires_grad=True)
+            m = torch.rand(2, o, c // g, *k) < 0.5; r = torch.tensor([0, 1, 1])
+            y = rk.routed_masked_conv2d(x, w, m, r, stride=s, padding=p, groups=g)
+            gy = torch.randn_like(y)
+            dw, = torch.autograd.grad(y, (w,), gy)
+            ref_dw = sum(torch.where(m[r[i]], torch.nn.grad.conv2d_weight(x[i:i + 1].double(), w.shape,
+                                                                         gy[i:i + 1].double(), s, p, 1, g),
+                                     torch.zeros((), dtype=torch.float64)) for i in range(3))
+            finite = torch.isfinite(ref_dw)
+            assert not finite.all(), "the inf must reach some kept weight"
+            assert torch.isfinite(dw[finite]).all(), "a position that is no output leaked an inf"
+            check(dw[finite], ref_dw[finite], 3 ** 0.5)
+print(torch.ops.rtl_kernels._cpu_kernel_isa(), worst)  # the extension loads on the first call
+assert worst < 1e-5, worst
+"""
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_kernel_isa_matches_float64(isa, tmp_path):
+    """Each build of the CPU kernels (RTL_CPU_ISA caps the choice) gives the float64 results on every tile width."""
+    if not _ISA_NEEDS[isa] <= _FLAGS:
+        pytest.skip(f"this CPU lacks {sorted(_ISA_NEEDS[isa] - _FLAGS)}")
+    script = tmp_path / "isa.py"
+    script.write_text(_ISA_SCRIPT)
+    env = dict(os.environ, RTL_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split()[0] == isa, out.stdout
+
+
+@pytest.mark.parametrize("value", ["generic", "avx2", "avx512", ""])
+def test_rtl_cpu_isa_accepts_the_known_caps(monkeypatch, value):
+    from rtl_kernels.backends import cpu
+
+    monkeypatch.setenv("RTL_CPU_ISA", value)
+    assert cpu.isa_cap_from_env() == (value or None)
+
+
+@needs_cpu_ext
+def test_a_misspelt_rtl_cpu_isa_makes_the_cpu_backend_fail_clearly():
+    script = (
+        "import torch, rtl_kernels as rk\n"
+        "x, w = torch.randn(4, 3), torch.randn(2, 3)\n"
+        "m, r = torch.ones(1, 2, 3, dtype=torch.bool), torch.zeros(4, dtype=torch.int64)\n"
+        "with rk.set_backend('cpu'):\n"
+        "    rk.routed_masked_linear(x, w, m, r)\n"
+    )
+    env = dict(os.environ, RTL_CPU_ISA="avx-2")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "RTL_CPU_ISA must be one of generic, avx2, avx512 (or unset), got 'avx-2'" in out.stderr, out.stderr
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("n_out, density", [(3, 0.1), (1, 0.3), (5, 0.05)])
+def test_narrow_sparse_tickets_match_float64(n_out, density, linear_case, linear_oracle, check_float64):
+    """A ticket keeping fewer weights than half a row (the INR's 3 outputs over 128 inputs) takes the cpu kernel's
+    row-by-row path; a wider ticket in the same call takes the tiles."""
+    x, w, masks, route, b = linear_case(300, n_out, 128, 4, density, 41)
+    masks[3] = torch.rand(n_out, 128) < 0.55  # wider: more kept weights than half a row, or a dense ticket
+    with rk.set_backend("cpu"):
+        y = rk.routed_masked_linear(x, w, masks, route, b)
+    check_float64(y, linear_oracle(x, w, masks, route, b).y, "y")
+
+
+# -- the conv paths forced one by one -------------------------------------------------------------------------------
+
+
+def _conv_run(x, w, masks, route, b, grad_y, transposed=False, **geometry):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    b = None if b is None else b.clone().requires_grad_()
+    op = rk.routed_masked_conv_transpose2d if transposed else rk.routed_masked_conv2d
+    with rk.set_backend("cpu"):
+        y = op(x, w, masks, route, b, **geometry)
+        y.backward(grad_y)
+    return y.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+@needs_cpu_ext
+def test_conv2d_mixes_dense_and_sparse_tickets_in_one_call(conv_case, conv_oracle, check_float64):
+    """Sparse tickets take the direct kernel and dense ones torch's convolution, in the same call."""
+    densities = [0.05, 0.95, 0.3, 1.0, 0.0, 0.5]
+    with policy.use_policy(conv_path="mixed", conv_sparse_max_density=0.5), trace.record_calls() as calls:
+        for seed in range(3):
+            x, w, masks, route, b = conv_case(11, 4, 6, (9, 8), (3, 3), len(densities), densities, seed)
+            grad_y = torch.randn(11, 6, 9, 8, generator=torch.Generator().manual_seed(seed))
+            got = _conv_run(x, w, masks, route, b, grad_y, padding=1)
+            for name, g, e in zip("y dx dw db".split(), got, conv_oracle(x, w, masks, route, b, grad_y, padding=1)):
+                check_float64(g, e, name)
+    assert calls and all(c["path"] == "mixed" for c in calls)
+    assert any(c["sparse_tickets"] and c["dense_classes"] for c in calls), "no call took both paths"
+
+
+_POINTWISE_PATHS = {
+    "image": dict(conv_path="image"),
+    "sparse": dict(conv_path="mixed", conv_sparse_max_density=1.01),
+    "dense": dict(conv_path="dense"),
+}
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("path", list(_POINTWISE_PATHS))
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_pointwise_paths_match_float64(path, transposed, conv_case, conv_oracle, check_float64):
+    """1x1 convs: one batched matrix product per image ("image"), the direct kernel, reading the images in place
+    when their planes are whole vectors (4x4) and packed otherwise ("sparse"), torch's convolution per class
+    ("dense"); on mixed-density tickets (dense, sparse, empty), with plain and channels_last inputs."""
+    densities = [0.05, 0.95, 0.3, 1.0, 0.0]
+    with policy.use_policy(**_POINTWISE_PATHS[path]):
+        for seed, hw in enumerate([(5, 4), (1, 1), (6, 7), (4, 4)]):
+            x, w, masks, route, b = conv_case(9, 6, 7, hw, (1, 1), 5, densities, seed, transposed=transposed)
+            grad_y = torch.randn(9, 7, *hw, generator=torch.Generator().manual_seed(seed))
+            got = _conv_run(x, w, masks, route, b, grad_y, transposed=transposed)
+            exact = conv_oracle(x, w, masks, route, b, grad_y, transposed=transposed)
+            for name, g, e in zip("y dx dw db".split(), got, exact):
+                check_float64(g, e, f"{hw}: {name}")
+        x, w, masks, _, _ = conv_case(5, 6, 6, (4, 4), (1, 1), 3, 0.4, 7, transposed=transposed)
+        x = x.to(memory_format=torch.channels_last)
+        route = torch.tensor([2, 0, 2, 1, 0])
+        op = rk.routed_masked_conv_transpose2d if transposed else rk.routed_masked_conv2d
+        with rk.set_backend("cpu"):
+            y = op(x, w, masks, route)
+    check_float64(y, conv_oracle(x, w, masks, route, None, transposed=transposed).y, "channels_last")
+
+
+def _conv_args(seed=9):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(
+        x=torch.randn(3, 4, 6, 6, generator=gen),
+        weight=torch.randn(6, 4, 3, 3, generator=gen),
+        masks=torch.rand(2, 6, 4, 3, 3, generator=gen) < 0.5,
+        route=torch.tensor([0, 1, 1]),
+    )
+
+
+@needs_cpu_ext
+def test_conv_layout_is_cached_and_follows_mask_edits(conv_oracle, check_float64):
+    args = _conv_args()
+    with rk.set_backend("cpu"), policy.use_policy(conv_path="mixed", conv_sparse_max_density=1.01):
+        before = rk.layout_cache_stats()["compiles"]
+        y1 = rk.routed_masked_conv2d(**args, padding=1)
+        compiles = rk.layout_cache_stats()["compiles"]
+        assert compiles > before
+        rk.routed_masked_conv2d(**args, padding=1)
+        assert rk.layout_cache_stats()["compiles"] == compiles
+        # a new pattern at the same density: every ticket keeps its path, so the same layouts compile again
+        args["masks"][1].copy_(args["masks"][1].flip(0).clone())
+        y2 = rk.routed_masked_conv2d(**args, padding=1)
+        assert rk.layout_cache_stats()["compiles"] == compiles + (compiles - before)
+    check_float64(y2, conv_oracle(args["x"], args["weight"], args["masks"], args["route"], None, padding=1).y, "y")
+    assert not torch.allclose(y1, y2)
+
+
+@needs_cpu_ext
+def test_per_image_weight_path_follows_mask_and_weight_edits(conv_oracle, check_float64):
+    """Masked weights are cached (the "image" path, and whatever "auto" picks): an in-place edit of the masks or of
+    the weight must reach them."""
+    for path in (None, "image"):
+        args = _conv_args()
+        with rk.set_backend("cpu"), policy.use_policy(conv_path=path):
+            rk.routed_masked_conv2d(**args, padding=1)
+            args["masks"][0, :2].logical_not_()
+            with torch.no_grad():
+                args["weight"].mul_(3)
+            y = rk.routed_masked_conv2d(**args, padding=1)
+        exact = conv_oracle(args["x"], args["weight"], args["masks"], args["route"], None, padding=1)
+        check_float64(y, exact.y, f"path {path}")
