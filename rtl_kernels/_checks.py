@@ -6,6 +6,7 @@ under ``torch.compile``. Value checks (route ids in range) need the data and run
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -29,11 +30,24 @@ def check_route_dtype(route: Tensor) -> None:
         )
 
 
+def sync_checks() -> bool:
+    """Whether GPU value checks read the values back (a clear ValueError, one host sync per call) instead of
+    asserting on the device (no sync; a bad id stops the CUDA context with a device-side assert). Set
+    RTL_KERNELS_SYNC_CHECKS=1 to debug a GPU run with the clear errors."""
+    return os.environ.get("RTL_KERNELS_SYNC_CHECKS", "0") not in ("", "0")
+
+
 def check_route_values(route: Tensor, num_tickets: int) -> None:
-    """Value check: every route id in [0, num_tickets). Syncs with the device (skipped during graph capture)."""
+    """Value check: every route id in [0, num_tickets). On CPU (and on a GPU with :func:`sync_checks`) a bad id
+    raises ValueError; on a GPU the check is a device-side assert that needs no host sync (skipped during graph
+    capture)."""
     if route.numel() == 0:
         return
     if route.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if route.is_cuda and not sync_checks():
+        inside = ((route >= 0) & (route < num_tickets)).all()
+        torch._assert_async(inside, f"route holds a ticket id outside [0, {num_tickets})")
         return
     lo = int(route.min())
     hi = int(route.max())
