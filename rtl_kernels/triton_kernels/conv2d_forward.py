@@ -3,8 +3,6 @@
 GEMM view, per group g and ticket t: rows = output pixels (image, ho, wo) of the images routed to t, in grouped
 order; K = (C / groups) * kh * kw, ordered (c, r, s) like a row of W; N = the group's output channels. The input
 patch of each row is gathered inside the loads (no im2col buffer), with zeros for taps that fall in the padding.
-
-This module also holds :func:`pixel_tiles`, the row-tile table shared by the three conv kernels.
 """
 
 from __future__ import annotations
@@ -18,48 +16,7 @@ from torch import Tensor
 
 from ..conv_geometry import conv_output_size
 from . import dot_precision
-
-
-def max_pixel_tiles(num_images: int, pixels: int, num_tickets: int, block_m: int) -> int:
-    """Upper bound on the row tiles of ``num_images`` images of ``pixels`` rows each, grouped by ticket.
-
-    Each ticket with images adds at most one partly filled tile, and at most min(T, B) tickets have images, so
-    sum_t cdiv(count_t * pixels, block_m) <= cdiv(B * pixels, block_m) + min(T, B): shapes only, no sync.
-    """
-    return -(-(num_images * pixels) // block_m) + min(num_tickets, num_images)
-
-
-def pixel_tiles(offsets: Tensor, num_images: int, pixels: int, block_m: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per-tile tables over the ticket-sorted pixel rows, built on the device (no host synchronisation).
-
-    Grouped image position q of ticket t owns pixel rows q * pixels .. (q + 1) * pixels. Tile j covers rows
-    tile_first[j] .. tile_end[j] of ticket tile_ticket[j]; tiles past the last real one get ticket T.
-
-    Args:
-        offsets (T + 1,) int64: ticket t owns grouped image positions offsets[t] .. offsets[t + 1].
-        num_images: B.
-        pixels: rows per image (Ho * Wo for the forward and grad_weight, H * W for grad_input).
-        block_m: rows per tile.
-
-    Returns:
-        tile_ticket, tile_first, tile_end: (J,) int32 each, J = :func:`max_pixel_tiles`.
-    """
-    num_tickets = offsets.shape[0] - 1
-    row_offsets = offsets * pixels
-    counts = row_offsets[1:] - row_offsets[:-1]
-    tiles = (counts + (block_m - 1)) // block_m
-    tile_end_idx = torch.cumsum(tiles, 0)
-    tile = torch.arange(max_pixel_tiles(num_images, pixels, num_tickets, block_m), device=offsets.device)
-    ticket = torch.searchsorted(tile_end_idx, tile, right=True)  # T past the last real tile
-    safe = ticket.clamp(max=num_tickets - 1)
-    first = row_offsets[safe] + (tile - (tile_end_idx - tiles)[safe]) * block_m
-    end = row_offsets[safe + 1]
-    return ticket.to(torch.int32), first.to(torch.int32), end.to(torch.int32)
-
-
-def check_row_count(num_images: int, pixels: int) -> None:
-    # Row positions are int32 inside the kernels (memory offsets are int64).
-    assert num_images * pixels < 2**31, "more than 2**31 pixel rows in one batch"
+from .tiles import load_patch, pixel_tiles, span, store_pixels, tap_coords, tile_pixels, weight_block_t, window_origin
 
 
 @triton.jit
@@ -104,44 +61,25 @@ def _conv2d_forward_kernel(
     t = tl.load(tile_ticket_ptr + tile)
     if t >= T:  # beyond the last real tile of the upper-bound grid
         return
-    first = tl.load(tile_first_ptr + tile)
-    end = tl.load(tile_end_ptr + tile)
     P = Ho * Wo
-    pos = first + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
     # Gather through the permutation inside the loads: no permuted copy of x or y is made.
-    img = tl.load(perm_ptr + pos // P, mask=row_ok, other=0).to(tl.int64)
-    pix = pos % P
-    h0 = (pix // Wo) * SH - PH
-    w0 = (pix % Wo) * SW - PW
+    img, pix, row_ok = tile_pixels(perm_ptr, tile_first_ptr, tile_end_ptr, tile, P, BLOCK_M)
+    h0, w0 = window_origin(pix, Wo, SH, SW, PH, PW)
     x_row = img * C * H * W + (g * Cg).to(tl.int64) * H * W
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < Og
+    n, n_ok = span(nb * BLOCK_N, BLOCK_N, Og)
     o = (g * Og + n).to(tl.int64)
     # int64: T*O*K overflows int32 for large stacks of masks.
     mask_base = mask_ptr + t.to(tl.int64) * O * K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        # W read transposed through the pointers, a (BLOCK_K, BLOCK_N) tile of the (O, K) view.
-        w_off = o[None, :] * K + k[:, None]
-        w_in = k_ok[:, None] & n_ok[None, :]
+        k, k_ok = span(k0, BLOCK_K, K)
+        w_off, w_in = weight_block_t(o, n_ok, k, k_ok, K)
         keep = tl.load(mask_base + w_off, mask=w_in, other=0)
         # A tile the ticket prunes entirely costs only its mask load: no patch gather, no dot.
         if tl.max(keep.to(tl.int32)) != 0:
-            c = k // (KH * KW)
-            r = (k % (KH * KW)) // KW
-            s = k % KW
-            hi = h0[:, None] + r[None, :] * DH
-            wi = w0[:, None] + s[None, :] * DW
-            inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            a = tl.load(
-                x_ptr + x_row[:, None] + c[None, :].to(tl.int64) * H * W + hi * W + wi,
-                mask=row_ok[:, None] & k_ok[None, :] & inside,
-                other=0.0,
-            )
+            c, r, s = tap_coords(k, KH, KW)
+            a = load_patch(x_ptr, x_row, c.to(tl.int64) * H * W, h0, w0, r, s, row_ok, k_ok, H, W, DH, DW)
             # The mask predicates the weight load (keep is 0 outside the tile's bounds): a pruned weight, finite or
             # not, is never read, and no where() pass over the tile is needed.
             w = tl.load(w_ptr + w_off, mask=keep != 0, other=0.0)
@@ -150,8 +88,7 @@ def _conv2d_forward_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     # Scatter back to the images' batch positions in the epilogue.
-    y_off = img[:, None] * O * P + o[None, :] * P + pix[:, None]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    store_pixels(y_ptr, acc, img, pix, row_ok, o, n_ok, O, P)
 
 
 def conv2d_forward(
@@ -194,11 +131,10 @@ def conv2d_forward(
     y = torch.empty((B, O, Ho, Wo), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    check_row_count(B, Ho * Wo)
     Og = O // groups
     K = Cg * KH * KW
     tile_ticket, tile_first, tile_end = pixel_tiles(offsets, B, Ho * Wo, block_m)
-    grid = (max_pixel_tiles(B, Ho * Wo, T, block_m), triton.cdiv(Og, block_n), groups)
+    grid = (tile_ticket.shape[0], triton.cdiv(Og, block_n), groups)
     _conv2d_forward_kernel[grid](
         x,
         weight,

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import dot_precision
-from .conv2d_forward import check_row_count, max_pixel_tiles, pixel_tiles
+from .tiles import pixel_tiles, span, store_pixels, tile_pixels
 
 
 @triton.jit
@@ -60,26 +60,19 @@ def _conv2d_grad_input_kernel(
     t = tl.load(tile_ticket_ptr + tile)
     if t >= T:  # beyond the last real tile of the upper-bound grid
         return
-    first = tl.load(tile_first_ptr + tile)
-    end = tl.load(tile_end_ptr + tile)
     HW = H * W
     P = Ho * Wo
-    pos = first + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
-    img = tl.load(perm_ptr + pos // HW, mask=row_ok, other=0).to(tl.int64)
-    pix = pos % HW
+    img, pix, row_ok = tile_pixels(perm_ptr, tile_first_ptr, tile_end_ptr, tile, HW, BLOCK_M)
     hp = pix // W + PH
     wp = pix % W + PW
     dy_row = img * O * P
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < Cg
+    c, c_ok = span(cb * BLOCK_C, BLOCK_C, Cg)
     mask_base = mask_ptr + t.to(tl.int64) * O * K
     J = Og * KH * KW
 
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for j0 in range(0, J, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = j < J
+        j, j_ok = span(j0, BLOCK_J, J)
         o = (g * Og + j // (KH * KW)).to(tl.int64)
         rs = j % (KH * KW)
         # (BLOCK_J, BLOCK_C) tile of W: W[o, c, r, s] in the (O, K) view, K ordered (c, r, s).
@@ -105,8 +98,7 @@ def _conv2d_grad_input_kernel(
             w = tl.load(w_ptr + w_off, mask=keep != 0, other=0.0)
             acc = tl.dot(gy, w, acc, input_precision=DOT_PRECISION)
 
-    dx_off = img[:, None] * C * HW + (g * Cg + c).to(tl.int64)[None, :] * HW + pix[:, None]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
+    store_pixels(dx_ptr, acc, img, pix, row_ok, (g * Cg + c).to(tl.int64), c_ok, C, HW)
 
 
 def conv2d_grad_input(
@@ -148,11 +140,10 @@ def conv2d_grad_input(
     dx = torch.empty((B, C, H, W), dtype=grad_y.dtype, device=grad_y.device)
     if dx.numel() == 0:
         return dx
-    check_row_count(B, H * W)
     Og = O // groups
     K = Cg * KH * KW
     tile_ticket, tile_first, tile_end = pixel_tiles(offsets, B, H * W, block_m)
-    grid = (max_pixel_tiles(B, H * W, T, block_m), triton.cdiv(Cg, block_c), groups)
+    grid = (tile_ticket.shape[0], triton.cdiv(Cg, block_c), groups)
     _conv2d_grad_input_kernel[grid](
         grad_y,
         weight,

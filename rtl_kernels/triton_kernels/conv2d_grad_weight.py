@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import dot_precision
-from .conv2d_forward import check_row_count, max_pixel_tiles, pixel_tiles
+from .tiles import add_kept, load_patch, pixel_tiles, span, tap_coords, tile_pixels, weight_block, window_origin
 
 
 @triton.jit
@@ -64,17 +64,12 @@ def _conv2d_grad_weight_kernel(
     sp = tl.program_id(2)
     nb = blk // KB
     kb = blk % KB
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok = n < Og
-    k_ok = k < K
+    n, n_ok = span(nb * BLOCK_N, BLOCK_N, Og)
+    k, k_ok = span(kb * BLOCK_K, BLOCK_K, K)
     o = (g * Og + n).to(tl.int64)
-    w_off = o[:, None] * K + k[None, :]
-    w_in = n_ok[:, None] & k_ok[None, :]
+    w_off, w_in = weight_block(o, n_ok, k, k_ok, K)
     # The patch coordinates of this K block are the same for every tile.
-    c = k // (KH * KW)
-    r = (k % (KH * KW)) // KW
-    s = k % KW
+    c, r, s = tap_coords(k, KH, KW)
     x_chan = (g * Cg + c).to(tl.int64) * H * W
     P = Ho * Wo
 
@@ -88,31 +83,17 @@ def _conv2d_grad_weight_kernel(
         keep = tl.load(mask_ptr + t_safe.to(tl.int64) * O * K + w_off, mask=w_in & real, other=0)
         # Tiles whose ticket keeps nothing of this block (and padding tiles) add nothing: skip their loads.
         if tl.max(keep.to(tl.int32)) != 0:
-            first = tl.load(tile_first_ptr + tile)
-            end = tl.load(tile_end_ptr + tile)
-            pos = first + tl.arange(0, BLOCK_M)
-            row_ok = pos < end
-            img = tl.load(perm_ptr + pos // P, mask=row_ok, other=0).to(tl.int64)
-            pix = pos % P
-            h0 = (pix // Wo) * SH - PH
-            w0 = (pix % Wo) * SW - PW
+            img, pix, row_ok = tile_pixels(perm_ptr, tile_first_ptr, tile_end_ptr, tile, P, BLOCK_M)
+            h0, w0 = window_origin(pix, Wo, SH, SW, PH, PW)
             # dy read transposed through the pointers, a (BLOCK_N, BLOCK_M) tile.
             gy = tl.load(
                 dy_ptr + img[None, :] * O * P + o[:, None] * P + pix[None, :],
                 mask=n_ok[:, None] & row_ok[None, :],
                 other=0.0,
             )
-            hi = h0[:, None] + r[None, :] * DH
-            wi = w0[:, None] + s[None, :] * DW
-            inside = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            a = tl.load(
-                x_ptr + img[:, None] * C * H * W + x_chan[None, :] + hi * W + wi,
-                mask=row_ok[:, None] & k_ok[None, :] & inside,
-                other=0.0,
-            )
+            a = load_patch(x_ptr, img * C * H * W, x_chan, h0, w0, r, s, row_ok, k_ok, H, W, DH, DW)
             part = tl.dot(gy, a, input_precision=DOT_PRECISION)
-            # where(), not a multiply: zeros stay exact next to a non-finite gradient.
-            acc += tl.where(keep != 0, part, tl.zeros_like(part))
+            acc = add_kept(acc, part, keep)
 
     # Every element is written, those kept by no ticket present as zeros.
     out = out_ptr + sp.to(tl.int64) * O * K + w_off
@@ -173,11 +154,10 @@ def conv2d_grad_weight(
         return dw
     if grad_y.numel() == 0:  # no pixels: nothing reaches the weight
         return dw.zero_()
-    check_row_count(B, Ho * Wo)
     Og = O // groups
     K = Cg * KH * KW
     tile_ticket, tile_first, tile_end = pixel_tiles(offsets, B, Ho * Wo, block_m)
-    num_tiles = max_pixel_tiles(B, Ho * Wo, T, block_m)
+    num_tiles = tile_ticket.shape[0]
     kb = triton.cdiv(K, block_k)
     num_programs = triton.cdiv(Og, block_n) * kb * groups
     if split is None:

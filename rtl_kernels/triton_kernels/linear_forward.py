@@ -10,7 +10,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..formats.block_csr import BlockCSR
-from . import dot_precision, max_row_tiles, row_tiles
+from . import dot_precision
+from .tiles import load_kept_weights, load_rows, row_tiles, span, store_rows, tile_rows, weight_block_t
 
 
 @triton.jit
@@ -43,15 +44,8 @@ def _linear_forward_kernel(
     t = tl.load(tile_ticket_ptr + tile)
     if t >= T:  # beyond the last real tile of the upper-bound grid
         return
-    first = tl.load(tile_first_ptr + tile)
-    end = tl.load(offsets_ptr + t + 1).to(tl.int32)
-    pos = first + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
-    # Gather through the permutation inside the loads: no permuted copy of x is ever made.
-    rows = tl.load(perm_ptr + pos, mask=row_ok, other=0)
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    n64 = n.to(tl.int64)
+    rows, row_ok = tile_rows(perm_ptr, offsets_ptr, tile_first_ptr, tile, t, BLOCK_M)
+    n, n_ok = span(nb * BLOCK_N, BLOCK_N, N)
     # int64: T*N*K overflows int32 for large stacks of masks.
     mask_base = mask_ptr + t.to(tl.int64) * N * K
 
@@ -62,24 +56,16 @@ def _linear_forward_kernel(
     for e in range(lo, hi):
         kb = tl.load(col_idx_ptr + e)
         partial = tl.load(full_ptr + e) == 0
-        k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        a = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        # W read transposed through the pointers, a (BLOCK_K, BLOCK_N) tile.
-        w_off = n64[None, :] * K + k[:, None]
-        w_in = k_ok[:, None] & n_ok[None, :]
-        # A full block predicates the mask load off entirely (no memory traffic) and reads as all-kept.
-        keep = tl.load(mask_base + w_off, mask=w_in & partial, other=1)
-        # The mask predicates the weight load (not a where() on a loaded tile): a pruned weight, finite or not, is
-        # never read, and the tile goes straight to shared memory, which keeps fp32 tiles from spilling.
-        w = tl.load(w_ptr + w_off, mask=w_in & (keep != 0), other=0.0)
+        k, k_ok = span(kb * BLOCK_K, BLOCK_K, K)
+        a = load_rows(x_ptr, rows, row_ok, k, k_ok, K)
+        w_off, w_in = weight_block_t(n.to(tl.int64), n_ok, k, k_ok, K)
+        w = load_kept_weights(w_ptr, mask_base, w_off, w_in, partial)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     # Scatter back to the rows' batch positions in the epilogue.
-    y_off = rows[:, None] * N + n[None, :]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    store_rows(y_ptr, acc, rows, row_ok, n, n_ok, N)
 
 
 def linear_forward(
@@ -111,7 +97,7 @@ def linear_forward(
     N = weight.shape[0]
     y = torch.empty((B, N), dtype=x.dtype, device=x.device)
     tile_ticket, tile_first = row_tiles(offsets, B, block_m)
-    grid = (max_row_tiles(B, layout.num_tickets, block_m), layout.n_blocks_n)
+    grid = (tile_ticket.shape[0], layout.n_blocks_n)
     _linear_forward_kernel[grid](
         x,
         weight,

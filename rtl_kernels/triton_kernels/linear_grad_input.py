@@ -8,7 +8,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..formats.block_csr import BlockCSR
-from . import dot_precision, max_row_tiles, row_tiles
+from . import dot_precision
+from .tiles import load_kept_weights, load_rows, row_tiles, span, store_rows, tile_rows, weight_block
 
 
 @triton.jit
@@ -39,13 +40,8 @@ def _linear_grad_input_kernel(
     t = tl.load(tile_ticket_ptr + tile)
     if t >= T:  # beyond the last real tile of the upper-bound grid
         return
-    first = tl.load(tile_first_ptr + tile)
-    end = tl.load(offsets_ptr + t + 1).to(tl.int32)
-    pos = first + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
-    rows = tl.load(perm_ptr + pos, mask=row_ok, other=0)
-    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = k < K
+    rows, row_ok = tile_rows(perm_ptr, offsets_ptr, tile_first_ptr, tile, t, BLOCK_M)
+    k, k_ok = span(kb * BLOCK_K, BLOCK_K, K)
     # int64: T*N*K overflows int32 for large stacks of masks.
     mask_base = mask_ptr + t.to(tl.int64) * N * K
 
@@ -56,20 +52,13 @@ def _linear_grad_input_kernel(
     for e in range(lo, hi):
         nb = tl.load(t_row_idx_ptr + e)
         partial = tl.load(t_full_ptr + e) == 0
-        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        g = tl.load(dy_ptr + rows[:, None] * N + n[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        w_off = n.to(tl.int64)[:, None] * K + k[None, :]
-        w_in = n_ok[:, None] & k_ok[None, :]
-        # A full block predicates the mask load off entirely and reads as all-kept.
-        keep = tl.load(mask_base + w_off, mask=w_in & partial, other=1)
-        # The mask predicates the weight load: pruned weights are never read, and no where() pass over the tile in
-        # registers is needed (that pass made fp32 tiles spill).
-        w = tl.load(w_ptr + w_off, mask=w_in & (keep != 0), other=0.0)
+        n, n_ok = span(nb * BLOCK_N, BLOCK_N, N)
+        g = load_rows(dy_ptr, rows, row_ok, n, n_ok, N)
+        w_off, w_in = weight_block(n.to(tl.int64), n_ok, k, k_ok, K)
+        w = load_kept_weights(w_ptr, mask_base, w_off, w_in, partial)
         acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
 
-    dx_off = rows[:, None] * K + k[None, :]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+    store_rows(dx_ptr, acc, rows, row_ok, k, k_ok, K)
 
 
 def linear_grad_input(
@@ -99,7 +88,7 @@ def linear_grad_input(
     K = weight.shape[1]
     dx = torch.empty((B, K), dtype=grad_y.dtype, device=grad_y.device)
     tile_ticket, tile_first = row_tiles(offsets, B, block_m)
-    grid = (max_row_tiles(B, layout.num_tickets, block_m), layout.n_blocks_k)
+    grid = (tile_ticket.shape[0], layout.n_blocks_k)
     _linear_grad_input_kernel[grid](
         grad_y,
         weight,

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..formats.block_csr import BlockCSR
 from . import dot_precision
+from .tiles import add_kept, gather_rows, load_rows, span, weight_block
 
 
 @triton.jit
@@ -33,12 +34,9 @@ def _linear_grad_weight_kernel(
     blk = tl.program_id(0)
     nb = blk // KB
     kb = blk % KB
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_ok = n < N
-    k_ok = k < K
-    w_off = n.to(tl.int64)[:, None] * K + k[None, :]
-    w_in = n_ok[:, None] & k_ok[None, :]
+    n, n_ok = span(nb * BLOCK_N, BLOCK_N, N)
+    k, k_ok = span(kb * BLOCK_K, BLOCK_K, K)
+    w_off, w_in = weight_block(n.to(tl.int64), n_ok, k, k_ok, K)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     lo = tl.load(w_ptr_ptr + blk)
@@ -51,18 +49,16 @@ def _linear_grad_weight_kernel(
         if end > start:  # a ticket with no rows in this batch adds nothing
             part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             for r in range(start, end, BLOCK_M):
-                pos = r + tl.arange(0, BLOCK_M)
-                ok = pos < end
-                rows = tl.load(perm_ptr + pos, mask=ok, other=0)
+                rows, ok = gather_rows(perm_ptr, r, end, BLOCK_M)
                 # dy rows read transposed through the pointers, a (BLOCK_N, BLOCK_M) tile.
                 g = tl.load(dy_ptr + rows[None, :] * N + n[:, None], mask=ok[None, :] & n_ok[:, None], other=0.0)
-                a = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+                a = load_rows(x_ptr, rows, ok, k, k_ok, K)
                 part = tl.dot(g, a, part, input_precision=DOT_PRECISION)
             # The mask tile is loaded even for full blocks: it is read once per (block, ticket), against the
             # ticket's whole run of dy and x rows, so skipping it would not pay (the layout has no per-ticket
-            # full flag in this order either). where(), not a multiply: zeros stay exact next to a NaN gradient.
+            # full flag in this order either).
             keep = tl.load(mask_ptr + t.to(tl.int64) * N * K + w_off, mask=w_in, other=0)
-            acc += tl.where(keep != 0, part, tl.zeros_like(part))
+            acc = add_kept(acc, part, keep)
 
     # Every block is written, those kept by no ticket present as zeros.
     tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=w_in)
