@@ -73,7 +73,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     run.add_argument("--backend", default=None, help="rtl_kernels backend for the routed model (default: automatic)")
     run.add_argument("--out", default=None, help="run directory (default runs/EXPERIMENT-seedN[-quick])")
-    run.add_argument("--quick", action="store_true", help="the small budget (minutes on a 2-core CPU)")
+    run.add_argument(
+        "--quick", action="store_true", help="the quick preset: minutes on a 2-core CPU (= --preset quick)"
+    )
+    run.add_argument(
+        "--preset",
+        choices=("quick", "full", "paper"),
+        default=None,
+        help="training settings: quick (CPU minutes), full (a GPU's budget; the default), paper (the paper's "
+        "schedule: 4,096 weights per round, its epochs or steps per round, constant-rate Adam)",
+    )
     run.add_argument("--resume", metavar="DIR", default=None, help="continue the interrupted run in DIR")
     run.add_argument("--data-root", default=None, help="where CIFAR data lives (cifar experiments)")
     run.add_argument("--download", action="store_true", help="download CIFAR into --data-root if missing")
@@ -83,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one training setting (batch_size, lr, dense_epochs, single_epochs, ticket_steps, "
-        "retrain_epochs, prune_fraction, eval_batch, lr_schedule=cosine|constant, "
+        help="override one training setting (batch_size, lr, single_epochs, ticket_steps, ticket_epochs, "
+        "retrain_epochs, prune_fraction, prune_count, eval_batch, lr_schedule=cosine|constant, "
         "granularity=unstructured|vector:V|block:BNxBK|channel); repeatable",
     )
     run.add_argument(
@@ -134,8 +143,17 @@ def _cmd_list() -> int:
     return 0
 
 
+def _preset_suffix(args) -> str:
+    return "" if args.preset == "full" else f"-{args.preset}"
+
+
 def _cmd_run(args) -> int:
     from .experiments.ranks import leave, ranks_from_environment
+
+    if args.quick and args.preset not in (None, "quick"):
+        print(f"rtl: --quick is --preset quick; it contradicts --preset {args.preset}", file=sys.stderr)
+        return 2
+    args.preset = "quick" if args.quick else (args.preset or "full")
 
     if args.device.startswith("cuda"):
         import torch
@@ -153,8 +171,33 @@ def _cmd_run(args) -> int:
         if args.seeds is None:
             return _run_on_ranks(args, ranks, device)
         return _run_seeds(args, ranks, device)
+    except RuntimeError as exc:
+        if not _lost_another_rank(ranks, exc):
+            raise
+        from .state_io import first_line
+
+        print(
+            f"rtl run: rank {ranks.rank} of {ranks.world} stopped: another rank failed or lost contact "
+            f"({first_line(exc)}); the finished stages are kept (resume with --resume DIR, on any number of processes)",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         leave(ranks)
+
+
+def _lost_another_rank(ranks, exc: BaseException) -> bool:
+    """Whether a collective failed because a peer went away (torch.distributed's errors), in a run of several."""
+    import torch.distributed as dist
+
+    return (
+        ranks.distributed
+        and isinstance(exc, getattr(dist, "DistError", ()))
+        or (
+            ranks.distributed
+            and any(word in str(exc) for word in ("Connection closed", "Connection reset", "gloo", "NCCL"))
+        )
+    )
 
 
 def _run_seeds(args, ranks, device: str) -> int:
@@ -168,9 +211,7 @@ def _run_seeds(args, ranks, device: str) -> int:
         print("rtl: give --seed or --seeds, not both", file=sys.stderr)
         return 2
     tag = "-".join(map(str, args.seeds))
-    base = (
-        args.resume or args.out or os.path.join("runs", f"{args.experiment}-seeds{tag}{'-quick' if args.quick else ''}")
-    )
+    base = args.resume or args.out or os.path.join("runs", f"{args.experiment}-seeds{tag}{_preset_suffix(args)}")
     for seed in args.seeds:
         seed_dir = os.path.join(base, f"seed{seed}")
         if args.resume is not None and os.path.isfile(os.path.join(seed_dir, "metrics.json")):
@@ -219,17 +260,13 @@ def _run_on_ranks(args, ranks, device: str) -> int:
         if reasons.get(args.backend):
             print(f"rtl: backend {args.backend!r} cannot run here: {reasons[args.backend]}", file=sys.stderr)
             return 2
-    out = (
-        args.resume
-        or args.out
-        or os.path.join("runs", f"{args.experiment}-seed{args.seed}{'-quick' if args.quick else ''}")
-    )
+    out = args.resume or args.out or os.path.join("runs", f"{args.experiment}-seed{args.seed}{_preset_suffix(args)}")
     data_kwargs = {}
     if exp.needs_data:
         data_kwargs = dict(data_root=args.data_root, download=args.download)
     try:
         overrides = _parse_overrides(args.overrides)
-        task = build_task(args.experiment, args.quick, args.seed, overrides=overrides, **data_kwargs)
+        task = build_task(args.experiment, args.preset, args.seed, overrides=overrides, **data_kwargs)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"rtl: {exc}", file=sys.stderr)
         return 2
@@ -244,7 +281,8 @@ def _run_on_ranks(args, ranks, device: str) -> int:
         "kind": task.kind,
         "seed": args.seed,
         "sparsities": args.sparsities,
-        "quick": bool(args.quick),
+        "quick": args.preset == "quick",
+        "preset": args.preset,
         "overrides": overrides,
         "state_version": STATE_VERSION,
         "num_tickets": task.num_tickets,
@@ -283,7 +321,7 @@ def _run_on_ranks(args, ranks, device: str) -> int:
         if ranks.main:
             print(
                 f"\nrtl: interrupted; every finished stage is saved. Continue with:\n  rtl run {args.experiment} "
-                f"--resume {out}{' --quick' if args.quick else ''}",
+                f"--resume {out} --preset {args.preset}",
                 file=sys.stderr,
             )
         return 130

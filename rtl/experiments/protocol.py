@@ -24,7 +24,7 @@ import functools
 import itertools
 import random
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from .ranks import Ranks
 from .run_lock import RunLock
 from .tasks import Task, parse_granularity
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: equal retraining budgets, per-ticket Alg. 1 checkpoints
 
 
 class RunStateError(ValueError):
@@ -85,7 +85,7 @@ class StageStore:
                     f"{cfg_path} is not an rtl run configuration; refusing to resume: restore it, "
                     f"or start the run again in another --out"
                 )
-            keys = ("experiment", "seed", "sparsities", "quick", "overrides", "state_version")
+            keys = ("experiment", "seed", "sparsities", "preset", "overrides", "state_version")
             diff = {k: (saved.get(k), config.get(k)) for k in keys if saved.get(k) != config.get(k)}
             if diff:
                 raise RunStateError(f"{out_dir} was made with another configuration {diff}; refusing to resume")
@@ -183,18 +183,20 @@ class _EpochBatches:
 
 def _fit(
     task: Task, model: nn.Module, loaders: List, loss_fn: Callable, epochs: int, ranks: Optional[Ranks] = None
-) -> List[float]:
+) -> "Fit":
     """``epochs`` of :func:`rtl.train.train_sequential` with the task's Adam (paper A.2 / C.4) and LR schedule.
 
     With ``lr_schedule="cosine"`` the rate decays to 0 over the run's steps: the final weights then do not depend
     on where the last few full-rate Adam steps happened to land, which keeps method comparisons stable on short
     budgets. With ``ranks`` (several processes, loaders that share their batches out) the model trains
-    data-parallel: DistributedDataParallel and BatchNorm over the global batch. Returns the mean loss per epoch.
+    data-parallel: DistributedDataParallel and BatchNorm over the global batch. Returns the mean loss per epoch and
+    the budget spent: optimizer steps and sample presentations (all ranks' rows).
     """
     if task.settings.lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {task.settings.lr_schedule!r}")
     adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=task.settings.lr)
-    callbacks = []
+    samples = [0]
+    callbacks = [lambda info: samples.__setitem__(0, samples[0] + info.route.shape[0])]
     lengths = [len(loader) for loader in loaders]
     steps = epochs * max(lengths, default=0) * sum(1 for n in lengths if n)  # Alg. 2: shorter subsets cycled
     if task.settings.lr_schedule == "cosine" and steps > 0:
@@ -204,13 +206,44 @@ def _fit(
         result = rtl_train.train_sequential(
             _TaskModel(task, model), loaders, adam, loss_fn, epochs=epochs, progress=False, callbacks=callbacks
         )
-        return result.epoch_losses
+        return Fit(result.epoch_losses, result.steps, samples[0])
     with synchronized_batch_norm(model):
         wrapped = DistributedDataParallel(_TaskModel(task, model))
         result = rtl_train.train_sequential(
             wrapped, loaders, adam, _shared_loss(loss_fn), epochs=epochs, progress=False, callbacks=callbacks
         )
-    return result.epoch_losses
+    return Fit(result.epoch_losses, result.steps, sum(ranks.gather(samples[0])))
+
+
+class Fit(NamedTuple):
+    """One training call: mean loss per epoch, optimizer steps, sample presentations."""
+
+    losses: List[float]
+    steps: int
+    samples: int
+
+    def budget(self) -> Dict[str, int]:
+        return {"steps": self.steps, "samples": self.samples}
+
+
+def retraining_steps(task: Task) -> int:
+    """The retraining budget every method of a comparison gets: RTL's joint retraining (Alg. 2), ``retrain_epochs``
+    epochs of M batch indices times K' tickets (M: the longest subset's batches; K': the tickets with data).
+
+    The single-mask model and the dense baseline take these steps over the whole training set, each independent
+    model a K'-th of them on its subset, all with batches of ``batch_size``: the same optimizer steps and the same
+    sample presentations for every method (docs/paper_notes.md, the budget rule).
+    """
+    counts = [task.ticket_batch_count(t) for t in range(task.num_tickets)]
+    return task.settings.retrain_epochs * max(counts, default=0) * sum(1 for c in counts if c)
+
+
+def round_steps(task: Task, ticket: int) -> int:
+    """Alg. 1's training of one ticket before each of its pruning rounds: ``ticket_epochs`` epochs of its subset
+    when set (the paper's 10 epochs), else ``ticket_steps`` steps (the paper's INR: 10,000)."""
+    if task.settings.ticket_epochs:
+        return task.settings.ticket_epochs * task.ticket_batch_count(ticket)
+    return task.settings.ticket_steps
 
 
 def _shared_loss(loss_fn: Callable) -> Callable:
@@ -225,39 +258,39 @@ def _shared_loss(loss_fn: Callable) -> Callable:
     return weighted
 
 
-def train_plain(task: Task, model: nn.Module, epochs: int, gen: torch.Generator) -> List[float]:
-    """Train a one-ticket model on the whole training set (dense baseline, single-mask IMP).
-
-    Returns the mean loss per epoch.
-    """
-    loader = _EpochBatches(lambda: task.all_batches(gen), task.batch_count())
-    return _fit(task, model, [loader], lambda out, y: task.loss_all(out, y), epochs)
+def train_plain(
+    task: Task, model: nn.Module, gen: torch.Generator, epochs: Optional[int] = None, steps: Optional[int] = None
+) -> Fit:
+    """Train a one-ticket model on the whole training set (dense baseline, single-mask IMP) for ``epochs`` epochs or
+    ``steps`` optimizer steps (epochs drawn one after the other)."""
+    if (epochs is None) == (steps is None):
+        raise ValueError("give epochs or steps")
+    loader = _EpochBatches(lambda: task.all_batches(gen), task.batch_count(), steps=steps)
+    return _fit(task, model, [loader], lambda out, y: task.loss_all(out, y), 1 if steps is not None else epochs)
 
 
 def train_ticket_steps(
     task: Task, model: nn.Module, ticket: int, steps: int, gen: torch.Generator, route_ticket: Optional[int] = None
-) -> float:
-    """``steps`` optimizer steps on ticket ``ticket``'s subset and objective. Returns the mean loss (NaN when the
-    subset is empty: its ticket gets no steps).
+) -> Fit:
+    """``steps`` optimizer steps on ticket ``ticket``'s subset and objective (none when the subset is empty: the
+    loss is then NaN).
 
     Alg. 1's inner training routes the batch to ``ticket``; an independent one-mask model of the multi-model
     baseline routes it to its only ticket (``route_ticket=0``).
     """
     route_ticket = ticket if route_ticket is None else route_ticket
     if task.subset_size(ticket) == 0 or steps == 0:
-        return float("nan")
+        return Fit([float("nan")], 0, 0)
     loaders: List = [[] for _ in range(model_num_tickets(model))]
     loaders[route_ticket] = _EpochBatches(lambda: task.ticket_batches(ticket, gen), 0, steps=steps)
-    return _fit(task, model, loaders, lambda out, y: task.loss_ticket(out, y, ticket), 1)[0]
+    return _fit(task, model, loaders, lambda out, y: task.loss_ticket(out, y, ticket), 1)
 
 
-def train_joint(
-    task: Task, model: nn.Module, epochs: int, gen: torch.Generator, ranks: Optional[Ranks] = None
-) -> List[float]:
+def train_joint(task: Task, model: nn.Module, epochs: int, gen: torch.Generator, ranks: Optional[Ranks] = None) -> Fit:
     """Alg. 2 (:func:`rtl.train.train_sequential`): per batch index, one step per ticket on that ticket's batch.
 
     Short subsets cycle, each pass drawing a new epoch of the subset. With several ranks every rank draws the same
-    batches (same generator) and trains on its share of their rows. Returns the mean loss per epoch.
+    batches (same generator) and trains on its share of their rows.
     """
     shared = ranks if ranks is not None and ranks.distributed else None
     loaders = [
@@ -320,7 +353,7 @@ def extract_masks(
                     model,
                     make_train_fn(target),
                     target,
-                    amount=task.settings.prune_fraction,
+                    amount=task.settings.prune_count or task.settings.prune_fraction,
                     tickets=[ticket],
                     checkpoint_dir=ckpt,
                     granularity=parse_granularity(task.settings.granularity),
@@ -564,11 +597,12 @@ def _run_protocol(task, store, sparsities, seed, backend, progress, device, log,
         # trained as one ticket whose mask keeps every weight (the same arithmetic as the dense model), so that
         # every method goes through rtl.train; the plain model is taken out afterwards
         model = routed_model(1)
-        losses = train_plain(task, model, task.settings.dense_epochs, gen)
+        fit = train_plain(task, model, gen, steps=retraining_steps(task))
         model = extract_ticket(model, 0)
         return {
             "state": model.state_dict(),
-            "losses": losses,
+            "losses": fit.losses,
+            "budget": fit.budget(),
             "metrics": task.evaluate_single(lambda x: task.forward(model, x)),
         }
 
@@ -583,7 +617,9 @@ def _run_protocol(task, store, sparsities, seed, backend, progress, device, log,
     def single_masks_stage(gen):
         model = routed_model(1, single=True)
         make = lambda target: (
-            lambda m, t, r: train_plain(task, m, task.settings.single_epochs, round_gen("single_masks", target, t, r))
+            lambda m, t, r: (
+                train_plain(task, m, round_gen("single_masks", target, t, r), epochs=task.settings.single_epochs).losses
+            )
         )
         return extract_masks(task, model, sparsities, make, os.path.join(store.dir, "single_masks_imp"), progress)
 
@@ -594,8 +630,8 @@ def _run_protocol(task, store, sparsities, seed, backend, progress, device, log,
         model = routed_model(T)
         make = lambda target: (
             lambda m, t, r: train_ticket_steps(
-                task, m, t, task.settings.ticket_steps, round_gen("rtl_masks", target, t, r)
-            )
+                task, m, t, round_steps(task, t), round_gen("rtl_masks", target, t, r)
+            ).losses[0]
         )
         checkpoints = os.path.join(store.dir, "rtl_masks_imp")
         return extract_masks(task, model, sparsities, make, checkpoints, progress, ranks)
@@ -607,17 +643,16 @@ def _run_protocol(task, store, sparsities, seed, backend, progress, device, log,
             atomic_json(_jsonable(data["log"]), os.path.join(out_dir, "logs", f"{name}_rounds.json"))
     single_masks, rtl_masks = single_masks["masks"], rtl_masks["masks"]
 
-    results: Dict = {"dense": dense["metrics"], "sparsities": {}}
+    results: Dict = {"dense": dense["metrics"], "dense_budget": dense["budget"], "sparsities": {}}
     for s, key in zip(sparsities, s_keys):
 
         def single_stage(gen, key=key):
             model = routed_model(1, single=True)
             _load_masks(model, single_masks[key])
-            # the paper gives the single model twice the epochs of the tickets to match data exposure (A.2)
-            epochs = task.settings.retrain_epochs * (2 if task.kind == "detector" else 1)
-            losses = train_plain(task, model, epochs, gen)
+            fit = train_plain(task, model, gen, steps=retraining_steps(task))
             return {
-                "losses": losses,
+                "losses": fit.losses,
+                "budget": fit.budget(),
                 "metrics": task.evaluate_single(_single_fn(task, model)),
                 "counts": rtl_metrics.parameter_counts(model),
             }
@@ -625,12 +660,13 @@ def _run_protocol(task, store, sparsities, seed, backend, progress, device, log,
         def rtl_stage(gen, key=key):
             model = routed_model(T)
             _load_masks(model, rtl_masks[key])
-            losses = train_joint(task, model, task.settings.retrain_epochs, gen, ranks)
+            fit = train_joint(task, model, task.settings.retrain_epochs, gen, ranks)
             if not ranks.main:  # the weights are the same on every rank: rank 0 evaluates them
                 return None
             return {
                 "state": model.state_dict(),
-                "losses": losses,
+                "losses": fit.losses,
+                "budget": fit.budget(),
                 "metrics": task.evaluate_routed(_routed_fn(task, model)),
                 "counts": rtl_metrics.parameter_counts(model),
                 "jaccard": diagnostics.jaccard_matrix(model),
@@ -646,35 +682,44 @@ def _run_protocol(task, store, sparsities, seed, backend, progress, device, log,
         def multi_stage(gen, key=key):
             # the T independent models are spread over the ranks, each with its own generator
             trained = {}
+            with_data = sum(1 for t in range(T) if task.ticket_batch_count(t))
+            steps = retraining_steps(task) // max(with_data, 1)  # together, the RTL retraining's steps
             for t in ranks.owned(range(T)):
                 model = multi_model(t)
-                steps = task.settings.retrain_epochs * max(1, task.ticket_batch_count(t))
                 own_gen = torch.Generator().manual_seed(_stage_seed(seed, f"multi@{key}:{t}"))
-                train_ticket_steps(task, model, t, steps, own_gen, route_ticket=0)
-                trained[t] = {name: v.cpu() for name, v in model.state_dict().items()}
-            states = {t: state for part in ranks.gather(trained) for t, state in part.items()}
+                fit = train_ticket_steps(task, model, t, steps, own_gen, route_ticket=0)
+                trained[t] = ({name: v.cpu() for name, v in model.state_dict().items()}, fit.budget())
+            trained = {t: entry for part in ranks.gather(trained) for t, entry in part.items()}
             if not ranks.main:
                 return None
             models = []
             for t in range(T):
                 model = multi_model(t)
-                model.load_state_dict(states[t])
+                model.load_state_dict(trained[t][0])
                 models.append(model)
-            return {"metrics": task.evaluate_routed(_multi_fn(task, models))}
+            return {
+                "metrics": task.evaluate_routed(_multi_fn(task, models)),
+                "budget": {k: sum(trained[t][1][k] for t in range(T)) for k in ("steps", "samples")},
+            }
 
         single_r = stage(f"single@{key}", single_stage)
         rtl_r = stage(f"rtl@{key}", rtl_stage, spread=True)
         multi_r = stage(f"multi@{key}", multi_stage, spread=True)
         results["sparsities"][key] = {
-            "single": {"metrics": single_r["metrics"], "counts": single_r["counts"]},
+            "single": {"metrics": single_r["metrics"], "counts": single_r["counts"], "budget": single_r["budget"]},
             "rtl": {
                 "metrics": rtl_r["metrics"],
+                "budget": rtl_r["budget"],
                 "counts": rtl_r["counts"],
                 "jaccard": rtl_r["jaccard"].tolist(),
                 "similarity": rtl_r["similarity"].tolist(),
                 "similarity_chance_corrected": rtl_r["similarity_chance_corrected"].tolist(),
             },
-            "multi": {"metrics": multi_r["metrics"], "counts": {"sum": rtl_r["counts"]["sum"], "models": T}},
+            "multi": {
+                "metrics": multi_r["metrics"],
+                "counts": {"sum": rtl_r["counts"]["sum"], "models": T},
+                "budget": multi_r["budget"],
+            },
         }
 
     def speed_stage(gen):

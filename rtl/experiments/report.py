@@ -77,13 +77,14 @@ def write_report(run_dir: str) -> str:
     kind = config["kind"]
     label, unit = headline_metric(kind)
     keys = sorted(metrics["sparsities"], key=float)
+    preset = config.get("preset") or ("quick" if config["quick"] else "full")
     lines = [
         f"# rtl run: {config['experiment']}",
         "",
         f"{config['description']}",
         "",
-        f"- seed {config['seed']}, sparsities {', '.join(keys)}, {'quick' if config['quick'] else 'full'} "
-        f"settings, {config['num_tickets']} tickets ({', '.join(config['ticket_names'])})",
+        f"- seed {config['seed']}, sparsities {', '.join(keys)}, {preset} settings, {config['num_tickets']} tickets "
+        f"({', '.join(config['ticket_names'])})",
         f"- machine: {metrics['environment']['machine']}, {metrics['environment']['threads']} threads, "
         f"torch {metrics['environment']['torch']}, rtl_kernels backend {metrics['environment']['backend']}",
         f"- prunable weights: {config.get('prunable_weights', '?')}",
@@ -126,6 +127,8 @@ def write_report(run_dir: str) -> str:
         "(BatchNorm, classifier) are not counted.",
         "",
     ]
+    if "dense_budget" in metrics:
+        lines += _budget_lines(metrics, keys)
     lines += [
         "## Ticket similarity (the paper's diagnostic)",
         "",
@@ -180,6 +183,28 @@ def _per_ticket(kind: str, rtl_metrics: Dict) -> Optional[List[float]]:
     if kind == "detector":
         return rtl_metrics["detectors"]["per_ticket"]["balanced_accuracy"]
     return rtl_metrics["oracle"].get("per_ticket_accuracy")
+
+
+def _budget_lines(metrics: Dict, keys: List[str]) -> List[str]:
+    """The retraining budget each method got: optimizer steps / sample presentations."""
+    cell = lambda b: f"{b['steps']:,} / {b['samples']:,}"  # noqa: E731
+    lines = [
+        "## Training budget",
+        "",
+        "Optimizer steps / sample presentations of each method's final training. The rule: every method gets RTL's "
+        "joint-retraining budget (the dense baseline and the single-mask model over the whole training set, the "
+        "independent models sharing it), so no method wins by training longer.",
+        "",
+        "| sparsity | dense | RTL | IMP single | IMP multi (all models) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for key in keys:
+        entry = metrics["sparsities"][key]
+        lines.append(
+            f"| {key} | {cell(metrics['dense_budget'])} | {cell(entry['rtl']['budget'])} | "
+            f"{cell(entry['single']['budget'])} | {cell(entry['multi']['budget'])} |"
+        )
+    return lines + [""]
 
 
 def _plots(run_dir, kind, metrics, keys, label, unit, config) -> List[Tuple[str, str]]:

@@ -31,16 +31,24 @@ RoutedFn = Callable[[Tensor, Tensor], Tensor]
 
 @dataclass
 class Settings:
-    """Training budget of one experiment (the --quick and full presets differ only here).
+    """Training budget of one experiment (the quick, full and paper presets differ only here).
+
+    Every method's retraining gets the same budget, RTL's joint retraining (Alg. 2): ``retrain_epochs`` epochs of
+    the longest subset's batches times the tickets with data, in optimizer steps of ``batch_size`` samples. The
+    dense baseline and the single-mask model take those steps over the whole training set; the independent models
+    share them (docs/paper_notes.md, the budget rule).
 
     Attributes:
         batch_size: samples per step.
         lr: Adam learning rate for every method.
-        dense_epochs: epochs of the dense baseline over the whole training set.
-        single_epochs: epochs of the single-mask IMP model, per pruning round and for the final retraining.
-        ticket_steps: Alg. 1's T: steps on one subset before each pruning of its ticket.
-        retrain_epochs: Alg. 2's N: epochs of joint retraining (RTL) and of each independent model (multi).
-        prune_fraction: fraction of each ticket's remaining prunable weights removed per round.
+        single_epochs: epochs of the single-mask IMP model per pruning round (Alg. 1 with one mask).
+        ticket_steps: Alg. 1's T: steps on one subset before each pruning of its ticket (when ticket_epochs is 0).
+        ticket_epochs: Alg. 1's training per round in epochs of the ticket's subset (the paper's 10); 0: use
+            ticket_steps.
+        retrain_epochs: Alg. 2's N: epochs of joint retraining, which set every method's retraining budget.
+        prune_fraction: fraction of each ticket's remaining prunable weights removed per round (when prune_count
+            is 0).
+        prune_count: weights removed per round and ticket (the paper's 4,096); 0: use prune_fraction.
         eval_batch: batch size of evaluation and timing.
         lr_schedule: "cosine" (decay to 0 over each training call) or "constant".
         granularity: the masks' structure: "unstructured", "vector:V" (runs of V weights along a row),
@@ -50,11 +58,12 @@ class Settings:
 
     batch_size: int = 64
     lr: float = 2e-3
-    dense_epochs: int = 10
     single_epochs: int = 4
     ticket_steps: int = 40
+    ticket_epochs: int = 0
     retrain_epochs: int = 6
     prune_fraction: float = 0.3
+    prune_count: int = 0
     eval_batch: int = 512
     lr_schedule: str = "cosine"
     granularity: str = "unstructured"
@@ -77,9 +86,15 @@ def parse_granularity(text: str):
 
 
 def _batches(index: Tensor, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
+    """One epoch of ``index`` in a random order, ceil(n / batch_size) batches, all full: the last is topped up with
+    the epoch's first items (a subset smaller than a batch repeats its items), so that every step of every method
+    presents batch_size samples (the budget rule)."""
     order = index[torch.randperm(index.numel(), generator=gen)]
     for start in range(0, order.numel(), batch_size):
-        yield order[start : start + batch_size]
+        chunk = order[start : start + batch_size]
+        if chunk.numel() < batch_size:
+            chunk = order.repeat(-(-batch_size // order.numel()) + 1)[start : start + batch_size]
+        yield chunk
 
 
 class Task:
@@ -233,9 +248,7 @@ class DigitsClasses(Task):
         pos = (self.t_train == ticket).nonzero().flatten()
         neg = (self.t_train != ticket).nonzero().flatten()
         half = max(1, self.settings.batch_size // 2)
-        pos = pos[torch.randperm(pos.numel(), generator=gen)]
-        for start in range(0, pos.numel(), half):
-            p = pos[start : start + half]
+        for p in _batches(pos, half, gen):
             n = neg[torch.randint(0, neg.numel(), (p.numel(),), generator=gen)]
             idx = torch.cat([p, n])
             target = torch.cat([torch.ones(p.numel()), torch.zeros(n.numel())])

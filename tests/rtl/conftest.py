@@ -23,7 +23,7 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def tiny_budget():
     """The smallest budget that runs every stage of `rtl run`: the arguments the run tests add to each command."""
-    settings = ["dense_epochs=1", "single_epochs=1", "ticket_steps=2", "retrain_epochs=1", "prune_fraction=0.5"]
+    settings = ["single_epochs=1", "ticket_steps=2", "retrain_epochs=1", "prune_fraction=0.5"]
     return [arg for setting in settings + ["batch_size=32"] for arg in ("--set", setting)] + ["--no-progress"]
 
 
