@@ -25,7 +25,8 @@ def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tuple[
         The three, each cast when it is a floating tensor other than float64 and not yet in the autocast dtype.
     """
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # devices without autocast (meta, ...) have no state to ask; the op's own checks then speak about them
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 

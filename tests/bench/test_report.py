@@ -196,7 +196,7 @@ def test_report_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------- python -m bench
 def test_entry_point_refuses_an_unknown_or_missing_target(capsys):
     assert entry.main(["nope", "--quick"]) == 2
-    assert "python -m bench: unknown target 'nope'; choose one of linear, conv2d, models, report" in (
+    assert "python -m bench: unknown target 'nope'; choose one of linear, conv2d, models, processes, report" in (
         capsys.readouterr().err
     )
     assert entry.main([]) == 2
