@@ -37,6 +37,8 @@ def method_rows(kind: str, entry: Dict) -> List[Tuple[str, Optional[Dict], Optio
             ("RTL, detectors (paper Table 1 protocol)", rtl_m["detectors"], union),
             ("IMP multi, detectors", multi_m["detectors"], total),
         ]
+        if "detectors" in single_m:  # the single model under the same one-vs-rest protocol
+            rows.append(("IMP single, detectors (class probability >= 0.5)", single_m["detectors"], single_n))
         if "all_tickets" in rtl_m:
             rows += [
                 ("RTL, all tickets, argmax (label-free)", rtl_m["all_tickets"], union),
@@ -127,6 +129,16 @@ def write_report(run_dir: str) -> str:
         "(BatchNorm, classifier) are not counted.",
         "",
     ]
+    if kind == "detector":
+        lines += [
+            "Protocols: *detectors* score every method as one-vs-rest detectors, the paper's Table 1 protocol (ticket "
+            "t fires on an image when its score is >= 0.5: the sigmoid of its own logit for RTL and the independent "
+            "models, the probability the single model gives t's class, or its cluster's classes summed, for the "
+            "single model); *all tickets* and *C-way* score every method as a label-free classifier (the argmax over "
+            "the tickets' scores, or over the single model's classes). A CIFAR-100 cluster ticket's logit is the "
+            "logsumexp of its classes' logits, the score of \"any class of my cluster\" under a sigmoid.",
+            "",
+        ]
     if "dense_budget" in metrics:
         lines += _budget_lines(metrics, keys)
     lines += [

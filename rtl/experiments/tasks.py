@@ -261,8 +261,18 @@ class DigitsClasses(Task):
         return F.binary_cross_entropy_with_logits(out[:, ticket], target)
 
     def evaluate_single(self, fn):
+        """The single C-way model scored both ways: as a C-way classifier (argmax), and under the tickets' own
+        protocol, one-vs-rest detectors: ticket t's score is the probability the model gives t's subset (its class,
+        or the sum over a cluster's classes), thresholded at 0.5 as the tickets' sigmoid scores are."""
         logits = predict(fn, self.x_test, self.settings.eval_batch)
-        return {"multiclass": classification_metrics(self.y_test, logits.argmax(1), self.num_classes)}
+        probs = logits.softmax(1)
+        classes = getattr(self, "ticket_classes", None)
+        ticket_probs = probs if classes is None else torch.stack([probs[:, c].sum(1) for c in classes], dim=1)
+        detect = rtl_metrics.detector_metrics(ticket_probs, self.t_test)
+        return {
+            "multiclass": classification_metrics(self.y_test, logits.argmax(1), self.num_classes),
+            "detectors": {k: detect[k] for k in ("balanced_accuracy", "precision", "recall", "per_ticket")},
+        }
 
     def evaluate_routed(self, routed_fn):
         batch = self.settings.eval_batch
@@ -335,8 +345,18 @@ class DigitsEnvironments(Task):
     prunable_filter = DigitsClasses.prunable_filter
 
     def evaluate_single(self, fn):
+        """The single C-way model scored both ways: as a C-way classifier (argmax), and under the tickets' own
+        protocol, one-vs-rest detectors: ticket t's score is the probability the model gives t's subset (its class,
+        or the sum over a cluster's classes), thresholded at 0.5 as the tickets' sigmoid scores are."""
         logits = predict(fn, self.x_test, self.settings.eval_batch)
-        return {"multiclass": classification_metrics(self.y_test, logits.argmax(1), self.num_classes)}
+        probs = logits.softmax(1)
+        classes = getattr(self, "ticket_classes", None)
+        ticket_probs = probs if classes is None else torch.stack([probs[:, c].sum(1) for c in classes], dim=1)
+        detect = rtl_metrics.detector_metrics(ticket_probs, self.t_test)
+        return {
+            "multiclass": classification_metrics(self.y_test, logits.argmax(1), self.num_classes),
+            "detectors": {k: detect[k] for k in ("balanced_accuracy", "precision", "recall", "per_ticket")},
+        }
 
     def evaluate_routed(self, routed_fn):
         batch = self.settings.eval_batch

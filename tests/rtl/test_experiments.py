@@ -204,3 +204,25 @@ def test_structured_masks_run_and_stay_structured(tmp_path, tiny_budget):
         full = rows.shape[-1] // 4 * 4
         runs = rows[..., :full].reshape(*rows.shape[:2], -1, 4)
         assert torch.all(runs.all(-1) | ~runs.any(-1)), name
+
+
+def test_the_single_model_is_scored_under_the_tickets_detector_protocol_too():
+    """Like-for-like: the single C-way model also gets one-vs-rest detector metrics (its class probability >= 0.5),
+    beside its C-way argmax; a perfect model scores 1 under both, and a model that never commits to a class
+    (uniform probabilities) fires no detector."""
+    from rtl.experiments import build_task
+
+    task = build_task("digits-classes", "quick", 0)
+    seen = [0]
+
+    def perfect(x):  # the test set arrives in order, batch after batch
+        labels = task.y_test[seen[0] : seen[0] + x.shape[0]]
+        seen[0] += x.shape[0]
+        return 10 * torch.nn.functional.one_hot(labels, task.num_classes).float()
+
+    metrics = task.evaluate_single(perfect)
+    assert seen[0] == task.y_test.shape[0]
+    assert metrics["multiclass"]["balanced_accuracy"] == 1.0
+    assert metrics["detectors"]["balanced_accuracy"] == 1.0 and len(metrics["detectors"]["per_ticket"]["recall"]) == 10
+    uniform = task.evaluate_single(lambda x: torch.zeros(x.shape[0], task.num_classes))
+    assert uniform["detectors"]["recall"] == 0.0
