@@ -20,7 +20,13 @@ from typing import List, Optional
 DEFAULT_SPARSITIES = "0.25,0.5,0.75,0.9"
 
 
+#: ``--sparsities collapse``: the grid of the collapse study, up to 98 %.
+COLLAPSE_GRID = "0.25,0.5,0.75,0.9,0.95,0.98"
+
+
 def _parse_sparsities(text: str) -> List[float]:
+    if text.strip() == "collapse":
+        text = COLLAPSE_GRID
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -59,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         "--sparsities",
         type=_parse_sparsities,
         default=_parse_sparsities(DEFAULT_SPARSITIES),
-        help=f"comma-separated target sparsities in [0, 1) (default {DEFAULT_SPARSITIES})",
+        help=f"comma-separated target sparsities in [0, 1) (default {DEFAULT_SPARSITIES}); 'collapse' is the collapse "
+        f"study's grid {COLLAPSE_GRID}",
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument(

@@ -39,6 +39,7 @@ from ..iterative_pruning import IMP, CheckpointError
 from ..routed_model import RoutedModel, model_num_tickets, use_route
 from ..state_io import atomic_json, atomic_save, first_line
 from ..sync_batch_norm import synchronized_batch_norm
+from .collapse import collapse_study
 from .ranks import Ranks
 from .run_lock import RunLock
 from .tasks import Task, parse_granularity
@@ -721,6 +722,12 @@ def _run_protocol(task, store, sparsities, seed, backend, progress, device, log,
                 "budget": multi_r["budget"],
             },
         }
+
+    results["collapse"] = collapse_study(
+        task.kind,
+        {key: rtl_masks[key] for key in s_keys},
+        {key: results["sparsities"][key]["rtl"]["metrics"] for key in s_keys},
+    )
 
     def speed_stage(gen):
         dense_model = task.build_model(seed)

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..state_io import atomic_write
 
-__all__ = ["headline_metric", "headline_value", "method_rows", "write_report"]
+__all__ = ["headline_metric", "headline_value", "method_rows", "per_ticket_values", "write_report"]
 
 
 def headline_metric(kind: str) -> Tuple[str, str]:
@@ -136,7 +136,7 @@ def write_report(run_dir: str) -> str:
             "models, the probability the single model gives t's class, or its cluster's classes summed, for the "
             "single model); *all tickets* and *C-way* score every method as a label-free classifier (the argmax over "
             "the tickets' scores, or over the single model's classes). A CIFAR-100 cluster ticket's logit is the "
-            "logsumexp of its classes' logits, the score of \"any class of my cluster\" under a sigmoid.",
+            'logsumexp of its classes\' logits, the score of "any class of my cluster" under a sigmoid.',
             "",
         ]
     if "dense_budget" in metrics:
@@ -156,6 +156,8 @@ def write_report(run_dir: str) -> str:
         lines.append(
             f"| {key} | {sum(sim) / len(sim):.3f} | {min(sim):.3f} | {max(sim):.3f} | {sum(cc) / len(cc):.3f} |"
         )
+    if metrics.get("collapse"):
+        lines += _collapse_lines(metrics["collapse"], unit)
     speed = metrics.get("speed", {})
     if speed:
         lines += [
@@ -189,12 +191,46 @@ def write_report(run_dir: str) -> str:
     return out
 
 
-def _per_ticket(kind: str, rtl_metrics: Dict) -> Optional[List[float]]:
+def per_ticket_values(kind: str, rtl_metrics: Dict) -> Optional[List[float]]:
     if kind == "inr":
         return rtl_metrics["image"]["psnr_per_region"]
     if kind == "detector":
         return rtl_metrics["detectors"]["per_ticket"]["balanced_accuracy"]
     return rtl_metrics["oracle"].get("per_ticket_accuracy")
+
+
+def _collapse_lines(collapse: Dict, unit: str) -> List[str]:
+    """The collapse study: S_k (global, and the mean of the per-layer scores) against sparsity, and the verdict."""
+    mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
+    lines = [
+        "",
+        "## Collapse study",
+        "",
+        "The paper's diagnostic over the sparsities: RTL's mean S_k over all prunable weights and the mean of the "
+        "per-layer S_k, next to the mean of the tickets' own metric (a detector's balanced accuracy, an environment "
+        "ticket's accuracy, a region's PSNR in dB).",
+        "",
+        "| sparsity | mean S_k (global) | mean S_k (per layer) | mean per-ticket metric |",
+        "|---:|---:|---:|---:|",
+    ]
+    for entry in collapse["history"]:
+        layers = [mean(v) for v in entry.get("layer_scores", {}).values()]
+        metric = entry.get("metrics", {}).get("metric")
+        lines.append(
+            f"| {entry['sparsity']:g} | {mean(entry['scores']):.3f} | {mean(layers):.3f} | "
+            f"{_fmt(mean(metric) if metric else None, 2 if unit else 3)} |"
+        )
+    t = collapse["thresholds"]
+    rule = (
+        f"a ticket's S_k moving by more than {t['similarity_jump']} at or one step before a drop of its metric by "
+        f"more than {t['metric_drop']}{(' ' + unit) if unit else ''}"
+    )
+    if collapse["flagged"]:
+        pairs = ", ".join(f"ticket {f['ticket']} at {f['sparsity']:g}" for f in collapse["flagged"])
+        lines += ["", f"Verdict: collapse flagged ({rule}): {pairs}."]
+    else:
+        lines += ["", f"Verdict: no collapse flagged over these sparsities ({rule})."]
+    return lines
 
 
 def _budget_lines(metrics: Dict, keys: List[str]) -> List[str]:
@@ -254,7 +290,7 @@ def _plots(run_dir, kind, metrics, keys, label, unit, config) -> List[Tuple[str,
     for t, name in enumerate(names):
         sims = [metrics["sparsities"][k]["rtl"]["similarity"][t] for k in keys]
         accs = [
-            (_per_ticket(kind, metrics["sparsities"][k]["rtl"]["metrics"]) or [float("nan")] * len(names))[t]
+            (per_ticket_values(kind, metrics["sparsities"][k]["rtl"]["metrics"]) or [float("nan")] * len(names))[t]
             for k in keys
         ]
         ax1.plot(xs, sims, marker="o", label=name)

@@ -45,6 +45,12 @@ def test_embedded_experiment_end_to_end(experiment, tmp_path, tiny_budget):
     assert single["single"] == round(0.4 * single["prunable"])
     assert kept <= entry["rtl"]["counts"]["union"] <= entry["rtl"]["counts"]["sum"]
     assert len(entry["rtl"]["jaccard"]) == config["num_tickets"]
+    # equal budgets: every method's final training took the same steps and samples
+    budgets = [metrics["dense_budget"]] + [entry[m]["budget"] for m in ("rtl", "single", "multi")]
+    assert budgets[0]["steps"] > 0 and all(b == budgets[0] for b in budgets), budgets
+    # the collapse study over the run's sparsities, with its verdict in the report
+    assert metrics["collapse"]["sparsities"] == [0.3, 0.6] and len(metrics["collapse"]["history"]) == 2
+    assert "## Collapse study" in report and "Verdict:" in report and "## Training budget" in report
     # the report can be rebuilt from the run directory alone
     os.remove(out / "report.md")
     assert cli.main(["report", str(out)]) == 0 and (out / "report.md").is_file()
@@ -226,3 +232,25 @@ def test_the_single_model_is_scored_under_the_tickets_detector_protocol_too():
     assert metrics["detectors"]["balanced_accuracy"] == 1.0 and len(metrics["detectors"]["per_ticket"]["recall"]) == 10
     uniform = task.evaluate_single(lambda x: torch.zeros(x.shape[0], task.num_classes))
     assert uniform["detectors"]["recall"] == 0.0
+
+
+def test_collapse_study_flags_a_similarity_jump_with_a_metric_drop():
+    """A ticket whose mask moves away from the others (S_k falls) while its metric drops is flagged at that
+    sparsity; the others, steady, are not; the study's history has the global and per-layer scores."""
+    from rtl.experiments.collapse import collapse_study
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 20, 30, generator=gen) < 0.5
+    steady = base.expand(3, -1, -1).clone()
+    moved = steady.clone()
+    moved[2] = ~base[0]  # ticket 2 keeps the weights the others prune
+    masks = {"0.5": {"layer": steady}, "0.9": {"layer": moved}}
+    metrics = {
+        "0.5": {"detectors": {"per_ticket": {"balanced_accuracy": [0.9, 0.9, 0.9]}}},
+        "0.9": {"detectors": {"per_ticket": {"balanced_accuracy": [0.89, 0.9, 0.6]}}},
+    }
+    study = collapse_study("detector", masks, metrics)
+    assert study["sparsities"] == [0.5, 0.9]
+    assert [(f["sparsity"], f["ticket"]) for f in study["flagged"]] == [(0.9, 2)]
+    assert study["flagged"][0]["metric_change"] == pytest.approx(-0.3)
+    assert "layer" in study["history"][1]["layer_scores"] and len(study["history"][1]["scores"]) == 3
