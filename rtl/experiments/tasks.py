@@ -85,6 +85,11 @@ def parse_granularity(text: str):
     raise ValueError(f"granularity must be unstructured, channel, vector:V or block:BNxBK, got {text!r}")
 
 
+def _detector_summary(detect: Dict) -> Dict:
+    """The entries of :func:`rtl.metrics.detector_metrics` a run keeps (macro means and the per-ticket values)."""
+    return {k: detect[k] for k in ("balanced_accuracy", "precision", "recall", "per_ticket")}
+
+
 def _batches(index: Tensor, batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
     """One epoch of ``index`` in a random order, ceil(n / batch_size) batches, all full: the last is topped up with
     the epoch's first items (a subset smaller than a batch repeats its items), so that every step of every method
@@ -271,7 +276,7 @@ class DigitsClasses(Task):
         detect = rtl_metrics.detector_metrics(ticket_probs, self.t_test)
         return {
             "multiclass": classification_metrics(self.y_test, logits.argmax(1), self.num_classes),
-            "detectors": {k: detect[k] for k in ("balanced_accuracy", "precision", "recall", "per_ticket")},
+            "detectors": _detector_summary(detect),
         }
 
     def evaluate_routed(self, routed_fn):
@@ -286,7 +291,7 @@ class DigitsClasses(Task):
         detect = rtl_metrics.detector_metrics(torch.sigmoid(scores), self.y_test)
         own = scores.argmax(1)  # label-free: every ticket scores every image, the most confident detector wins
         return {
-            "detectors": {k: detect[k] for k in ("balanced_accuracy", "precision", "recall", "per_ticket")},
+            "detectors": _detector_summary(detect),
             "all_tickets": classification_metrics(self.y_test, own, self.num_classes),
         }
 
@@ -345,18 +350,8 @@ class DigitsEnvironments(Task):
     prunable_filter = DigitsClasses.prunable_filter
 
     def evaluate_single(self, fn):
-        """The single C-way model scored both ways: as a C-way classifier (argmax), and under the tickets' own
-        protocol, one-vs-rest detectors: ticket t's score is the probability the model gives t's subset (its class,
-        or the sum over a cluster's classes), thresholded at 0.5 as the tickets' sigmoid scores are."""
         logits = predict(fn, self.x_test, self.settings.eval_batch)
-        probs = logits.softmax(1)
-        classes = getattr(self, "ticket_classes", None)
-        ticket_probs = probs if classes is None else torch.stack([probs[:, c].sum(1) for c in classes], dim=1)
-        detect = rtl_metrics.detector_metrics(ticket_probs, self.t_test)
-        return {
-            "multiclass": classification_metrics(self.y_test, logits.argmax(1), self.num_classes),
-            "detectors": {k: detect[k] for k in ("balanced_accuracy", "precision", "recall", "per_ticket")},
-        }
+        return {"multiclass": classification_metrics(self.y_test, logits.argmax(1), self.num_classes)}
 
     def evaluate_routed(self, routed_fn):
         batch = self.settings.eval_batch
@@ -554,4 +549,4 @@ class CifarTickets(DigitsClasses):
             dim=1,
         )
         detect = rtl_metrics.detector_metrics(torch.sigmoid(scores), self.t_test)
-        return {"detectors": {k: detect[k] for k in ("balanced_accuracy", "precision", "recall", "per_ticket")}}
+        return {"detectors": _detector_summary(detect)}

@@ -27,6 +27,38 @@ def tiny_budget():
     return [arg for setting in settings + ["batch_size=32"] for arg in ("--set", setting)] + ["--no-progress"]
 
 
+@pytest.fixture
+def gloo_workers(tmp_path):
+    """``gloo_workers(worker_path) -> the worker module``: runs ``python WORKER RANK 2 INIT_FILE OUT_DIR`` for ranks 0
+    and 1 (a gloo group through a file in tmp_path, outputs in tmp_path), fails the test if a rank fails, and returns
+    the worker imported in this process, for its one-process reference."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    def run(worker: str):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        cmd = lambda rank: [sys.executable, worker, str(rank), "2", str(tmp_path / "init"), str(tmp_path)]  # noqa: E731
+        procs = [
+            subprocess.Popen(cmd(rank), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for rank in range(2)
+        ]
+        try:
+            outputs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for rank, p in enumerate(procs):
+            assert p.returncode == 0, f"rank {rank} failed:\n{outputs[rank][-3000:]}"
+        spec = importlib.util.spec_from_file_location(f"rtl_test_{os.path.basename(worker)[:-3]}", worker)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return run
+
+
 # ------------------------------------------------------------------------------------------------------------ CIFAR
 # Tiny files in the official python-pickle layout. The official pickles were written by Python 2, whose str keys
 # read back as bytes under pickle.load(encoding="bytes") (b"data") and as str under encoding="latin1" (what

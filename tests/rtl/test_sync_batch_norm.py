@@ -1,10 +1,7 @@
 """rtl.sync_batch_norm on two gloo processes: BatchNorm over both processes' rows equals one process's BatchNorm on
 the whole batch (outputs, gradients, running statistics), with uneven shares of the batch."""
 
-import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,30 +12,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="no gloo backend"
 )
-def test_two_processes_normalise_like_one_process_on_the_whole_batch(tmp_path):
-    worker = os.path.join(HERE, "_sync_bn_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(rank), "2", str(tmp_path / "init"), str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        for rank in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} failed:\n{outputs[rank][-3000:]}"
-
-    spec = importlib.util.spec_from_file_location("rtl_test_sync_bn_worker", worker)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_two_processes_normalise_like_one_process_on_the_whole_batch(tmp_path, gloo_workers):
+    module = gloo_workers(os.path.join(HERE, "_sync_bn_worker.py"))
     x, weighting = module.inputs()
     x.requires_grad_(True)
     norm = module.make_norm()

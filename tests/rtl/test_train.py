@@ -1,11 +1,8 @@
 """Tests of rtl.train: Alg. 2's balanced cyclic order, sequential and mixed joint retraining, resume, DDP."""
 
-import importlib.util
 import math
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -575,31 +572,8 @@ def _gloo_available() -> bool:
 
 
 @pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with the gloo backend is not available")
-def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path):
-    worker = os.path.join(HERE, "_ddp_worker.py")
-    init_file = str(tmp_path / "init")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, str(rank), "2", init_file, str(tmp_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        for rank in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {rank} failed:\n{outputs[rank][-3000:]}"
-
-    spec = importlib.util.spec_from_file_location("rtl_test_ddp_worker", worker)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path, gloo_workers):
+    module = gloo_workers(os.path.join(HERE, "_ddp_worker.py"))
     reference = module.run(0, 1)  # one process, the full global batches
     initial = module.make_model().state_dict()
     for rank in range(2):
