@@ -8,7 +8,7 @@ CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 PYTEST_ARGS ?= -q -ra
 
-.PHONY: test install venv bench info clean demo sanitize lint format
+.PHONY: test install venv bench info clean demo sanitize lint format espeak speech
 
 # torch is pinned here (the build this machine's disk holds); every other dependency is declared in pyproject.toml
 # and installed with the package (extras method, test and lint).
@@ -61,6 +61,24 @@ demo: install
 		$(VPY) -m rtl run digits-classes --quick --resume $(DEMO_DIR); \
 	else \
 		$(VPY) -m rtl run digits-classes --quick --out $(DEMO_DIR); \
+	fi
+
+# The speech experiment's clean speech comes from Debian's espeak-ng: installed here when it is missing and apt-get
+# can run; otherwise rtl uses its numpy formant synthesiser and the report names the source.
+espeak:
+	@command -v espeak-ng >/dev/null || { \
+		if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then apt-get install -y -q espeak-ng; \
+		elif command -v sudo >/dev/null; then sudo apt-get install -y -q espeak-ng; \
+		else echo "espeak-ng is missing and cannot be installed here: the speech run uses the formant synthesiser"; fi; }
+
+# The speech experiment (paper Table 3) with the quick budget over three seeds; an interrupted run is resumed.
+SPEECH_DIR ?= runs/speech-environments
+speech: export RTL_BUILD_CUDA ?= 0
+speech: install espeak
+	@if [ -d $(SPEECH_DIR) ]; then \
+		$(VPY) -m rtl run speech-environments --quick --seeds 0,1,2 --resume $(SPEECH_DIR); \
+	else \
+		$(VPY) -m rtl run speech-environments --quick --seeds 0,1,2 --out $(SPEECH_DIR); \
 	fi
 
 # The benchmarks run from the checkout (they are not installed with the package): python -m bench TARGET [ARGS].

@@ -14,7 +14,8 @@
 #   summary.txt        one line per step: exit status (124: its timeout) and seconds
 #   versions.txt       nvidia-smi, python, torch + CUDA, triton, nvcc, CUDA_HOME, python -m rtl_kernels.info
 #   build.log          python3 setup.py build_ext --inplace (RTL_BUILD_CUDA=1), and whether each .so came out
-#   triton_tests.log   pytest tests/rtl_kernels -m gpu -k triton     cuda_tests.log   the same for the cuda backend
+#   triton_tests.log   pytest tests/rtl_kernels tests/rtl/test_cuda_graph.py -m gpu -k triton
+#   cuda_tests.log     the same for the cuda backend (rtl_kernels only)
 #   gpu_probe.log      the probe's output; gpu_probe.json / gpu_probe.md its results, one table per backend
 #   bench.log          the benchmarks' output; linear|conv2d|models_cuda.csv and _cuda_<rev>.md their results
 #
@@ -198,7 +199,7 @@ stage_probe() {  # about 7 minutes at most
   # -v names each test as it starts, so a crash that kills the process still shows which test it was.
   if have_pytest triton_tests; then
     step triton_tests 180 "$OUT/triton_tests.log" \
-      "$PY" -m pytest tests/rtl_kernels -m gpu -k triton -v -x -ra -p no:cacheprovider
+      "$PY" -m pytest tests/rtl_kernels tests/rtl/test_cuda_graph.py -m gpu -k triton -v -x -ra -p no:cacheprovider
     tail -n 3 "$OUT/triton_tests.log"
   fi
   # A build running beside the probe takes CPU from eager launches; say so next to the timings.

@@ -268,9 +268,20 @@ def _run_on_ranks(args, ranks, device: str) -> int:
             print(f"rtl: backend {args.backend!r} cannot run here: {reasons[args.backend]}", file=sys.stderr)
             return 2
     out = args.resume or args.out or os.path.join("runs", f"{args.experiment}-seed{args.seed}{_preset_suffix(args)}")
+    if exp.images and getattr(args, "image", None) is None:  # one run per image in OUT/images/NAME, then combined
+        from .experiments.multi_image import run_images
+
+        try:
+            overrides = _parse_overrides(args.overrides)
+        except ValueError as exc:
+            print(f"rtl: {exc}", file=sys.stderr)
+            return 2
+        return run_images(args, out, overrides, ranks, lambda one: _run_on_ranks(one, ranks, device))
     data_kwargs = {}
     if exp.needs_data:
         data_kwargs = dict(data_root=args.data_root, download=args.download)
+    if exp.images:
+        data_kwargs["image"] = args.image
     try:
         overrides = _parse_overrides(args.overrides)
         task = build_task(args.experiment, args.preset, args.seed, overrides=overrides, **data_kwargs)
@@ -299,6 +310,7 @@ def _run_on_ranks(args, ranks, device: str) -> int:
         "device": args.device,
         "backend": args.backend or "auto",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **({"image": args.image, "image_shape": list(task.image_shape)} if exp.images else {}),
     }
     if ranks.main:
         processes = f", {ranks.world} processes" if ranks.distributed else ""
@@ -328,7 +340,7 @@ def _run_on_ranks(args, ranks, device: str) -> int:
         if ranks.main:
             print(
                 f"\nrtl: interrupted; every finished stage is saved. Continue with:\n  rtl run {args.experiment} "
-                f"--resume {out} --preset {args.preset}",
+                f"--resume {getattr(args, 'parent_out', None) or out} --preset {args.preset}",
                 file=sys.stderr,
             )
         return 130

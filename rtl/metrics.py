@@ -5,7 +5,8 @@ balanced accuracy is the mean over classes c of (TPR_c + TNR_c) / 2 of the binar
 scikit-learn's ``balanced_accuracy_score`` (which is macro recall). For a 10-way classifier with balanced classes
 and macro recall r, the one-vs-rest balanced accuracy is (r + 1 - (1 - r) / 9) / 2, which reproduces the paper's
 single-model numbers (r = 0.480 gives 0.711). :func:`detector_metrics` scores one-vs-rest ticket detectors, the
-way the paper's vision tickets are trained. :func:`psnr` serves the INR experiments.
+way the paper's vision tickets are trained. :func:`psnr` serves the INR experiments, :func:`si_snr` and
+:func:`si_snr_improvement` the speech experiment (paper Table 3).
 
 Parameter counts (paper §3.2; docs/paper_notes.md, choice 12): the union of the masks (what RTL stores), the sum over
 tickets (what independent per-ticket models store), one ticket's count, and the dense parameters outside the routed
@@ -32,6 +33,8 @@ __all__ = [
     "macro_recall",
     "parameter_counts",
     "psnr",
+    "si_snr",
+    "si_snr_improvement",
 ]
 
 
@@ -241,6 +244,53 @@ def psnr(pred, target, data_range: float = 1.0) -> float:
     if mse == 0.0:
         return math.inf
     return 10.0 * math.log10(float(data_range) ** 2 / mse)
+
+
+def si_snr(estimate: Tensor, reference: Tensor, eps: float = 1e-12) -> Tensor:
+    """Scale-invariant signal-to-noise ratio in dB of each row, in float64.
+
+    Both signals are made zero-mean; the estimate is split into its projection on the reference, s = <e, r> r / |r|^2,
+    and the rest, n = e - s; SI-SNR = 10 log10(|s|^2 / |n|^2). Scaling the estimate leaves it unchanged.
+
+    Args:
+        estimate (B, L) or (L,): the enhanced signal.
+        reference (B, L) or (L,): the clean signal, same shape.
+        eps: keeps a silent row finite.
+
+    Returns:
+        (B,) or () float64 tensor of dB.
+
+    Example:
+        >>> r = torch.tensor([1.0, -1.0, 1.0, -1.0]); n = torch.tensor([1.0, 1.0, -1.0, -1.0])  # n orthogonal to r
+        >>> round(float(si_snr(r + 0.1 * n, r)), 6)  # |r|^2 / |0.1 n|^2 = 100
+        20.0
+    """
+    if not isinstance(estimate, Tensor) or not isinstance(reference, Tensor):
+        raise TypeError("estimate and reference must be tensors")
+    if estimate.shape != reference.shape or estimate.dim() not in (1, 2) or estimate.shape[-1] < 2:
+        raise ValueError(
+            f"estimate and reference must have the same shape (B, L) or (L,) with L >= 2, got "
+            f"{tuple(estimate.shape)} and {tuple(reference.shape)}"
+        )
+    e = estimate.detach().to("cpu", torch.float64)
+    r = reference.detach().to("cpu", torch.float64)
+    e = e - e.mean(-1, keepdim=True)
+    r = r - r.mean(-1, keepdim=True)
+    target = (e * r).sum(-1, keepdim=True) / (r.pow(2).sum(-1, keepdim=True) + eps) * r
+    residual = e - target
+    return 10.0 * torch.log10((target.pow(2).sum(-1) + eps) / (residual.pow(2).sum(-1) + eps))
+
+
+def si_snr_improvement(estimate: Tensor, mixture: Tensor, reference: Tensor) -> Tensor:
+    """SI-SNRi: SI-SNR of the estimate minus SI-SNR of the unprocessed mixture, per row, in dB (float64).
+
+    Args:
+        estimate, mixture, reference (B, L) or (L,): enhanced, noisy input, clean.
+
+    Returns:
+        (B,) or () float64 tensor of dB; 0 for an estimate that equals the mixture.
+    """
+    return si_snr(estimate, reference) - si_snr(mixture, reference)
 
 
 # -- parameter counts -------------------------------------------------------------------------------------------------

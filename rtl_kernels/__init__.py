@@ -6,7 +6,7 @@ compiled extension (backends load lazily, see :mod:`rtl_kernels.backends`).
 
 from .backends import available_backends, get_backend, set_backend, set_default_backend, unavailable_reasons
 from .grouping import TicketGrouping, group_by_ticket
-from .layout_cache import clear_layout_cache, layout_cache_stats
+from .layout_cache import clear_layout_cache, layout_cache_stats, release_captured_layouts
 from .conv import routed_masked_conv2d, routed_masked_conv_transpose2d
 from .linear import routed_masked_linear
 
@@ -19,6 +19,7 @@ __all__ = [
     "get_backend",
     "group_by_ticket",
     "layout_cache_stats",
+    "release_captured_layouts",
     "routed_masked_conv2d",
     "routed_masked_conv_transpose2d",
     "routed_masked_linear",

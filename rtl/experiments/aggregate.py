@@ -14,7 +14,7 @@ import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..state_io import atomic_json, atomic_write
-from .report import headline_metric, headline_value, method_rows
+from .report import SIGNAL_KINDS, dense_headline, headline_metric, headline_value, method_rows
 
 __all__ = ["interval95", "seed_dirs", "write_aggregate"]
 
@@ -40,11 +40,6 @@ def interval95(values: Sequence[float]) -> Tuple[float, float, float]:
 
     half = t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
     return mean, mean - half, mean + half
-
-
-def _dense_headline(kind: str, metrics: Dict) -> float:
-    dense = metrics["dense"]
-    return dense["image"]["psnr"] if kind == "inr" else dense["multiclass"]["balanced_accuracy"]
 
 
 def write_aggregate(out_dir: str) -> str:
@@ -80,7 +75,7 @@ def write_aggregate(out_dir: str) -> str:
             per_method = values.setdefault(key, {})
             for name, entry, _ in rows:
                 per_method.setdefault(name, []).append(headline_value(kind, entry))
-            per_method.setdefault("dense", []).append(_dense_headline(kind, m))
+            per_method.setdefault("dense", []).append(dense_headline(kind, m["dense"]))
 
     table: Dict[str, Dict[str, Dict[str, float]]] = {}
     for key in keys:
@@ -93,7 +88,7 @@ def write_aggregate(out_dir: str) -> str:
                 row.update(rtl_minus=diff, rtl_minus_low=low, rtl_minus_high=high)
             table[key][name] = row
 
-    digits = 2 if kind == "inr" else 3
+    digits = 2 if kind in SIGNAL_KINDS else 3
     fmt = lambda v: "—" if v is None or math.isnan(v) else f"{v:.{digits}f}"  # noqa: E731
     lines = [
         f"# rtl run: {experiment}, {len(seeds)} seeds ({', '.join(map(str, seeds))})",

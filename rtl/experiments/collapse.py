@@ -20,15 +20,16 @@ __all__ = ["METRIC_DROP", "SIMILARITY_JUMP", "collapse_study"]
 
 #: |change| of a ticket's S_k between consecutive sparsities that counts as sharp.
 SIMILARITY_JUMP = 0.05
-#: Drop of a ticket's metric between consecutive sparsities that counts as a collapse: balanced accuracy, PSNR (dB).
-METRIC_DROP = {"detector": 0.05, "classifier": 0.05, "inr": 1.0}
+#: Drop of a ticket's metric between consecutive sparsities that counts as a collapse: balanced accuracy, or dB of
+#: PSNR (INR) and SI-SNRi (speech).
+METRIC_DROP = {"detector": 0.05, "classifier": 0.05, "inr": 1.0, "enhancement": 1.0}
 
 
 def collapse_study(kind: str, masks: Mapping[str, Dict[str, Tensor]], rtl_metrics: Mapping[str, Dict]) -> Dict:
     """The monitor's history over the sparsities and its verdict.
 
     Args:
-        kind: the task kind ("detector", "classifier" or "inr").
+        kind: the task kind ("detector", "classifier", "inr" or "enhancement").
         masks: {sparsity key: {layer name: RTL's masks (T, *weight.shape)}}.
         rtl_metrics: {sparsity key: RTL's metrics dict at that sparsity}.
 

@@ -8,7 +8,8 @@ computes exactly what an uninterrupted one would:
 2. ``dense``: the unpruned model trained on all data.
 3. ``single_masks`` / ``single@s``: single-mask IMP (one ticket, all data) to every sparsity, then the ticket
    retrained from θ0 at each sparsity (lottery-ticket style).
-4. ``rtl_masks``: Alg. 1, one IMP per subset from θ0, to every sparsity (masks snapshotted on the way).
+4. ``rtl_masks``: Alg. 1, one IMP per subset from θ0, to every sparsity (masks snapshotted on the way), and the
+   tickets' similarity S_k after every IMP round (:mod:`rtl.experiments.round_similarity`).
 5. ``rtl@s``: Alg. 2 joint retraining of the shared weight from θ0 with the masks of sparsity s.
 6. ``multi@s``: the same masks, but K independent weight copies, each trained on its own subset only.
 7. ``speed``: inference time of the routed model (rtl kernels) vs the dense model and the naive per-ticket loop.
@@ -39,6 +40,7 @@ from ..iterative_pruning import IMP, CheckpointError
 from ..routed_model import RoutedModel, model_num_tickets, use_route
 from ..state_io import atomic_json, atomic_save, first_line
 from ..sync_batch_norm import synchronized_batch_norm
+from . import round_similarity
 from .collapse import collapse_study
 from .ranks import Ranks
 from .run_lock import RunLock
@@ -323,6 +325,7 @@ def extract_masks(
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
     ranks: Optional[Ranks] = None,
+    record_rounds: bool = False,
 ) -> Dict:
     """Alg. 1 with :class:`rtl.IMP` from the model's current weights (θ0), masks snapshotted per target.
 
@@ -336,23 +339,45 @@ def extract_masks(
     Args:
         make_train_fn: ``make_train_fn(target) -> train_fn(model, ticket, round)``; the train_fn must draw its
             randomness from its arguments (not from a generator shared across rounds) for resumes to be exact.
+        record_rounds: also keep every ticket's mask after each of its rounds (a
+            :class:`~rtl.experiments.round_similarity.RoundHistory` per ticket, saved beside its IMP checkpoints as
+            ``ticket<t>/rounds.pt`` so that a resumed extraction keeps the rounds done before the interruption).
 
     Returns:
-        {"masks": {str(sparsity): {layer name: masks (T, *weight.shape)}}, "log": [per-round dicts]}.
+        {"masks": {str(sparsity): {layer name: masks (T, *weight.shape)}}, "log": [per-round dicts]}, and with
+        ``record_rounds`` "histories": [RoundHistory per ticket, or None where a resume found the rounds before it
+        unrecorded].
     """
     ranks = ranks or Ranks()
     start = _masks_of(model)
     keys = [f"{target:g}" for target in sorted(sparsities)]
     mine: Dict[int, Dict[str, Dict[str, Tensor]]] = {}
+    histories: Dict[int, Optional[Dict]] = {}
     log: List[Dict] = []
     for ticket in ranks.owned(range(model_num_tickets(model))):
         mine[ticket] = {}
+        history, history_path, complete = None, None, True
+        if record_rounds:
+            if checkpoint_dir is not None:
+                history_path = os.path.join(checkpoint_dir, f"ticket{ticket}", round_similarity.ROUNDS_FILE)
+            try:
+                history = round_similarity.RoundHistory.load_or_new(
+                    history_path, {name: m[ticket] for name, m in start.items()}
+                )
+            except round_similarity.RoundHistoryError as exc:
+                raise RunStateError(
+                    f"{exc}. Delete it to go on without the per-round similarity record, or delete the folder "
+                    f"{os.path.dirname(history_path)} to redo ticket {ticket}'s extraction"
+                ) from exc
         for target, key in zip(sorted(sparsities), keys):
             if target > 0:
                 ckpt = None if checkpoint_dir is None else os.path.join(checkpoint_dir, f"ticket{ticket}", key)
+                train_fn = make_train_fn(target)
+                if history is not None:
+                    train_fn = history.recording(train_fn, ticket, target, history_path)
                 imp = IMP(
                     model,
-                    make_train_fn(target),
+                    train_fn,
                     target,
                     amount=task.settings.prune_count or task.settings.prune_fraction,
                     tickets=[ticket],
@@ -368,17 +393,29 @@ def extract_masks(
                         f"their start (the finished stages are kept)"
                     ) from exc
                 log += [dict(entry, target=target, ticket=ticket) for entry in imp.log]
+                if history is not None:
+                    complete = history.finish(model, ticket, target, imp.round, history_path) and complete
             mine[ticket][key] = {name: m[ticket].clone() for name, m in _masks_of(model).items()}
+        if history is not None:
+            histories[ticket] = history.state_dict() if complete else None
     snapshots = {key: {name: m.clone() for name, m in start.items()} for key in keys}
     logs = []
-    for masks_of_rank, log_of_rank in ranks.gather((mine, log)):
+    gathered: Dict[int, Optional[Dict]] = {}
+    for masks_of_rank, log_of_rank, histories_of_rank in ranks.gather((mine, log, histories)):
         logs += log_of_rank
+        gathered.update(histories_of_rank)
         for ticket, per_key in masks_of_rank.items():
             for key, masks in per_key.items():
                 for name, row in masks.items():
                     snapshots[key][name][ticket] = row
     logs.sort(key=lambda entry: (entry["target"], entry["ticket"], entry["round"]))
-    return {"masks": snapshots, "log": logs}
+    out = {"masks": snapshots, "log": logs}
+    if record_rounds:
+        out["histories"] = [
+            None if gathered[t] is None else round_similarity.RoundHistory.from_state(gathered[t])
+            for t in sorted(gathered)
+        ]
+    return out
 
 
 # -- speed ----------------------------------------------------------------------------------------------------
@@ -635,13 +672,23 @@ def _run_protocol(task, store, sparsities, seed, backend, progress, device, log,
             ).losses[0]
         )
         checkpoints = os.path.join(store.dir, "rtl_masks_imp")
-        return extract_masks(task, model, sparsities, make, checkpoints, progress, ranks)
+        data = extract_masks(task, model, sparsities, make, checkpoints, progress, ranks, record_rounds=True)
+        histories = data.pop("histories")
+        # S_k per IMP round (json-ready, saved with the stage); rank 0's file is what every rank reads
+        data["rounds"] = round_similarity.round_scores(histories) if ranks.main else None
+        if ranks.main and data["rounds"] is None and T > 1:
+            log(
+                "[rtl_masks] no S_k per IMP round: the extraction resumed from IMP checkpoints without the rounds "
+                "before them recorded (a run begun by an older rtl)"
+            )
+        return data
 
     rtl_masks = stage("rtl_masks", rtl_masks_stage, spread=True)
     if ranks.main:
         os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
         for name, data in (("single_masks", single_masks), ("rtl_masks", rtl_masks)):
             atomic_json(_jsonable(data["log"]), os.path.join(out_dir, "logs", f"{name}_rounds.json"))
+    rounds = rtl_masks.get("rounds")  # absent from a stage saved by an older rtl
     single_masks, rtl_masks = single_masks["masks"], rtl_masks["masks"]
 
     results: Dict = {"dense": dense["metrics"], "dense_budget": dense["budget"], "sparsities": {}}
@@ -728,6 +775,8 @@ def _run_protocol(task, store, sparsities, seed, backend, progress, device, log,
         {key: rtl_masks[key] for key in s_keys},
         {key: results["sparsities"][key]["rtl"]["metrics"] for key in s_keys},
     )
+    if rounds:
+        results["rounds"] = rounds
 
     def speed_stage(gen):
         dense_model = task.build_model(seed)

@@ -1,23 +1,68 @@
 """A run directory's report: ``report.md`` with the paper's Table 1 view, and PNG plots.
 
 Plots (matplotlib, Agg backend): accuracy vs sparsity per method; per-ticket similarity vs sparsity next to each
-ticket's accuracy (the paper's Fig. 2 view); the T x T Jaccard matrix at the highest sparsity.
+ticket's accuracy (the paper's Fig. 2 view); the T x T Jaccard matrix at the highest sparsity; per-ticket S_k per
+IMP round (:mod:`rtl.experiments.round_similarity`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from ..state_io import atomic_write
+from . import round_similarity
 
-__all__ = ["headline_metric", "headline_value", "method_rows", "per_ticket_values", "write_report"]
+__all__ = [
+    "SIGNAL_KINDS",
+    "SignalKind",
+    "dense_headline",
+    "headline_metric",
+    "headline_value",
+    "method_rows",
+    "per_ticket_values",
+    "write_report",
+]
+
+
+@dataclass(frozen=True)
+class SignalKind:
+    """How a report reads a task kind scored by one number in dB per method, rather than as classifiers.
+
+    Attributes:
+        entry: the key of a method's metrics that holds the scores; value: the headline field in it;
+        per_ticket: the field with one value per ticket; label: the metric's name;
+        routed, single: the row labels of RTL and of the single-mask model.
+    """
+
+    entry: str
+    value: str
+    per_ticket: str
+    label: str
+    routed: str
+    single: str
+
+
+SIGNAL_KINDS = {
+    "inr": SignalKind(
+        "image", "psnr", "psnr_per_region", "PSNR", "RTL (region routing)", "IMP single (region embedding)"
+    ),
+    "enhancement": SignalKind(
+        "speech",
+        "si_snri",
+        "si_snri_per_ticket",
+        "SI-SNRi",
+        "RTL (environment routing)",
+        "IMP single (one mask for every environment)",
+    ),
+}
 
 
 def headline_metric(kind: str) -> Tuple[str, str]:
     """(label, unit) of the metric the report leads with for a task kind."""
-    return ("PSNR", "dB") if kind == "inr" else ("balanced accuracy", "")
+    return (SIGNAL_KINDS[kind].label, "dB") if kind in SIGNAL_KINDS else ("balanced accuracy", "")
 
 
 def method_rows(kind: str, entry: Dict) -> List[Tuple[str, Optional[Dict], Optional[int]]]:
@@ -25,11 +70,12 @@ def method_rows(kind: str, entry: Dict) -> List[Tuple[str, Optional[Dict], Optio
     rtl_m, multi_m, single_m = entry["rtl"]["metrics"], entry["multi"]["metrics"], entry["single"]["metrics"]
     union, total = entry["rtl"]["counts"]["union"], entry["rtl"]["counts"]["sum"]
     single_n = entry["single"]["counts"]["single"]
-    if kind == "inr":
+    if kind in SIGNAL_KINDS:
+        sig = SIGNAL_KINDS[kind]
         return [
-            ("RTL (region routing)", rtl_m["image"], union),
-            ("IMP single (region embedding)", single_m["image"], single_n),
-            ("IMP multi (independent models)", multi_m["image"], total),
+            (sig.routed, rtl_m[sig.entry], union),
+            (sig.single, single_m[sig.entry], single_n),
+            ("IMP multi (independent models)", multi_m[sig.entry], total),
         ]
     rows = []
     if kind == "detector":
@@ -64,13 +110,23 @@ def _fmt(value, digits=3) -> str:
 
 
 def headline_value(kind: str, metrics: Dict) -> float:
-    return metrics["psnr"] if kind == "inr" else metrics["balanced_accuracy"]
+    return metrics[SIGNAL_KINDS[kind].value] if kind in SIGNAL_KINDS else metrics["balanced_accuracy"]
+
+
+def dense_headline(kind: str, dense_metrics: Dict) -> float:
+    """The dense model's headline value from its metrics (a signal kind's entry, or its C-way classification)."""
+    entry = dense_metrics[SIGNAL_KINDS[kind].entry] if kind in SIGNAL_KINDS else dense_metrics["multiclass"]
+    return headline_value(kind, entry)
 
 
 def write_report(run_dir: str) -> str:
     """Write ``report.md`` and the PNG plots of a finished run; returns the report's path."""
     with open(os.path.join(run_dir, "config.json")) as fh:
         config = json.load(fh)
+    if isinstance(config, dict) and config.get("images"):  # one run per image: their combined report
+        from .multi_image import write_images_report
+
+        return write_images_report(run_dir)
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path):
         raise ValueError(f"{run_dir} holds no metrics.json: the run has not finished (resume it with --resume)")
@@ -93,21 +149,22 @@ def write_report(run_dir: str) -> str:
         "",
     ]
     dense = metrics["dense"]
-    dense_m = dense["image"] if kind == "inr" else dense["multiclass"]
+    sig = SIGNAL_KINDS.get(kind)
+    dense_m = dense[sig.entry] if sig else dense["multiclass"]
     lines += [
         "## Results",
         "",
         "Dense model (no pruning): "
         + (
-            f"PSNR {dense_m['psnr']:.2f} dB"
-            if kind == "inr"
+            f"{sig.label} {dense_m[sig.value]:.2f} dB"
+            if sig
             else f"balanced accuracy {dense_m['balanced_accuracy']:.3f}, precision {dense_m['precision']:.3f}, "
             f"recall {dense_m['recall']:.3f}, accuracy {dense_m['accuracy']:.3f}"
         ),
         "",
     ]
-    if kind == "inr":
-        lines += ["| sparsity | method | PSNR (dB) | stored weights |", "|---:|:---|---:|---:|"]
+    if sig:
+        lines += [f"| sparsity | method | {sig.label} (dB) | stored weights |", "|---:|:---|---:|---:|"]
     else:
         lines += [
             "| sparsity | method | bal. acc | precision | recall | stored weights |",
@@ -115,8 +172,8 @@ def write_report(run_dir: str) -> str:
         ]
     for key in keys:
         for name, m, count in method_rows(kind, metrics["sparsities"][key]):
-            if kind == "inr":
-                lines.append(f"| {key} | {name} | {_fmt(m['psnr'], 2)} | {_count(count)} |")
+            if sig:
+                lines.append(f"| {key} | {name} | {_fmt(m[sig.value], 2)} | {_count(count)} |")
             else:
                 lines.append(
                     f"| {key} | {name} | {_fmt(m['balanced_accuracy'])} | {_fmt(m['precision'])} | "
@@ -156,8 +213,13 @@ def write_report(run_dir: str) -> str:
         lines.append(
             f"| {key} | {sum(sim) / len(sim):.3f} | {min(sim):.3f} | {max(sim):.3f} | {sum(cc) / len(cc):.3f} |"
         )
+    from .similarity_vs_performance import report_lines as similarity_vs_performance_lines  # imports this module
+
+    lines += similarity_vs_performance_lines(kind, metrics["sparsities"])
     if metrics.get("collapse"):
         lines += _collapse_lines(metrics["collapse"], unit)
+    if metrics.get("rounds"):  # S_k per IMP round; absent from runs made by an older rtl
+        lines += round_similarity.report_lines(metrics["rounds"])
     speed = metrics.get("speed", {})
     if speed:
         lines += [
@@ -183,6 +245,7 @@ def write_report(run_dir: str) -> str:
                     f"| {s['rtl_vs_dense']:.2f}x | {s['rtl_vs_naive']:.2f}x | {spread:.0%}{flag} |"
                 )
     plots = _plots(run_dir, kind, metrics, keys, label, unit, config)
+    plots += round_similarity.plots(run_dir, metrics, config)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{title}]({name})" for name, title in plots]
     out = os.path.join(run_dir, "report.md")
@@ -192,8 +255,8 @@ def write_report(run_dir: str) -> str:
 
 
 def per_ticket_values(kind: str, rtl_metrics: Dict) -> Optional[List[float]]:
-    if kind == "inr":
-        return rtl_metrics["image"]["psnr_per_region"]
+    if kind in SIGNAL_KINDS:
+        return rtl_metrics[SIGNAL_KINDS[kind].entry][SIGNAL_KINDS[kind].per_ticket]
     if kind == "detector":
         return rtl_metrics["detectors"]["per_ticket"]["balanced_accuracy"]
     return rtl_metrics["oracle"].get("per_ticket_accuracy")
@@ -208,7 +271,7 @@ def _collapse_lines(collapse: Dict, unit: str) -> List[str]:
         "",
         "The paper's diagnostic over the sparsities: RTL's mean S_k over all prunable weights and the mean of the "
         "per-layer S_k, next to the mean of the tickets' own metric (a detector's balanced accuracy, an environment "
-        "ticket's accuracy, a region's PSNR in dB).",
+        "ticket's accuracy, a region's PSNR or an environment's SI-SNRi in dB).",
         "",
         "| sparsity | mean S_k (global) | mean S_k (per layer) | mean per-ticket metric |",
         "|---:|---:|---:|---:|",
@@ -274,7 +337,7 @@ def _plots(run_dir, kind, metrics, keys, label, unit, config) -> List[Tuple[str,
             methods.setdefault(name, []).append(headline_value(kind, m))
     for name, ys in methods.items():
         ax.plot(xs, ys, marker="o", label=name)
-    dense = metrics["dense"]["image"]["psnr"] if kind == "inr" else metrics["dense"]["multiclass"]["balanced_accuracy"]
+    dense = dense_headline(kind, metrics["dense"])
     ax.axhline(dense, color="grey", linestyle="--", label="dense")
     ax.set_xlabel("sparsity (fraction of prunable weights removed, per mask)")
     ax.set_ylabel(ylabel)

@@ -401,7 +401,9 @@ class _ConditionedINR(nn.Module):
 
 
 class INRRegions(Task):
-    """An implicit neural representation of a bundled image, one ticket per segmented region (the paper's INR).
+    """An implicit neural representation of a bundled image (``image``, one of
+    :data:`rtl.data.inr_image.INR_IMAGES`, resized to ``size`` x ``size``), one ticket per segmented region (the
+    paper's INR).
 
     Inputs are rows (coordinate x, coordinate y, region id); the routed models read the coordinates and take the
     region as their route, the single-mask baseline reads the region through a learned embedding (paper 3.1).
@@ -414,12 +416,17 @@ class INRRegions(Task):
     )
     kind = "inr"
 
-    def __init__(self, settings: Settings, seed: int = 0, size: int = 48, num_regions: int = 6) -> None:
+    def __init__(
+        self, settings: Settings, seed: int = 0, size: int = 48, num_regions: int = 6, image: str = "astronaut"
+    ) -> None:
         from ..data.inr_image import load_inr_image
 
-        img = load_inr_image("astronaut", size=size, num_regions=num_regions, seed=seed)
+        img = load_inr_image(image, size=size, num_regions=num_regions, seed=seed)
         self.settings = settings
-        self.image_shape = tuple(img.image.shape)
+        self.image = image
+        self.image_shape = tuple(img.image.shape)  # (H, W, 3)
+        # the class's description names the default image; a run's names its own, with its size
+        self.description = self.description.replace("astronaut", f"{image} ({img.shape[0]}x{img.shape[1]})")
         rows = torch.cat([img.coords, img.regions.unsqueeze(1).to(img.coords.dtype)], dim=1)
         # every pixel is both train and test: an INR fits one signal (PSNR on the fitted image, as the paper)
         self.x_train = self.x_test = rows
