@@ -6,6 +6,8 @@
   a per-pixel region id standing in for the paper's semantic-segmentation classes;
 - :mod:`rtl.data.cifar`: CIFAR-10 / CIFAR-100 from a local copy (download only when asked) and the paper's
   8-cluster CIFAR-100 partition (Table 5).
+- :mod:`rtl.data.speech`: noisy speech in three acoustic environments, made offline (espeak-ng speech or a numpy
+  formant synthesiser, synthetic scene noise), and the STFT front end of the speech U-Net.
 
 Everything is deterministic given its seed.
 """
