@@ -1,12 +1,20 @@
 """Row tiles of the routed kernels: their tables, built with torch on the device, and the tile set-up the kernels share.
 
+Every layer of a routed model reads the same grouping (one ``offsets`` tensor per call of the model), so a table is
+built once per ``offsets`` tensor and tile shape and reused by the other layers and the backward: the cache keys on
+the tensor (weakly, so an entry dies with it), its version counter and data pointer, like the layout cache. While a
+CUDA graph is being captured nothing is cached: the table's construction must be part of the graph, so that a replay
+with new offsets builds new tables.
+
 The device functions here (``@triton.jit``) are inlined into the kernels that call them, so a kernel compiles to
 the same code as with their lines written out in place.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import threading
+import weakref
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 import triton
@@ -22,6 +30,42 @@ def max_tiles(num_images: int, num_tickets: int, block_m: int, pixels: int = 1) 
     shapes only, which is what lets the kernels launch without reading the counts back to the host.
     """
     return -(-(num_images * pixels) // block_m) + min(num_tickets, num_images)
+
+
+_lock = threading.Lock()
+# id(offsets) -> (weakref to offsets, version, data_ptr, {tile shape: tables})
+_tables: Dict[int, Tuple[Any, int, int, Dict[tuple, Tuple[Tensor, ...]]]] = {}
+
+
+def _capturing(offsets: Tensor) -> bool:
+    return offsets.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _cached(offsets: Tensor, shape: tuple, build: Callable[[], Tuple[Tensor, ...]]) -> Tuple[Tensor, ...]:
+    """``build()`` once per version of ``offsets`` and tile ``shape`` (always, while a CUDA graph is captured)."""
+    if _capturing(offsets):
+        return build()
+    key, version, ptr = id(offsets), offsets._version, offsets.data_ptr()
+    with _lock:
+        entry = _tables.get(key)
+        if entry is not None and entry[0]() is offsets and entry[1] == version and entry[2] == ptr:
+            if shape in entry[3]:
+                return entry[3][shape]
+        else:
+            entry = None
+    tables = build()
+    with _lock:
+        if entry is None:
+
+            def drop(_ref, key=key) -> None:
+                with _lock:
+                    if _tables.get(key, (None,))[0] is _ref:
+                        _tables.pop(key, None)
+
+            entry = (weakref.ref(offsets, drop), version, ptr, {})
+            _tables[key] = entry
+        entry[3][shape] = tables
+    return tables
 
 
 def _tile_table(row_offsets: Tensor, num_tiles: int, block_m: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -55,8 +99,12 @@ def row_tiles(offsets: Tensor, num_rows: int, block_m: int) -> Tuple[Tensor, Ten
     Returns:
         tile_ticket (J,) int32 and tile_first (J,) int32, J = :func:`max_tiles` (the launch grid's first axis).
     """
-    ticket, first, _ = _tile_table(offsets, max_tiles(num_rows, offsets.shape[0] - 1, block_m), block_m)
-    return ticket.to(torch.int32), first.to(torch.int32)
+
+    def build() -> Tuple[Tensor, Tensor]:
+        ticket, first, _ = _tile_table(offsets, max_tiles(num_rows, offsets.shape[0] - 1, block_m), block_m)
+        return ticket.to(torch.int32), first.to(torch.int32)
+
+    return _cached(offsets, ("rows", num_rows, block_m), build)
 
 
 def pixel_tiles(offsets: Tensor, num_images: int, pixels: int, block_m: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -76,12 +124,16 @@ def pixel_tiles(offsets: Tensor, num_images: int, pixels: int, block_m: int) -> 
     """
     # Row positions are int32 inside the kernels (memory offsets are int64).
     assert num_images * pixels < 2**31, "more than 2**31 pixel rows in one batch"
-    num_tickets = offsets.shape[0] - 1
-    row_offsets = offsets * pixels
-    num_tiles = max_tiles(num_images, num_tickets, block_m, pixels)
-    ticket, first, safe = _tile_table(row_offsets, num_tiles, block_m)
-    end = row_offsets[safe + 1]
-    return ticket.to(torch.int32), first.to(torch.int32), end.to(torch.int32)
+
+    def build() -> Tuple[Tensor, Tensor, Tensor]:
+        num_tickets = offsets.shape[0] - 1
+        row_offsets = offsets * pixels
+        num_tiles = max_tiles(num_images, num_tickets, block_m, pixels)
+        ticket, first, safe = _tile_table(row_offsets, num_tiles, block_m)
+        end = row_offsets[safe + 1]
+        return ticket.to(torch.int32), first.to(torch.int32), end.to(torch.int32)
+
+    return _cached(offsets, ("pixels", num_images, pixels, block_m), build)
 
 
 @triton.jit

@@ -93,3 +93,36 @@ def test_conv_methods_take_an_empty_batch(target, conv_case):
     dw = TRITON.conv2d_grad_weight(grad_y, x, masks, perm, offsets, *geometry)
     assert y.shape == grad_y.shape and dx.shape == x.shape
     assert dw.shape == w.shape and bool((dw == 0).all())
+
+
+def test_tile_tables_are_built_once_per_grouping_and_rebuilt_on_edit_or_capture(monkeypatch):
+    # every layer of a model reads the same offsets: its tile tables are built once and shared; an in-place edit of
+    # the offsets, or a CUDA graph capture (simulated), builds them again
+    import gc
+    import weakref
+
+    from rtl_kernels.triton_kernels import tiles
+
+    offsets = torch.tensor([0, 5, 5, 17, 20])
+    rows = tiles.row_tiles(offsets, 20, 4)
+    assert all(a is b for a, b in zip(tiles.row_tiles(offsets, 20, 4), rows))
+    assert tiles.row_tiles(offsets, 20, 8)[0] is not rows[0]  # another tile shape
+    pixels = tiles.pixel_tiles(offsets, 20, 9, 16)
+    assert all(a is b for a, b in zip(tiles.pixel_tiles(offsets, 20, 9, 16), pixels))
+    fresh = tiles.row_tiles(offsets.clone(), 20, 4)  # same values, another tensor: built on its own, equal
+    assert fresh[0] is not rows[0] and all(torch.equal(a, b) for a, b in zip(fresh, rows))
+
+    offsets[1:4] = torch.tensor([8, 12, 17])  # the grouping changed in place
+    edited = tiles.row_tiles(offsets, 20, 4)
+    want = tiles.row_tiles(offsets.clone(), 20, 4)
+    assert edited[0] is not rows[0] and all(torch.equal(a, b) for a, b in zip(edited, want))
+    assert int((edited[0] < 4).sum()) == sum(-(-c // 4) for c in (8, 4, 5, 3))  # real tiles per ticket
+
+    monkeypatch.setattr(tiles, "_capturing", lambda t: True)
+    assert tiles.row_tiles(offsets, 20, 4)[0] is not edited[0]  # under capture the build is part of the graph
+    monkeypatch.undo()
+
+    table = weakref.ref(edited[0])
+    del offsets, rows, pixels, edited, want, fresh
+    gc.collect()
+    assert table() is None  # the entry died with its offsets
