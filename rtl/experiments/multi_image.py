@@ -28,8 +28,8 @@ import sys
 from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..state_io import atomic_json, atomic_write
-from .report import headline_metric, method_rows
+from ..state_io import atomic_json
+from .report import headline_metric, method_rows, write_report_file
 from .similarity_vs_performance import spearman
 
 __all__ = ["IMAGES_DIR", "combine", "image_dir", "run_images", "write_images_report"]
@@ -52,22 +52,11 @@ def _take_directory(out_dir: str, config: Dict, resume: bool) -> None:
     Raises:
         RunStateError: nothing to resume, another configuration, or a run in ``out_dir`` when not resuming.
     """
-    from .protocol import RunStateError
+    from .protocol import RunStateError, check_resumable
 
     path = os.path.join(out_dir, "config.json")
     if resume:
-        if not os.path.isfile(path):
-            raise RunStateError(f"{out_dir} is not an rtl run directory (no config.json): nothing to resume")
-        try:
-            with open(path) as fh:
-                saved = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise RunStateError(f"{path} is unreadable ({exc}); refusing to resume") from exc
-        if not isinstance(saved, dict):
-            raise RunStateError(f"{path} is not an rtl run configuration; refusing to resume")
-        diff = {k: (saved.get(k), config.get(k)) for k in _RESUME_KEYS if saved.get(k) != config.get(k)}
-        if diff:
-            raise RunStateError(f"{out_dir} was made with another configuration {diff}; refusing to resume")
+        check_resumable(out_dir, config, _RESUME_KEYS)
         return
     images = os.path.join(out_dir, IMAGES_DIR)
     if os.path.isfile(path) or (os.path.isdir(images) and os.listdir(images)):
@@ -360,13 +349,7 @@ def write_images_report(run_dir: str) -> str:
             f"{_f(region['mean_per_image_rho'])} |"
         )
 
-    plots = _plots(run_dir, config, metrics, keys, names, label, unit)
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{title}]({name})" for name, title in plots]
-    out = os.path.join(run_dir, "report.md")
-    text = "\n".join(lines) + "\n"
-    atomic_write(out, lambda handle: handle.write(text), binary=False)
-    return out
+    return write_report_file(run_dir, lines, _plots(run_dir, config, metrics, keys, names, label, unit))
 
 
 def _plots(run_dir, config, metrics, keys, names, label, unit) -> List[tuple]:

@@ -65,6 +65,36 @@ def _seed_all(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+#: What a resumed run must share with the run it continues.
+RESUME_KEYS = ("experiment", "seed", "sparsities", "preset", "overrides", "state_version")
+
+
+def check_resumable(out_dir: str, config: Dict, keys: Sequence[str]) -> None:
+    """Check that ``out_dir`` holds a run whose config.json agrees with ``config`` on ``keys``.
+
+    Raises:
+        RunStateError: no config.json (nothing to resume), an unreadable one, or another configuration.
+    """
+    cfg_path = os.path.join(out_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise RunStateError(f"{out_dir} is not an rtl run directory (no config.json): nothing to resume")
+    try:
+        with open(cfg_path) as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise RunStateError(
+            f"{cfg_path} is unreadable ({exc}); refusing to resume: restore it, or start the run again in another --out"
+        ) from exc
+    if not isinstance(saved, dict):
+        raise RunStateError(
+            f"{cfg_path} is not an rtl run configuration; refusing to resume: restore it, or start the run again in "
+            f"another --out"
+        )
+    diff = {k: (saved.get(k), config.get(k)) for k in keys if saved.get(k) != config.get(k)}
+    if diff:
+        raise RunStateError(f"{out_dir} was made with another configuration {diff}; refusing to resume")
+
+
 class StageStore:
     """Finished stages of one run on disk; refuses a directory made by another configuration."""
 
@@ -73,25 +103,7 @@ class StageStore:
         self.dir = os.path.join(out_dir, "stages")
         cfg_path = os.path.join(out_dir, "config.json")
         if resume:
-            if not os.path.isfile(cfg_path):
-                raise RunStateError(f"{out_dir} is not an rtl run directory (no config.json): nothing to resume")
-            try:
-                with open(cfg_path) as fh:
-                    saved = json.load(fh)
-            except (OSError, ValueError) as exc:
-                raise RunStateError(
-                    f"{cfg_path} is unreadable ({exc}); refusing to resume: restore it, or start "
-                    f"the run again in another --out"
-                ) from exc
-            if not isinstance(saved, dict):
-                raise RunStateError(
-                    f"{cfg_path} is not an rtl run configuration; refusing to resume: restore it, "
-                    f"or start the run again in another --out"
-                )
-            keys = ("experiment", "seed", "sparsities", "preset", "overrides", "state_version")
-            diff = {k: (saved.get(k), config.get(k)) for k in keys if saved.get(k) != config.get(k)}
-            if diff:
-                raise RunStateError(f"{out_dir} was made with another configuration {diff}; refusing to resume")
+            check_resumable(out_dir, config, RESUME_KEYS)
         else:
             if os.path.isdir(self.dir) and os.listdir(self.dir):
                 raise RunStateError(

@@ -24,6 +24,7 @@ __all__ = [
     "method_rows",
     "per_ticket_values",
     "write_report",
+    "write_report_file",
 ]
 
 
@@ -246,8 +247,14 @@ def write_report(run_dir: str) -> str:
                 )
     plots = _plots(run_dir, kind, metrics, keys, label, unit, config)
     plots += round_similarity.plots(run_dir, metrics, config)
+    return write_report_file(run_dir, lines, plots)
+
+
+def write_report_file(run_dir: str, lines: List[str], plots: List[Tuple[str, str]]) -> str:
+    """Write ``lines`` and a "Plots" section linking ``plots`` ((file name, title) pairs) to ``run_dir``/report.md,
+    atomically. Returns the report's path."""
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{title}]({name})" for name, title in plots]
+        lines = lines + ["", "## Plots", ""] + [f"![{title}]({name})" for name, title in plots]
     out = os.path.join(run_dir, "report.md")
     text = "\n".join(lines) + "\n"
     atomic_write(out, lambda handle: handle.write(text), binary=False)
